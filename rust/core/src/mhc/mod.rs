@@ -1,0 +1,2 @@
+//! mHC residual-stream projections: Sinkhorn-Knopp (forward and backward), the permutation
+//! basis of n streams, and the Birkhoff–von Neumann decomposition.

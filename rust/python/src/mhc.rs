@@ -1,0 +1,7 @@
+//! Bindings for the mHC projections (Sinkhorn-Knopp, permutation basis, BvN).
+
+use pyo3::prelude::*;
+
+pub fn register(_m: &Bound<'_, PyModule>) -> PyResult<()> {
+    Ok(())
+}
