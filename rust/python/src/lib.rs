@@ -58,10 +58,7 @@ fn quantize_absmean<'py>(
 /// Per-row absmax int8 quantization of `x` (`n × k` f32): returns `(q int8 n × k, scales f32 n)`
 /// with `q = clamp(round_half_even(x · 127/absmax), -128, 127)` and `scale = absmax / 127`.
 #[pyfunction]
-fn quantize_acts_i8<'py>(
-    py: Python<'py>,
-    x: &Bound<'py, PyAny>,
-) -> PyResult<(Bound<'py, PyArray2<i8>>, Bound<'py, PyArray1<f32>>)> {
+fn quantize_acts_i8<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Int8WithScales<'py>> {
     let arr = f32_array(x, "x")?;
     let (n, k) = shape2(arr.shape(), "x")?;
     let data = arr.as_slice()?;
@@ -71,6 +68,8 @@ fn quantize_acts_i8<'py>(
         q.scales.into_pyarray(py),
     ))
 }
+
+type Int8WithScales<'py> = (Bound<'py, PyArray2<i8>>, Bound<'py, PyArray1<f32>>);
 
 macro_rules! block_format {
     ($fmt:ident, $quantize:ident, $dequantize:ident, $pack:ident, $unpack:ident, $name:literal) => {
@@ -83,7 +82,7 @@ macro_rules! block_format {
             let data = arr.as_slice()?;
             let out = py.detach(|| guarded(|| $fmt::quantize(data)))?;
             let bytes = cols / QK_K * $fmt::BLOCK_BYTES;
-            Ok(PyArray1::from_vec(py, out).reshape([rows, bytes])?)
+            PyArray1::from_vec(py, out).reshape([rows, bytes])
         }
 
         #[doc = concat!("Dequantize ", $name, " bytes (`rows × bytes` uint8) to f32 `rows × cols`, exactly as `gguf.quants.dequantize`.")]
@@ -99,7 +98,7 @@ macro_rules! block_format {
             }
             let slice = arr.as_slice()?;
             let out = py.detach(|| guarded(|| $fmt::dequantize(slice)))?;
-            Ok(PyArray1::from_vec(py, out).reshape([rows, nbytes / $fmt::BLOCK_BYTES * QK_K])?)
+            PyArray1::from_vec(py, out).reshape([rows, nbytes / $fmt::BLOCK_BYTES * QK_K])
         }
 
         #[doc = concat!("Pack trits (`rows × cols` int8 in {-1,0,1}) with one scale into ", $name, " blocks (each block's d = fp16(scale)).")]
@@ -110,7 +109,7 @@ macro_rules! block_format {
             ternary::check_block_multiple(cols, concat!($name, " pack")).map_err(to_py_err)?;
             let data = arr.as_slice()?;
             let out = py.detach(|| guarded(|| $fmt::pack(data, scale)))?;
-            Ok(PyArray1::from_vec(py, out).reshape([rows, cols / QK_K * $fmt::BLOCK_BYTES])?)
+            PyArray1::from_vec(py, out).reshape([rows, cols / QK_K * $fmt::BLOCK_BYTES])
         }
 
         #[doc = concat!("Unpack ", $name, " bytes (`rows × bytes`) into `(trits int8 rows × cols, d f32 rows × blocks)`.")]
@@ -166,7 +165,7 @@ fn pack_trits<'py>(
     let (rows, cols) = shape2(arr.shape(), "trits")?;
     let data = arr.as_slice()?;
     let m = py.detach(|| guarded(|| kernels::TernaryMatrix::from_trits(data, rows, cols, 1.0)))?;
-    Ok(PyArray1::from_vec(py, m.qs).reshape([rows, cols / 4])?)
+    PyArray1::from_vec(py, m.qs).reshape([rows, cols / 4])
 }
 
 /// Convert TQ2_0 bytes (`rows × bytes`) to the kernel layout: `(uint8 rows × cols/4, scale)`.
@@ -223,7 +222,7 @@ fn ternary_gemm_i32<'py>(
             Ok(out)
         })
     })?;
-    Ok(PyArray1::from_vec(py, out).reshape([n, rows])?)
+    PyArray1::from_vec(py, out).reshape([n, rows])
 }
 
 /// `y = x · Wᵀ` with `W = trits · scale` packed (`rows × cols/4` uint8) and `x` f32 `n × cols`
@@ -258,7 +257,7 @@ fn ternary_linear<'py>(
             Ok(out)
         })
     })?;
-    Ok(PyArray1::from_vec(py, out).reshape([n, rows])?)
+    PyArray1::from_vec(py, out).reshape([n, rows])
 }
 
 /// Names of the kernels this CPU runs, slowest first.

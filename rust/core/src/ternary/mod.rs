@@ -63,7 +63,7 @@ pub struct QuantizedActs {
 /// The multiplier `127 / max(absmax, 1e-5)` is computed once per row in f32, the same
 /// expression the torch fake-quant uses, so both produce identical integers.
 pub fn quantize_acts_i8(x: &[f32], k: usize) -> Result<QuantizedActs> {
-    if k == 0 || x.len() % k != 0 {
+    if k == 0 || !x.len().is_multiple_of(k) {
         return Err(shape_err!(
             "activation length {} is not a multiple of the row length {}",
             x.len(),
@@ -111,7 +111,7 @@ pub(crate) fn roundf_away(x: f32) -> f32 {
 
 /// Check that a row length fits whole 256-weight blocks.
 pub fn check_block_multiple(cols: usize, what: &str) -> Result<()> {
-    if cols == 0 || cols % QK_K != 0 {
+    if cols == 0 || !cols.is_multiple_of(QK_K) {
         return Err(shape_err!(
             "{what}: row length {cols} is not a positive multiple of {QK_K} (the TQ1_0/TQ2_0 block size); \
              pad the rows to a multiple of {QK_K} before packing"

@@ -45,7 +45,7 @@ fn pack_codes(codes: impl Fn(usize) -> u8, q: &mut [u8]) {
         acc[byte] += codes(e) as u16 * POW3[4 - digit] as u16;
     }
     for (o, &a) in q.iter_mut().zip(acc.iter()) {
-        *o = ((a * 256 + 242) / 243) as u8;
+        *o = (a * 256).div_ceil(243) as u8;
     }
 }
 
@@ -122,7 +122,7 @@ pub fn block_d(blk: &[u8]) -> f32 {
 }
 
 fn check_len(data: &[u8]) -> Result<usize> {
-    if data.is_empty() || data.len() % BLOCK_BYTES != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(BLOCK_BYTES) {
         return Err(shape_err!(
             "TQ1_0 data length {} is not a positive multiple of the block size {BLOCK_BYTES}",
             data.len()
@@ -152,7 +152,7 @@ mod tests {
     fn every_byte_value_decodes() {
         // All 243 five-trit numbers survive the ceil(q·256/243) encoding.
         for q in 0u16..243 {
-            let b = ((q * 256 + 242) / 243) as u8;
+            let b = (q * 256).div_ceil(243) as u8;
             let mut rest = q;
             for digit in (0..5).rev() {
                 let want = (rest % 3) as u8;

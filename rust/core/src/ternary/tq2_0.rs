@@ -140,7 +140,7 @@ pub fn block_d(blk: &[u8]) -> f32 {
 }
 
 fn check_len(data: &[u8]) -> Result<usize> {
-    if data.is_empty() || data.len() % BLOCK_BYTES != 0 {
+    if data.is_empty() || !data.len().is_multiple_of(BLOCK_BYTES) {
         return Err(shape_err!(
             "TQ2_0 data length {} is not a positive multiple of the block size {BLOCK_BYTES}",
             data.len()
