@@ -9,6 +9,7 @@
 //! Nothing here knows about Python or torch: inputs are slices, outputs are plain structs, and
 //! every failure a caller can trigger is an [`Error`], never a panic.
 
+pub mod engine;
 pub mod error;
 pub mod kernels;
 pub mod mhc;

@@ -6,6 +6,7 @@
 //! and raised as `RuntimeError`, never crossing into Python as a `PanicException`.
 
 mod convert;
+mod engine;
 mod mhc;
 
 use convert::{array_i8, array_u8, f32_array, guarded, shape2, to_py_err};
@@ -319,5 +320,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
     mhc::register(m)?;
+    engine::register(m)?;
     Ok(())
 }
