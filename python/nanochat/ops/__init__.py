@@ -11,12 +11,15 @@ from nanochat.ops.ternary import (
     available_kernels,
     default_kernel,
     get_num_threads,
+    pack_gguf,
     pack_ternary,
     quantize_acts_int8,
     set_kernel,
     set_num_threads,
     ternary_linear,
     ternary_linear_reference,
+    tq1_0_to_kernel_layout,
+    tq2_0_to_kernel_layout,
     unpack_ternary,
 )
 
@@ -25,6 +28,7 @@ __all__ = [
     "available_kernels",
     "default_kernel",
     "get_num_threads",
+    "pack_gguf",
     "pack_ternary",
     "permutation_basis",
     "sinkhorn",
@@ -34,5 +38,7 @@ __all__ = [
     "set_num_threads",
     "ternary_linear",
     "ternary_linear_reference",
+    "tq1_0_to_kernel_layout",
+    "tq2_0_to_kernel_layout",
     "unpack_ternary",
 ]

@@ -179,3 +179,31 @@ def _ternary_linear_cpu(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
 def _ternary_linear_fake(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
     _check_linear(x, packed, scale)
     return x.new_empty((*x.shape[:-1], packed.shape[0]))
+
+
+# ----------------------------------------------------------------------------- GGUF blocks (numpy in/out)
+
+
+def pack_gguf(trits: np.ndarray, scale: float, quant: str = "tq2_0") -> np.ndarray:
+    """Pack int8 trits (``rows × cols``) into GGUF TQ2_0/TQ1_0 blocks, every block's ``d = fp16(scale)``."""
+    if quant == "tq2_0":
+        return _core.pack_tq2_0(np.ascontiguousarray(trits, dtype=np.int8), float(scale))
+    if quant == "tq1_0":
+        return _core.pack_tq1_0(np.ascontiguousarray(trits, dtype=np.int8), float(scale))
+    raise ValueError(f"unknown ternary GGUF type {quant!r} (tq2_0 or tq1_0)")
+
+
+def tq2_0_to_kernel_layout(data: np.ndarray) -> tuple[np.ndarray, float]:
+    """TQ2_0 bytes (``rows × bytes``) -> (kernel-layout packed ``rows × cols/4``, per-tensor scale)."""
+    packed, scale = _core.tq2_0_to_kernel_layout(np.ascontiguousarray(data, dtype=np.uint8))
+    return packed, float(scale)
+
+
+def tq1_0_to_kernel_layout(data: np.ndarray) -> tuple[np.ndarray, float]:
+    """TQ1_0 bytes -> (kernel-layout packed, per-tensor scale); refuses per-block scales that differ."""
+    trits, d = _core.unpack_tq1_0(np.ascontiguousarray(data, dtype=np.uint8))
+    nz = d[d != 0]
+    scale = float(np.abs(nz).max()) if nz.size else 0.0
+    if nz.size and not np.all(nz == scale):
+        raise ValueError("TQ1_0 blocks carry different scales; the ternary kernels need one per-tensor scale")
+    return _core.pack_trits(trits), scale

@@ -1,0 +1,366 @@
+"""GGUF export and memory-mapped loading.
+
+Export writes ternary BitLinear weights as TQ2_0 (or TQ1_0) tensors whose blocks all carry the per-tensor scale
+``d = fp16(s)``, the token embedding in f16, norms and mHC parameters in f32, the model hyperparameters as
+``<arch>.*`` keys and the byte-level BPE tokenizer as ``tokenizer.ggml.*`` (``model = "gpt2"``,
+``pre = "gpt-2"``: llama.cpp's GPT-2 pre-tokenizer reproduces ours token for token). ``standard`` models are written
+as llama.cpp's ``bitnet`` architecture (and refused when they use something that graph cannot run); mHC models as
+``nanochat``. No q/k permutation is applied: our RoPE already rotates the NEOX pairs ``(i, i+hd/2)`` that
+llama.cpp's ``bitnet`` graph uses (``LLAMA_ROPE_TYPE_NEOX``), and its converter permutes nothing for ``bitnet``.
+
+Loading uses ``gguf.GGUFReader`` (a numpy memmap of the file): TQ2_0 tensors go to the kernel layout with one
+block-strip copy (``_core.tq2_0_to_kernel_layout`` via ops), never through a dequantized float copy. Files written
+by llama.cpp's converter for ``bitnet`` load too: TQ1_0 or TQ2_0, the scale in the blocks or in an optional
+``blk.N.<name>.scale`` tensor. Every problem (wrong magic, truncation, unknown architecture, missing or misshapen
+tensors) raises :class:`GGUFError` naming it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from nanochat import ops
+from nanochat.data.tokenizer import Tokenizer
+from nanochat.export.names import (
+    ARCH_BITNET,
+    ARCH_NANOCHAT,
+    from_gguf_name,
+    is_ternary,
+    to_gguf_name,
+)
+from nanochat.model import GPT, GPTConfig
+
+
+class GGUFError(ValueError):
+    """A GGUF file we cannot use, with the reason."""
+
+
+# ----------------------------------------------------------------------------- export
+
+
+def check_bitnet_compatible(cfg: GPTConfig) -> None:
+    """Refuse, with the reason, a standard-residual model llama.cpp's ``bitnet`` graph would run wrong."""
+    problems = []
+    if cfg.qk_norm:
+        problems.append("qk_norm=true (the bitnet graph has no QK-norm)")
+    if cfg.mlp != "swiglu":
+        problems.append(f"mlp={cfg.mlp!r} (the bitnet graph runs SwiGLU only)")
+    if not cfg.tie_embeddings:
+        problems.append("an untied LM head (llama.cpp refuses an output tensor for bitnet)")
+    if cfg.quant != "ternary":
+        problems.append("quant='fp' (bitnet files hold ternary weights)")
+    if problems:
+        raise GGUFError(
+            "this model cannot be written as llama.cpp's 'bitnet' architecture: "
+            + "; ".join(problems)
+            + ". Train with residual='standard', mlp='swiglu', qk_norm=false, tie_embeddings=true, or export "
+            "with --arch nanochat (runs on nanochat's engine only)."
+        )
+
+
+def _tokenizer_fields(tok: Tokenizer) -> dict[str, Any]:
+    spec = json.loads(tok.to_json())
+    model = spec["model"]
+    if model.get("type") != "BPE":
+        raise GGUFError(f"only byte-level BPE tokenizers can be exported, got {model.get('type')}")
+    vocab: dict[str, int] = dict(model["vocab"])
+    specials = {t["content"]: t["id"] for t in spec.get("added_tokens", [])}
+    vocab.update(specials)
+    n = max(vocab.values()) + 1
+    tokens = [f"[PAD{i}]" for i in range(n)]
+    types = [5] * n  # UNUSED
+    for t, i in vocab.items():
+        tokens[i] = t
+        types[i] = 3 if t in specials else 1  # CONTROL / NORMAL
+    merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    return {"tokens": tokens, "types": types, "merges": merges}
+
+
+def export_gguf(
+    model: GPT,
+    tokenizer: Tokenizer,
+    out: str | os.PathLike[str],
+    quant: str = "tq2_0",
+    arch: str | None = None,
+    name: str = "nanochat",
+) -> Path:
+    """Write ``model`` (+ tokenizer) as a GGUF file; atomic (temp file then rename). Returns the path."""
+    import gguf
+
+    cfg = model.config
+    if arch is None:
+        arch = ARCH_BITNET if cfg.residual == "standard" else ARCH_NANOCHAT
+    if arch == ARCH_BITNET:
+        if cfg.residual != "standard":
+            raise GGUFError(f"residual={cfg.residual!r} cannot be written as 'bitnet'; use arch 'nanochat'")
+        check_bitnet_compatible(cfg)
+    elif arch != ARCH_NANOCHAT:
+        raise GGUFError(f"unknown architecture {arch!r} (bitnet or nanochat)")
+    qtypes = {"tq2_0": gguf.GGMLQuantizationType.TQ2_0, "tq1_0": gguf.GGMLQuantizationType.TQ1_0}
+    if quant not in qtypes:
+        raise GGUFError(f"unknown quantization {quant!r} (tq2_0 or tq1_0)")
+    if tokenizer.vocab_size > cfg.vocab_size:
+        raise GGUFError(f"tokenizer has {tokenizer.vocab_size} tokens but the model only {cfg.vocab_size}")
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
+    w = gguf.GGUFWriter(str(tmp), arch)
+    try:
+        w.add_name(name)
+        w.add_context_length(cfg.seq_len)
+        w.add_embedding_length(cfg.n_embd)
+        w.add_block_count(cfg.n_layer)
+        w.add_feed_forward_length(cfg.mlp_hidden)
+        w.add_head_count(cfg.n_head)
+        w.add_head_count_kv(cfg.n_kv_head)
+        w.add_layer_norm_rms_eps(cfg.norm_eps)
+        w.add_rope_freq_base(cfg.rope_theta)
+        w.add_rope_dimension_count(cfg.head_dim)
+        w.add_vocab_size(cfg.vocab_size)
+        w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if quant == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0)
+        if arch == ARCH_NANOCHAT:
+            w.add_string(f"{arch}.residual", cfg.residual)
+            w.add_uint32(f"{arch}.n_streams", cfg.n_streams)
+            w.add_uint32(f"{arch}.sinkhorn_iters", cfg.sinkhorn_iters)
+            w.add_string(f"{arch}.mlp", cfg.mlp)
+            w.add_bool(f"{arch}.qk_norm", cfg.qk_norm)
+            w.add_bool(f"{arch}.tie_embeddings", cfg.tie_embeddings)
+            w.add_string(f"{arch}.quant", cfg.quant)
+        tf = _tokenizer_fields(tokenizer)
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("gpt-2")
+        pad = cfg.vocab_size - len(tf["tokens"])  # embedding rows beyond the tokenizer: unused tokens
+        w.add_token_list(tf["tokens"] + [f"[PAD{i}]" for i in range(len(tf["tokens"]), cfg.vocab_size)])
+        w.add_token_types(tf["types"] + [5] * pad)
+        w.add_token_merges(tf["merges"])
+        w.add_bos_token_id(tokenizer.bos_id)
+        w.add_eos_token_id(tokenizer.eos_id)
+        w.add_pad_token_id(tokenizer.pad_id)
+        w.add_add_bos_token(False)
+        w.add_chat_template(CHAT_TEMPLATE)
+
+        for pname, t in model.state_dict().items():
+            gname = to_gguf_name(pname)
+            t = t.detach().float().cpu()
+            if is_ternary(pname) and cfg.quant == "ternary":
+                trits, scale = ops.absmean_quantize(t)
+                data = ops.pack_gguf(trits.to(torch.int8).numpy(), float(scale), quant)
+                w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtypes[quant])
+            elif pname == "wte.weight" or pname == "lm_head.weight" or is_ternary(pname):
+                w.add_tensor(gname, t.numpy().astype(np.float16))
+            else:
+                w.add_tensor(gname, t.numpy().astype(np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+        os.replace(tmp, out)
+    except BaseException:
+        w.close()
+        tmp.unlink(missing_ok=True)
+        raise
+    return out
+
+
+# A ChatML-like template with the tokenizer's role tokens (informational for other runtimes).
+CHAT_TEMPLATE = (
+    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+# ----------------------------------------------------------------------------- load
+
+
+@dataclass
+class GGUFModel:
+    """What a GGUF file holds, in the model's terms; arrays are views of the memory-mapped file where possible."""
+
+    path: Path
+    arch: str
+    config: GPTConfig
+    tokenizer: Tokenizer
+    ternary: dict[str, tuple[np.ndarray, float]]  # state-dict name -> (packed uint8 rows×cols/4, scale)
+    dense: dict[str, np.ndarray]  # state-dict name -> float array (f16/f32 views of the file)
+
+
+def _field(reader: Any, key: str, required: bool = True) -> Any:
+    f = reader.fields.get(key)
+    if f is None:
+        if required:
+            raise GGUFError(f"{reader.path if hasattr(reader, 'path') else 'file'}: required key {key!r} is missing")
+        return None
+    return f.contents()
+
+
+def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as HFTokenizer
+
+    model = _field(reader, "tokenizer.ggml.model")
+    if model != "gpt2":
+        raise GGUFError(f"tokenizer.ggml.model {model!r} is not supported (byte-level BPE 'gpt2' only)")
+    tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
+    types: list[int] = _field(reader, "tokenizer.ggml.token_type", required=False) or [1] * len(tokens)
+    merges_raw: list[str] = _field(reader, "tokenizer.ggml.merges", required=False) or []
+    vocab = {t: i for i, t in enumerate(tokens) if types[i] != 5}
+    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+    raw = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    gpt2_regex = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
+    raw.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.Split(Regex(gpt2_regex), behavior="isolated"),
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+        ]
+    )
+    raw.decoder = decoders.ByteLevel()
+    specials = [(i, t) for i, t in enumerate(tokens) if types[i] == 3]
+    raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in specials])
+    for i, t in specials:
+        if raw.token_to_id(t) != i:
+            raise GGUFError(f"special token {t!r} has id {i} in the file but {raw.token_to_id(t)} when rebuilt")
+    return Tokenizer(raw)
+
+
+def _config_from_gguf(reader: Any, arch: str) -> GPTConfig:
+    def key(k: str, required: bool = True) -> Any:
+        return _field(reader, f"{arch}.{k}", required)
+
+    n_embd = int(key("embedding_length"))
+    n_head = int(key("attention.head_count"))
+    vocab = key("vocab_size", required=False)
+    if vocab is None:
+        vocab = len(_field(reader, "tokenizer.ggml.tokens"))
+    kw: dict[str, Any] = dict(
+        vocab_size=int(vocab),
+        seq_len=int(key("context_length")),
+        n_layer=int(key("block_count")),
+        n_head=n_head,
+        n_kv_head=int(key("attention.head_count_kv", required=False) or n_head),
+        n_embd=n_embd,
+        mlp_hidden=int(key("feed_forward_length")),
+        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
+        rope_theta=float(key("rope.freq_base", required=False) or 10000.0),
+    )
+    if arch == ARCH_BITNET:
+        kw.update(residual="standard", mlp="swiglu", qk_norm=False, tie_embeddings=True, quant="ternary")
+    else:
+        kw.update(
+            residual=str(key("residual")),
+            n_streams=int(key("n_streams")),
+            sinkhorn_iters=int(key("sinkhorn_iters")),
+            mlp=str(key("mlp")),
+            qk_norm=bool(key("qk_norm")),
+            tie_embeddings=bool(key("tie_embeddings")),
+            quant=str(key("quant", required=False) or "ternary"),
+        )
+    try:
+        return GPTConfig(**kw)
+    except ValueError as e:
+        raise GGUFError(f"hyperparameters in the file are inconsistent: {e}") from None
+
+
+def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
+    """State-dict name -> shape of every tensor a model with ``cfg`` has (built on the meta device)."""
+    with torch.device("meta"):
+        m = GPT(cfg)
+    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
+    """Open a GGUF file (memory-mapped) and map it onto our model; raises GGUFError on any problem."""
+    import gguf
+
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"{path}: no such file")
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic != b"GGUF":
+        raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    try:
+        reader = gguf.GGUFReader(str(path), "r")
+    except Exception as e:  # truncated/corrupt: numpy/struct errors of many kinds
+        raise GGUFError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+    arch = _field(reader, "general.architecture")
+    if arch not in (ARCH_BITNET, ARCH_NANOCHAT):
+        raise GGUFError(f"{path}: architecture {arch!r} is not supported (bitnet or nanochat)")
+    cfg = _config_from_gguf(reader, arch)
+    tok = _tokenizer_from_gguf(reader)
+    shapes = expected_shapes(cfg)
+    T = gguf.GGMLQuantizationType
+    ternary: dict[str, tuple[np.ndarray, float]] = {}
+    dense: dict[str, np.ndarray] = {}
+    scales: dict[str, float] = {}
+    for t in reader.tensors:
+        if t.name.endswith(".scale"):
+            scales[t.name[: -len(".scale")] + ".weight"] = float(np.asarray(t.data, dtype=np.float32).reshape(-1)[0])
+            continue
+        try:
+            name = from_gguf_name(t.name)
+        except KeyError:
+            raise GGUFError(f"{path}: unexpected tensor {t.name!r} for architecture {arch!r}") from None
+        if name not in shapes:
+            raise GGUFError(f"{path}: tensor {t.name!r} does not belong to this configuration")
+        want = shapes[name]
+        got = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+        if got != want:
+            raise GGUFError(f"{path}: tensor {t.name!r} has shape {got}, expected {want}")
+        if t.tensor_type in (T.TQ2_0, T.TQ1_0):
+            if not is_ternary(name):
+                raise GGUFError(f"{path}: tensor {t.name!r} is ternary but should be a float tensor")
+            data = np.asarray(t.data, dtype=np.uint8).reshape(want[0], -1)
+            if t.tensor_type == T.TQ2_0:
+                packed, scale = ops.tq2_0_to_kernel_layout(data)
+            else:
+                packed, scale = ops.tq1_0_to_kernel_layout(data)
+            ternary[name] = (packed, scale)
+        elif t.tensor_type in (T.F32, T.F16, T.BF16):
+            arr = np.asarray(t.data)
+            if t.tensor_type == T.BF16:
+                arr = (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
+            dense[name] = arr.reshape(want)
+        else:
+            raise GGUFError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, not supported")
+    for wname, s in scales.items():
+        name = from_gguf_name(wname)
+        if name in ternary:
+            packed, scale = ternary[name]
+            ternary[name] = (packed, scale * s if scale > 0 else s)
+    missing = sorted(set(shapes) - set(ternary) - set(dense))
+    if missing:
+        raise GGUFError(f"{path}: missing tensor(s) {[to_gguf_name(m) for m in missing]}")
+    return GGUFModel(path, arch, cfg, tok, ternary, dense)
+
+
+def latent_from_ternary(packed: np.ndarray, scale: float) -> torch.Tensor:
+    """A float weight whose absmean quantization is exactly ``(trits, scale)``.
+
+    ``W = trits · scale / p`` with ``p`` the fraction of non-zero trits: ``mean|W| = scale`` and
+    ``clamp(round(W/scale), -1, 1) = trits`` (``|1/p| ≥ 1``), so a BitLinear holding ``W`` computes with the file's
+    ternary weights and scale.
+    """
+    trits = ops.unpack_ternary(torch.from_numpy(np.ascontiguousarray(packed)))
+    p = float((trits != 0).float().mean())
+    if p == 0.0:
+        return torch.zeros_like(trits)
+    return trits * (scale / p)
+
+
+def gguf_to_torch(g: GGUFModel) -> GPT:
+    """Materialise a torch GPT (float latent weights) from a loaded GGUF: the CUDA path and the test reference."""
+    with torch.device("meta"):
+        model = GPT(g.config)
+    model.to_empty(device="cpu")
+    sd = {k: torch.from_numpy(np.array(v, dtype=np.float32)) for k, v in g.dense.items()}
+    sd.update({k: latent_from_ternary(p, s) for k, (p, s) in g.ternary.items()})
+    model.load_state_dict(sd, strict=True)
+    return model.eval()

@@ -1,0 +1,110 @@
+"""``nanochat.load(path)``: one entry point for every model file we write.
+
+``path`` may be a GGUF file (memory-mapped; ternary tensors go to the kernel layout without a float copy), a run
+directory or checkpoint directory from ``nanochat-train`` (its latest checkpoint), or a safetensors export. The
+result, :class:`LoadedModel`, gives the config and tokenizer, the packed weights the Rust engine runs on, and (on
+demand) a torch ``GPT`` for CUDA or as the reference.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from nanochat import ops
+from nanochat.data.tokenizer import Tokenizer
+from nanochat.export.gguf_io import GGUFModel, gguf_to_torch, read_gguf
+from nanochat.export.names import is_ternary
+from nanochat.model import GPT, GPTConfig
+
+
+@dataclass
+class LoadedModel:
+    config: GPTConfig
+    tokenizer: Tokenizer
+    path: Path
+    format: str  # "gguf" | "checkpoint" | "safetensors"
+    gguf: GGUFModel | None = None
+    _torch: GPT | None = field(default=None, repr=False)
+
+    def torch_model(self, device: str | torch.device = "cpu") -> GPT:
+        """The model as a torch ``GPT`` in eval mode (materialised from the GGUF on first use)."""
+        if self._torch is None:
+            assert self.gguf is not None
+            self._torch = gguf_to_torch(self.gguf)
+        return self._torch.to(device).eval()
+
+    def packed_weights(self) -> tuple[dict[str, tuple[np.ndarray, float]], dict[str, np.ndarray]]:
+        """``(ternary, dense)``: BitLinear weights as (kernel-layout packed uint8, scale) and every other tensor as a
+        float array, keyed by state-dict names — what the Rust engine is built from."""
+        if self.gguf is not None:
+            return self.gguf.ternary, self.gguf.dense
+        model = self.torch_model()
+        ternary: dict[str, tuple[np.ndarray, float]] = {}
+        dense: dict[str, np.ndarray] = {}
+        for name, t in model.state_dict().items():
+            if is_ternary(name) and self.config.quant == "ternary":
+                packed, scale = ops.pack_ternary(t.detach().float().cpu())
+                ternary[name] = (packed.numpy(), float(scale))
+            else:
+                dense[name] = t.detach().float().cpu().numpy()
+        return ternary, dense
+
+    def file_sha256(self) -> str:
+        import hashlib
+
+        h = hashlib.sha256()
+        files = [self.path] if self.path.is_file() else sorted(p for p in self.path.rglob("*.safetensors"))
+        for f in files:
+            with open(f, "rb") as fh:
+                for chunk in iter(lambda: fh.read(1 << 20), b""):
+                    h.update(chunk)
+        return h.hexdigest()
+
+
+def _load_checkpoint_dir(path: Path) -> LoadedModel:
+    from nanochat.train.checkpoint import find_checkpoint, load_checkpoint
+
+    ckpt = find_checkpoint(path)
+    state = json.loads((ckpt / "state.json").read_text())
+    cfg = GPTConfig.from_dict(state["model_config"])
+    with torch.device("meta"):
+        model = GPT(cfg)
+    model.to_empty(device="cpu")
+    load_checkpoint(ckpt, model)
+    run_dir = ckpt.parent.parent
+    tok_path = run_dir / "tokenizer.json"
+    if not tok_path.exists():
+        raise FileNotFoundError(f"{run_dir}: tokenizer.json is missing (needed to use the checkpoint)")
+    return LoadedModel(cfg, Tokenizer.load(tok_path), ckpt, "checkpoint", _torch=model.eval())
+
+
+def load(path: str | os.PathLike[str]) -> LoadedModel:
+    """Load a GGUF file, a run/checkpoint directory or a safetensors export (see the module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such file or directory")
+    if path.is_dir():
+        return _load_checkpoint_dir(path)
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if magic == b"GGUF" or path.suffix == ".gguf":
+        g = read_gguf(path)
+        return LoadedModel(g.config, g.tokenizer, path, "gguf", gguf=g)
+    if path.suffix == ".safetensors":
+        from nanochat.export.safetensors_io import read_safetensors
+
+        model, tok = read_safetensors(path)
+        return LoadedModel(model.config, tok, path, "safetensors", _torch=model)
+    raise ValueError(f"{path}: unknown model format (expected .gguf, .safetensors or a run directory)")
+
+
+def load_model(path: str | os.PathLike[str]) -> tuple[GPT, Tokenizer]:
+    """Convenience: ``(torch GPT in eval mode, tokenizer)`` from any supported path."""
+    m = load(path)
+    return m.torch_model(), m.tokenizer
