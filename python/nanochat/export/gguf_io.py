@@ -247,8 +247,9 @@ def _config_from_gguf(reader: Any, arch: str) -> GPTConfig:
         n_kv_head=int(key("attention.head_count_kv", required=False) or n_head),
         n_embd=n_embd,
         mlp_hidden=int(key("feed_forward_length")),
-        norm_eps=float(key("attention.layer_norm_rms_epsilon")),
-        rope_theta=float(key("rope.freq_base", required=False) or 10000.0),
+        # float32 keys: shortest decimal that round-trips through f32 (1e-5, not 9.99999974e-06)
+        norm_eps=float(f"{key('attention.layer_norm_rms_epsilon'):.7g}"),
+        rope_theta=float(f"{key('rope.freq_base', required=False) or 10000.0:.7g}"),
     )
     if arch == ARCH_BITNET:
         kw.update(residual="standard", mlp="swiglu", qk_norm=False, tie_embeddings=True, quant="ternary")

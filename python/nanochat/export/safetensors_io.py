@@ -12,7 +12,7 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanochat.data.tokenizer import Tokenizer
@@ -53,7 +53,7 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[GPT, Tokenizer]:
                 raise ValueError(f"{path}: not a nanochat safetensors export (no nanochat.config metadata)")
             cfg = GPTConfig.from_dict(json.loads(meta["nanochat.config"]))
             sd = {k: f.get_tensor(k) for k in f.keys()}
-    except (OSError, RuntimeError) as e:  # safetensors raises these for truncated/corrupt files
+    except (OSError, RuntimeError, SafetensorError) as e:  # truncated or corrupt files
         raise ValueError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
     with torch.device("meta"):
         model = GPT(cfg)
