@@ -1,0 +1,214 @@
+"""Byte-level BPE tokenizer: a thin wrapper over HF ``tokenizers`` (never a hand-written BPE).
+
+Notable choices:
+- GPT-2 style byte-level BPE: ``ByteLevel`` pre-tokenizer with the GPT-2 regex and
+  ``add_prefix_space=False``, ``ByteLevel`` decoder, and all 256 byte symbols in the initial alphabet,
+  so every string encodes without an unknown token. This is exactly what llama.cpp reproduces with
+  ``tokenizer.ggml.model = "gpt2"`` and ``tokenizer.ggml.pre = "gpt-2"``, so GGUF exports tokenize the same.
+- Special tokens take the first ids, in the order of :data:`SPECIAL_TOKENS` (``<|bos|>`` is 0), then the
+  256 byte symbols, then the merges.
+- :meth:`Tokenizer.encode` treats special-token *text* in its input as ordinary text (a source file that
+  contains the string ``"<|end|>"`` cannot inject a control token); special ids are only ever inserted
+  by code (:meth:`Tokenizer.render_chat`, the shard builder). ``encode(..., allow_special=True)`` parses
+  them. The two behaviours use two ``tokenizers.Tokenizer`` instances, so nothing toggles shared state
+  and concurrent encodes are safe.
+- Every non-special token is a string of byte symbols, one character per byte, so the UTF-8 byte length
+  of a token is the length of its string: :meth:`Tokenizer.token_bytes` is exact, which bits-per-byte needs.
+- ``save`` writes ``tokenizer.json`` atomically (temp file + rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+SPECIAL_TOKENS: tuple[str, ...] = (
+    "<|bos|>",  # document separator: one before every document
+    "<|eos|>",
+    "<|pad|>",
+    "<|system|>",
+    "<|user|>",
+    "<|assistant|>",
+    "<|end|>",  # end of a chat message
+)
+CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
+# the smallest vocabulary that holds the special tokens and the 256 byte symbols
+MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
+
+
+def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
+    """Write ``text`` to ``path`` via a temp file in the same directory and ``os.replace``."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600; a data file is readable by all
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+class Tokenizer:
+    """Byte-level BPE with nanochat's special tokens and chat template."""
+
+    def __init__(self, raw: HFTokenizer) -> None:
+        missing = [t for t in SPECIAL_TOKENS if raw.token_to_id(t) is None]
+        if missing:
+            raise ValueError(f"tokenizer lacks special tokens {missing}")
+        # `raw` parses special-token text (what exporters and llama.cpp see); `_plain` does not.
+        self.raw: HFTokenizer = raw
+        self._plain = HFTokenizer.from_str(raw.to_str())
+        self._plain.encode_special_tokens = True
+        self.special_ids: dict[str, int] = {t: int(raw.token_to_id(t)) for t in SPECIAL_TOKENS}
+        self._token_bytes: np.ndarray | None = None
+
+    # ----------------------------------------------------------------- construction
+    @classmethod
+    def train(
+        cls,
+        texts: Iterable[str],
+        vocab_size: int,
+        min_frequency: int = 2,
+        show_progress: bool = False,
+    ) -> Tokenizer:
+        """Train a byte-level BPE of ``vocab_size`` tokens (specials and 256 bytes included) on ``texts``."""
+        if vocab_size < MIN_VOCAB_SIZE:
+            raise ValueError(f"vocab_size must be >= {MIN_VOCAB_SIZE} (specials + 256 bytes), got {vocab_size}")
+        raw = HFTokenizer(models.BPE())
+        raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+        raw.decoder = decoders.ByteLevel()
+        trainer = trainers.BpeTrainer(
+            vocab_size=vocab_size,
+            min_frequency=min_frequency,
+            special_tokens=list(SPECIAL_TOKENS),
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            show_progress=show_progress,
+        )
+        raw.train_from_iterator(texts, trainer=trainer)
+        return cls(raw)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike[str]) -> Tokenizer:
+        """Load from a ``tokenizer.json`` file, or a directory containing one."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "tokenizer.json"
+        return cls(HFTokenizer.from_file(str(path)))
+
+    def save(self, path: str | os.PathLike[str]) -> Path:
+        """Write ``tokenizer.json`` (``path`` is the file, or a directory to put it in); returns the file path."""
+        path = Path(path)
+        if path.is_dir() or path.suffix != ".json":
+            path = path / "tokenizer.json"
+        atomic_write_text(path, self.to_json())
+        return path
+
+    def to_json(self) -> str:
+        return self.raw.to_str()
+
+    @property
+    def hash(self) -> str:
+        """sha256 of the serialised tokenizer: identifies it in shard indexes and checkpoints."""
+        return hashlib.sha256(self.to_json().encode("utf-8")).hexdigest()
+
+    # ----------------------------------------------------------------- ids
+    @property
+    def vocab_size(self) -> int:
+        return int(self.raw.get_vocab_size(with_added_tokens=True))
+
+    @property
+    def bos_id(self) -> int:
+        return self.special_ids["<|bos|>"]
+
+    @property
+    def eos_id(self) -> int:
+        return self.special_ids["<|eos|>"]
+
+    @property
+    def pad_id(self) -> int:
+        return self.special_ids["<|pad|>"]
+
+    @property
+    def end_id(self) -> int:
+        return self.special_ids["<|end|>"]
+
+    def role_id(self, role: str) -> int:
+        if role not in CHAT_ROLES:
+            raise ValueError(f"unknown chat role {role!r}; expected one of {CHAT_ROLES}")
+        return self.special_ids[f"<|{role}|>"]
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.raw.id_to_token(i)
+
+    def token_to_id(self, token: str) -> int | None:
+        return self.raw.token_to_id(token)
+
+    # ----------------------------------------------------------------- encode / decode
+    def encode(self, text: str, allow_special: bool = False) -> list[int]:
+        """Token ids of ``text``; special-token text is plain text unless ``allow_special``."""
+        enc = self.raw if allow_special else self._plain
+        return enc.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
+        """:meth:`encode` over many texts, in parallel in the Rust library."""
+        enc = self.raw if allow_special else self._plain
+        return [e.ids for e in enc.encode_batch(list(texts), add_special_tokens=False)]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        """Text of ``ids``; byte sequences that are not valid UTF-8 become U+FFFD."""
+        return self.raw.decode([int(i) for i in ids], skip_special_tokens=skip_special)
+
+    def token_bytes(self) -> np.ndarray:
+        """``int32[vocab_size]``: UTF-8 bytes each token decodes to (0 for special tokens)."""
+        if self._token_bytes is None:
+            table = np.zeros(self.vocab_size, dtype=np.int32)
+            specials = set(self.special_ids.values())
+            for i in range(self.vocab_size):
+                tok = self.raw.id_to_token(i)
+                if tok is not None and i not in specials:
+                    table[i] = len(tok)  # byte-level symbols: one character per byte
+            self._token_bytes = table
+        return self._token_bytes
+
+    # ----------------------------------------------------------------- chat
+    def render_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Chat template: ``<|bos|>`` then per message ``<|role|> content <|end|>``, then ``<|assistant|>``.
+
+        With ``add_generation_prompt`` (the default) the ids end with ``<|assistant|>``, ready for generation;
+        the model's reply ends when it emits ``<|end|>``.
+        """
+        ids, _ = self.render_conversation(messages)
+        if add_generation_prompt:
+            ids.append(self.role_id("assistant"))
+        return ids
+
+    def render_conversation(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
+        """Ids of a whole conversation and a 0/1 mask marking the tokens an SFT loss trains on.
+
+        The mask is 1 on assistant content and its closing ``<|end|>``, 0 elsewhere.
+        """
+        ids = [self.bos_id]
+        mask = [0]
+        for m in messages:
+            role, content = m["role"], m["content"]
+            body = self.encode(content) + [self.end_id]
+            ids.append(self.role_id(role))
+            mask.append(0)
+            ids.extend(body)
+            mask.extend([1 if role == "assistant" else 0] * len(body))
+        return ids, mask
+
+    def __repr__(self) -> str:
+        return f"Tokenizer(vocab_size={self.vocab_size}, hash={self.hash[:12]})"
