@@ -5,7 +5,18 @@ calls Rust, other devices (CUDA) run the same math in plain torch, and a fake im
 ``torch.compile`` trace it. Model, engine and training code call these functions, never ``_core``.
 """
 
-from nanochat.ops.mhc import permutation_basis, sinkhorn, sinkhorn_reference
+from nanochat.ops.engine import EngineSession, RustEngine, build_rust_engine, engine_weights, rust_engine_from_weights
+from nanochat.ops.mhc import (
+    bvn_basis_weights,
+    bvn_decompose,
+    hres_diagnostics,
+    permutation_basis,
+    permutations,
+    sinkhorn,
+    sinkhorn_backward,
+    sinkhorn_backward_reference,
+    sinkhorn_reference,
+)
 from nanochat.ops.ternary import (
     absmean_quantize,
     available_kernels,
@@ -24,14 +35,25 @@ from nanochat.ops.ternary import (
 )
 
 __all__ = [
+    "EngineSession",
+    "RustEngine",
+    "build_rust_engine",
+    "engine_weights",
+    "rust_engine_from_weights",
     "absmean_quantize",
     "available_kernels",
     "default_kernel",
     "get_num_threads",
     "pack_gguf",
     "pack_ternary",
+    "bvn_basis_weights",
+    "bvn_decompose",
+    "hres_diagnostics",
     "permutation_basis",
+    "permutations",
     "sinkhorn",
+    "sinkhorn_backward",
+    "sinkhorn_backward_reference",
     "sinkhorn_reference",
     "quantize_acts_int8",
     "set_kernel",

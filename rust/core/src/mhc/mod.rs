@@ -1,2 +1,62 @@
 //! mHC residual-stream projections: Sinkhorn-Knopp (forward and backward), the permutation
 //! basis of n streams, and the Birkhoff–von Neumann decomposition.
+//!
+//! * [`sinkhorn`]: batched Sinkhorn-Knopp of `exp(logits)` with an exact unrolled backward —
+//!   the `mhc` residual mapping `H_res`.
+//! * [`perm`]: all `n!` permutation matrices in lexicographic order (identity first) — the
+//!   basis of `mhc_lite`, where `H_res = Σ_k softmax(a)_k P_k`.
+//! * [`bvn`]: the inverse of that map, Birkhoff's algorithm: a doubly stochastic matrix as at
+//!   most `(n−1)²+1` weighted permutations (diagnostics, `mhc` → `mhc_lite` conversion).
+//! * [`diag`]: the training diagnostics of a stack of `H_res` (row/column-sum errors and the
+//!   gain of their product).
+//!
+//! Matrices are row-major `n × n` slices of `f64` (Sinkhorn also reads and writes `f32`); a batch
+//! is `b` such matrices back to back. Permutations are index vectors: `perm[i] = j` means
+//! `P[i, j] = 1`.
+
+pub mod bvn;
+pub mod diag;
+pub mod perm;
+pub mod sinkhorn;
+
+pub use bvn::{bvn_decompose, Bvn};
+pub use diag::{hres_diagnostics, HresDiagnostics};
+pub use perm::{permutation_matrices, permutation_rank, permutations, MAX_BASIS_N};
+pub use sinkhorn::{sinkhorn_backward, sinkhorn_forward, Real, DEFAULT_ITERS};
+
+use crate::{Error, Result};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, OnceLock};
+
+/// A rayon pool of `threads` workers for the batched mHC ops, built once per size.
+///
+/// The mHC ops size it with the same thread budget as the ternary kernels
+/// ([`crate::kernels::num_threads`]), so `set_num_threads` governs both; calls never overlap,
+/// so the two pools never compete for cores.
+fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
+    let mut pools = POOLS
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|e| e.into_inner());
+    if let Some(p) = pools.get(&threads) {
+        return Ok(p.clone());
+    }
+    let pool = rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("nanochat-mhc-{i}"))
+        .build()
+        .map_err(|e| Error::Value(format!("cannot start {threads} mHC threads: {e}")))?;
+    let pool = Arc::new(pool);
+    pools.insert(threads, pool.clone());
+    Ok(pool)
+}
+
+/// Resolve a thread count (0 = the shared default).
+fn resolve_threads(threads: usize) -> usize {
+    if threads == 0 {
+        crate::kernels::num_threads()
+    } else {
+        threads
+    }
+}
