@@ -77,8 +77,9 @@ class PlainGPT(nn.Module):
         return F.linear(self.norm(x), self.wte.weight)
 
 
-def time_steps(model: nn.Module, vocab: int, batch: int, seq: int, steps: int, warmup: int,
-               autocast: torch.dtype | None = None) -> float:
+def time_steps(
+    model: nn.Module, vocab: int, batch: int, seq: int, steps: int, warmup: int, autocast: torch.dtype | None = None
+) -> float:
     opt = build_optimizers(model)
     g = torch.Generator().manual_seed(0)
     x = torch.randint(0, vocab, (batch, seq), generator=g)
@@ -134,17 +135,32 @@ def main() -> None:
             step_s = time_steps(model, cfg.vocab_size, batch, seq, args.steps, args.warmup, ac)
             rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
             base = base or step_s
-            rec = {"config": name, "variant": vname, "step_s": step_s, "tok_s": batch * seq / step_s,
-                   "peak_rss_mb": rss, "ratio_vs_plain": step_s / base, "batch": batch, "seq": seq,
-                   "threads": torch.get_num_threads()}
+            rec = {
+                "config": name,
+                "variant": vname,
+                "step_s": step_s,
+                "tok_s": batch * seq / step_s,
+                "peak_rss_mb": rss,
+                "ratio_vs_plain": step_s / base,
+                "batch": batch,
+                "seq": seq,
+                "threads": torch.get_num_threads(),
+            }
             records.append(rec)
             console.print(f"{name:>9} {vname:>13}: {step_s * 1000:8.1f} ms/step  {rec['tok_s']:8.0f} tok/s")
     table = Table(title=f"training step (Muon+Lion, {torch.get_num_threads()} threads; ratio = step time / plain)")
     for col in ["config", "variant", "batch×seq", "ms/step", "tok/s", "× plain", "peak RSS MB"]:
         table.add_column(col, justify="right")
     for r in records:
-        table.add_row(r["config"], r["variant"], f"{r['batch']}×{r['seq']}", f"{r['step_s'] * 1000:.1f}",
-                      f"{r['tok_s']:.0f}", f"{r['ratio_vs_plain']:.2f}", f"{r['peak_rss_mb']:.0f}")
+        table.add_row(
+            r["config"],
+            r["variant"],
+            f"{r['batch']}×{r['seq']}",
+            f"{r['step_s'] * 1000:.1f}",
+            f"{r['tok_s']:.0f}",
+            f"{r['ratio_vs_plain']:.2f}",
+            f"{r['peak_rss_mb']:.0f}",
+        )
     console.print(table)
     if args.json:
         with open(args.json, "w") as f:

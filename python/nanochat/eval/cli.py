@@ -214,5 +214,47 @@ def compare_cmd(
         console.print(f"chart written to [bold]{png}[/]")
 
 
+@app.command("bpb")
+def bpb_cmd(
+    model: Path = typer.Option(..., "--model", help="GGUF file, run directory or safetensors export."),
+    data: str | None = typer.Option(None, "--data", help="Held-out corpus (default: the run's corpus)."),
+    val_fraction: float | None = typer.Option(None, help="Validation fraction (default: the run's)."),
+    max_tokens: int = typer.Option(131_072, help="Score at most this many validation tokens."),
+    batch_size: int = typer.Option(4, help="Windows per forward pass."),
+    seq_len: int | None = typer.Option(None, help="Window length (default: the model's context)."),
+    out: Path | None = typer.Option(None, "--out", help="Write the result JSON here."),
+) -> None:
+    """Validation loss and bits-per-byte on held-out text."""
+    import json
+
+    from .bpb import evaluate_bpb
+
+    if not model.exists():
+        raise _fail(f"no such model: {model}")
+    try:
+        res = evaluate_bpb(model, data=data, val_fraction=val_fraction, max_tokens=max_tokens,
+                           batch_size=batch_size, seq_len=seq_len)
+    except (ValueError, FileNotFoundError) as e:
+        raise _fail(str(e)) from e
+    console.print(f"bpb [bold]{res['bpb']:.4f}[/]  val loss {res['val_loss']:.4f}  ({res['tokens']:,} tokens, "
+                  f"{res['bytes']:,} bytes, {res['seconds']:.1f} s)")
+    if out is not None:
+        tmp = out.with_name(f".{out.name}.tmp")
+        tmp.write_text(json.dumps(res, indent=2))
+        tmp.replace(out)
+
+
+@app.command("report")
+def report_cmd(run_dir: Path = typer.Argument(..., help="A nanochat-train run directory.")) -> None:
+    """Write RUN_DIR/report.md: config, params, training curve, final bpb, HumanEval and benchmarks if present."""
+    from .report import build_report
+
+    try:
+        path = build_report(run_dir)
+    except FileNotFoundError as e:
+        raise _fail(str(e)) from e
+    console.print(f"report written to [bold]{path}[/]")
+
+
 if __name__ == "__main__":  # pragma: no cover
     app()

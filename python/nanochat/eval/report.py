@@ -1,0 +1,123 @@
+"""``nanochat-eval report RUN_DIR``: a Markdown report of a training run.
+
+Collects what the run directory holds — config, parameter counts, the training curve (``loss.png``, redrawn from
+``metrics.jsonl`` if missing), final loss/bpb, mHC diagnostics — plus HumanEval results (``humaneval*.json``),
+bpb results (``bpb*.json``) and benchmark records (``bench*.json``) found in the run directory, into
+``RUN_DIR/report.md``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+def _load_json(p: Path) -> Any:
+    try:
+        return json.loads(p.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _fmt(v: Any) -> str:
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    return str(v)
+
+
+def build_report(run_dir: str | Path) -> Path:
+    run = Path(run_dir)
+    if not (run / "config.json").is_file():
+        raise FileNotFoundError(f"{run}: not a run directory (config.json missing)")
+    cfg = _load_json(run / "config.json") or {}
+    summary = _load_json(run / "summary.json") or {}
+    lines = [f"# Run report: `{run.name}`", ""]
+    params = cfg.get("params") or summary.get("params") or {}
+    model = cfg.get("model", {})
+    lines += ["## Model", "", "| key | value |", "| --- | --- |"]
+    for k in (
+        "n_layer",
+        "n_embd",
+        "n_head",
+        "n_kv_head",
+        "mlp",
+        "mlp_hidden",
+        "residual",
+        "n_streams",
+        "quant",
+        "vocab_size",
+        "seq_len",
+    ):
+        if k in model:
+            lines.append(f"| {k} | {_fmt(model[k])} |")
+    for k, v in params.items():
+        lines.append(f"| params.{k} | {v:,} |")
+    lines += ["", "## Training", ""]
+    if summary:
+        lines += ["| key | value |", "| --- | --- |"]
+        for k in (
+            "steps",
+            "planned_steps",
+            "finished",
+            "tokens",
+            "first_loss",
+            "final_loss",
+            "final_val_loss",
+            "final_val_bpb",
+            "best_val_loss",
+            "mean_tok_s",
+            "elapsed_s",
+            "world_size",
+        ):
+            if k in summary:
+                lines.append(f"| {k} | {_fmt(summary[k])} |")
+    else:
+        lines.append("_No summary.json: the run has not finished._")
+    metrics = run / "metrics.jsonl"
+    if not (run / "loss.png").exists() and metrics.exists():
+        from nanochat.train.metrics import MetricsLog, plot_losses
+
+        plot_losses(MetricsLog.read(metrics), run / "loss.png", run.name)
+    if (run / "loss.png").exists():
+        lines += ["", "![training curve](loss.png)"]
+    if metrics.exists():
+        from nanochat.train.metrics import MetricsLog
+
+        diag = [r for r in MetricsLog.read(metrics) if any(k.startswith("mhc_") for k in r)]
+        if diag:
+            last = diag[-1]
+            lines += [
+                "",
+                f"mHC diagnostics at step {last['step']}: "
+                + ", ".join(f"{k[4:]} = {_fmt(v)}" for k, v in last.items() if k.startswith("mhc_")),
+            ]
+    for title, pattern in (
+        ("Bits per byte", "bpb*.json"),
+        ("HumanEval", "humaneval*.json"),
+        ("Benchmarks", "bench*.json"),
+    ):
+        files = sorted(run.glob(pattern))
+        if not files:
+            continue
+        lines += ["", f"## {title}", ""]
+        for f in files:
+            data = _load_json(f)
+            lines.append(f"### `{f.name}`")
+            if isinstance(data, dict) and "overall" in data:
+                lines += ["", "| metric | value |", "| --- | --- |"]
+                for k, v in (data.get("overall") or {}).items():
+                    lines.append(f"| {k} | {_fmt(v)} |")
+            elif isinstance(data, dict):
+                lines += ["", "| key | value |", "| --- | --- |"]
+                lines += [f"| {k} | {_fmt(v)} |" for k, v in data.items() if not isinstance(v, (dict, list))]
+            elif isinstance(data, list) and data and isinstance(data[0], dict):
+                keys = list(data[0].keys())
+                lines += ["", "| " + " | ".join(keys) + " |", "|" + " --- |" * len(keys)]
+                lines += ["| " + " | ".join(_fmt(r.get(k)) for k in keys) + " |" for r in data[:50]]
+            lines.append("")
+    out = run / "report.md"
+    tmp = out.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n")
+    tmp.replace(out)
+    return out

@@ -1,0 +1,218 @@
+"""Model configuration: the ``GPTConfig`` dataclass and the TOML config loader.
+
+A config file has two tables: ``[model]`` (the fields of :class:`GPTConfig`; unknown keys are errors) and
+``[train]`` (training defaults handed to the trainer as a plain dict). Named configs (``tiny_cpu``, ``d20``,
+``nano_125m``, ``nano_1b``) ship inside the package (``nanochat/configs/NAME.toml``) so an installed wheel
+finds them; the repository's top-level ``configs/`` holds identical copies for people browsing the repo.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.resources
+import math
+import sys
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - Python 3.10
+    import tomli as tomllib
+
+QK_K = 256  # TQ2_0 block: every packed (input) dimension must be a multiple of it
+MLP_KINDS = ("swiglu", "relu2")
+RESIDUAL_KINDS = ("mhc_lite", "mhc", "standard")
+QUANT_KINDS = ("ternary", "fp")
+CONFIG_NAMES = ("tiny_cpu", "d20", "nano_125m", "nano_1b")
+
+# Keys of the [train] table the shipped configs set (the trainer owns their meaning; others pass through).
+TRAIN_KEYS = (
+    "batch_size",
+    "seq_len",
+    "grad_accum",
+    "steps",
+    "lr_muon",
+    "lr_lion",
+    "weight_decay",
+    "warmup_steps",
+    "decay_frac",
+    "grad_clip",
+    "eval_every",
+    "eval_batches",
+    "save_every",
+    "keep_last",
+    "vocab_size",
+    "synthetic_ratio",
+    "dtype",
+    "seed",
+)
+
+
+class ConfigError(ValueError):
+    """A config value or key is invalid; the message names the key."""
+
+
+@dataclass(frozen=True)
+class GPTConfig:
+    vocab_size: int = 4096  # tokenizer vocabulary (embedding rows, logits width)
+    seq_len: int = 256  # context length the model is trained for (RoPE works beyond it, untrained)
+    n_layer: int = 4  # transformer blocks
+    n_head: int = 4  # query heads
+    n_kv_head: int = 4  # key/value heads (GQA when < n_head); must divide n_head
+    n_embd: int = 256  # model width C
+    mlp: str = "swiglu"  # "swiglu" (gate/up/down, llama.cpp `bitnet`) or "relu2" (up/down, ReLU squared)
+    mlp_hidden: int = 512  # MLP hidden width; a multiple of 256 when ternary (TQ2_0 rows of down_proj)
+    qk_norm: bool = True  # RMSNorm on q and k per head (not in llama.cpp's `bitnet` graph: off to export there)
+    tie_embeddings: bool = True  # LM head shares the token embedding (required by llama.cpp's `bitnet`)
+    residual: str = "mhc_lite"  # "mhc_lite" (Birkhoff mixture), "mhc" (Sinkhorn) or "standard" (x + F(x))
+    n_streams: int = 4  # residual streams for the mHC variants (ignored by "standard")
+    sinkhorn_iters: int = 20  # Sinkhorn-Knopp iterations for residual = "mhc"
+    rope_theta: float = 10000.0  # RoPE base
+    norm_eps: float = 1e-5  # RMSNorm epsilon (exported as attention.layer_norm_rms_epsilon)
+    quant: str = "ternary"  # "ternary" (BitNet b1.58 QAT) or "fp" (same model in full precision: the baseline)
+    init_std: float = 0.02  # std of the token embedding (and of an untied LM head)
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    @property
+    def head_dim(self) -> int:
+        return self.n_embd // self.n_head
+
+    @property
+    def streams(self) -> int:
+        """Residual streams actually used: 1 for ``standard``."""
+        return 1 if self.residual == "standard" else self.n_streams
+
+    def replace(self, **changes: Any) -> GPTConfig:
+        """A copy with ``changes`` applied (validated; unknown keys raise :class:`ConfigError`)."""
+        _check_keys(changes, "model")
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GPTConfig:
+        """Build from a ``[model]`` table; unknown keys and wrong types raise :class:`ConfigError`."""
+        _check_keys(d, "model")
+        return cls(**d)
+
+
+def _check_keys(d: dict[str, Any], table: str) -> None:
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = sorted(set(d) - known)
+    if unknown:
+        raise ConfigError(f"[{table}] unknown key(s) {unknown}; known keys: {sorted(known)}")
+
+
+def _expect(cfg: GPTConfig, key: str, types: type | tuple[type, ...]) -> None:
+    v = getattr(cfg, key)
+    # bool is an int subclass: refuse it where a number is meant, and a number where a bool is meant
+    if isinstance(v, bool) and types is not bool:
+        raise ConfigError(f"model.{key} must be {_type_name(types)}, got bool {v!r}")
+    if not isinstance(v, types):
+        raise ConfigError(f"model.{key} must be {_type_name(types)}, got {type(v).__name__} {v!r}")
+
+
+def _type_name(types: type | tuple[type, ...]) -> str:
+    return " or ".join(t.__name__ for t in (types if isinstance(types, tuple) else (types,)))
+
+
+def _validate(cfg: GPTConfig) -> None:
+    ints = ("vocab_size", "seq_len", "n_layer", "n_head", "n_kv_head", "n_embd", "mlp_hidden", "n_streams")
+    for key in (*ints, "sinkhorn_iters"):
+        _expect(cfg, key, int)
+    for key in ("rope_theta", "norm_eps", "init_std"):
+        _expect(cfg, key, (int, float))
+    for key in ("qk_norm", "tie_embeddings"):
+        _expect(cfg, key, bool)
+    for key in ("mlp", "residual", "quant"):
+        _expect(cfg, key, str)
+    for key in ints:
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg, key)}")
+    if cfg.sinkhorn_iters < 1:
+        raise ConfigError(f"model.sinkhorn_iters must be >= 1, got {cfg.sinkhorn_iters}")
+    for key in ("rope_theta", "norm_eps", "init_std"):
+        v = getattr(cfg, key)
+        if not (math.isfinite(v) and v > 0):
+            raise ConfigError(f"model.{key} must be a positive finite number, got {v}")
+    if cfg.mlp not in MLP_KINDS:
+        raise ConfigError(f"model.mlp must be one of {MLP_KINDS}, got {cfg.mlp!r}")
+    if cfg.residual not in RESIDUAL_KINDS:
+        raise ConfigError(f"model.residual must be one of {RESIDUAL_KINDS}, got {cfg.residual!r}")
+    if cfg.quant not in QUANT_KINDS:
+        raise ConfigError(f"model.quant must be one of {QUANT_KINDS}, got {cfg.quant!r}")
+    if cfg.n_embd % cfg.n_head != 0:
+        raise ConfigError(f"model.n_embd ({cfg.n_embd}) must be divisible by model.n_head ({cfg.n_head})")
+    if cfg.n_head % cfg.n_kv_head != 0:
+        raise ConfigError(f"model.n_head ({cfg.n_head}) must be divisible by model.n_kv_head ({cfg.n_kv_head})")
+    if cfg.head_dim % 2 != 0:
+        raise ConfigError(f"head_dim = model.n_embd / model.n_head = {cfg.head_dim} must be even (RoPE rotates pairs)")
+    if cfg.residual != "standard" and cfg.n_streams > 6:
+        # mhc_lite materialises all n! permutations; mhc is fine but n > 6 streams has no use at these sizes
+        raise ConfigError(f"model.n_streams must be <= 6 for residual {cfg.residual!r}, got {cfg.n_streams}")
+    if cfg.quant == "ternary":
+        for key in ("n_embd", "mlp_hidden"):
+            if getattr(cfg, key) % QK_K != 0:
+                raise ConfigError(
+                    f"model.{key} ({getattr(cfg, key)}) must be a multiple of {QK_K} when model.quant = 'ternary' "
+                    "(packed ternary rows are whole TQ2_0 blocks)"
+                )
+
+
+# ----------------------------------------------------------------------------- TOML loading
+
+
+def config_path(name_or_path: str | Path) -> Path:
+    """Resolve a config name (``"d20"``) to the packaged TOML file, or return an existing path as is."""
+    p = Path(name_or_path)
+    if p.suffix == ".toml" or p.exists():
+        if not p.is_file():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        return p
+    res = importlib.resources.files("nanochat") / "configs" / f"{name_or_path}.toml"
+    if not res.is_file():
+        names = sorted(
+            e.name.removesuffix(".toml")
+            for e in (importlib.resources.files("nanochat") / "configs").iterdir()
+            if e.name.endswith(".toml")
+        )
+        raise FileNotFoundError(f"no config named {str(name_or_path)!r}; shipped configs: {names}")
+    return Path(str(res))
+
+
+def load_config(name_or_path: str | Path) -> tuple[GPTConfig, dict[str, Any]]:
+    """Load ``[model]`` into a validated :class:`GPTConfig` and return ``[train]`` as a dict of defaults.
+
+    ``name_or_path`` is a shipped config name (``tiny_cpu``, ``d20``, ``nano_125m``, ``nano_1b``) or a path to a
+    TOML file. Unknown ``[model]`` keys and unknown top-level tables raise :class:`ConfigError`.
+    """
+    path = config_path(name_or_path)
+    with open(path, "rb") as f:
+        try:
+            doc = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    extra = sorted(set(doc) - {"model", "train"})
+    if extra:
+        raise ConfigError(f"{path}: unknown table(s) {extra}; expected [model] and [train]")
+    if "model" not in doc:
+        raise ConfigError(f"{path}: missing [model] table")
+    try:
+        cfg = GPTConfig.from_dict(dict(doc["model"]))
+    except TypeError as e:  # pragma: no cover - from_dict checks keys first
+        raise ConfigError(f"{path}: {e}") from e
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from e
+    train = dict(doc.get("train", {}))
+    if "seq_len" in train and train["seq_len"] > cfg.seq_len:
+        raise ConfigError(f"{path}: train.seq_len ({train['seq_len']}) exceeds model.seq_len ({cfg.seq_len})")
+    if "vocab_size" in train and train["vocab_size"] > cfg.vocab_size:
+        raise ConfigError(
+            f"{path}: train.vocab_size ({train['vocab_size']}) exceeds model.vocab_size ({cfg.vocab_size})"
+        )
+    return cfg, train

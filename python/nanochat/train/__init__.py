@@ -1,0 +1,1 @@
+"""Training: the loop, checkpoints, logs and the ``nanochat-train`` CLI."""

@@ -1,0 +1,180 @@
+"""``nanochat-train``: train a ternary GPT on the built-in corpus (or your own).
+
+Examples::
+
+    nanochat-train --config d20                      # the default job: ~15 min on a 2-core CPU
+    nanochat-train --config tiny_cpu --steps 50      # a quick smoke run
+    nanochat-train --config d20 --quant fp           # the full-precision twin (baseline)
+    nanochat-train --config nano_125m --device cuda  # on a GPU (bf16 autocast)
+    nanochat-train --resume runs/d20-20261124-101500 # continue exactly where it stopped
+    nanochat-train --config d20 --dry-run            # print the resolved config and parameter counts
+    torchrun --nproc_per_node=2 -m nanochat.train --config tiny_cpu   # DDP (gloo on CPU, nccl on GPU)
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from nanochat.train.config import TrainConfig
+
+app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
+
+MODEL = "Model"
+OPT = "Optimisation"
+DATA = "Data"
+RUN = "Runtime"
+LOG = "Logging and checkpoints"
+DISTILL = "Distillation"
+
+
+def _fail(msg: str) -> None:
+    typer.secho(f"error: {msg}", err=True, fg="red")
+    raise typer.Exit(2)
+
+
+@app.command()
+def main(
+    config: Annotated[
+        str, typer.Option(help="config name (tiny_cpu, d20, nano_125m, nano_1b) or a .toml path", rich_help_panel=MODEL)
+    ] = "d20",
+    quant: Annotated[
+        str | None, typer.Option(help="ternary | fp (full-precision baseline)", rich_help_panel=MODEL)
+    ] = None,
+    residual: Annotated[str | None, typer.Option(help="mhc_lite | mhc | standard", rich_help_panel=MODEL)] = None,
+    steps: Annotated[int | None, typer.Option(help="optimizer steps", rich_help_panel=OPT)] = None,
+    batch_size: Annotated[
+        int | None, typer.Option(help="sequences per micro-batch per process", rich_help_panel=OPT)
+    ] = None,
+    seq_len: Annotated[int | None, typer.Option(help="tokens per sequence", rich_help_panel=OPT)] = None,
+    grad_accum: Annotated[
+        int | None, typer.Option(help="micro-batches per optimizer step", rich_help_panel=OPT)
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option(help="scale both learning rates by this factor", rich_help_panel=OPT)
+    ] = None,
+    lr_muon: Annotated[float | None, typer.Option(help="Muon learning rate", rich_help_panel=OPT)] = None,
+    lr_lion: Annotated[float | None, typer.Option(help="Lion learning rate", rich_help_panel=OPT)] = None,
+    warmup_steps: Annotated[int | None, typer.Option(help="WSD warmup steps", rich_help_panel=OPT)] = None,
+    decay_frac: Annotated[float | None, typer.Option(help="WSD decay fraction", rich_help_panel=OPT)] = None,
+    grad_clip: Annotated[
+        float | None, typer.Option(help="global grad-norm clip (0 = off)", rich_help_panel=OPT)
+    ] = None,
+    data: Annotated[
+        str | None, typer.Option(help="your corpus: a directory of sources, .txt or .jsonl", rich_help_panel=DATA)
+    ] = None,
+    data_dir: Annotated[str | None, typer.Option(help="tokenizer/shard cache directory", rich_help_panel=DATA)] = None,
+    vocab_size: Annotated[int | None, typer.Option(help="BPE vocabulary size", rich_help_panel=DATA)] = None,
+    synthetic_ratio: Annotated[
+        float | None, typer.Option(help="fraction of synthetic code tasks", rich_help_panel=DATA)
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto", rich_help_panel=RUN)] = None,
+    dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | auto", rich_help_panel=RUN)] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="torch.compile the model", rich_help_panel=RUN)
+    ] = None,
+    threads: Annotated[
+        int | None, typer.Option(help="CPU threads for torch and the Rust kernels", rich_help_panel=RUN)
+    ] = None,
+    numa_node: Annotated[int | None, typer.Option(help="pin threads to this NUMA node", rich_help_panel=RUN)] = None,
+    seed: Annotated[int | None, typer.Option(help="random seed", rich_help_panel=RUN)] = None,
+    out: Annotated[
+        str | None, typer.Option(help="run directory (default runs/<config>-<time>)", rich_help_panel=LOG)
+    ] = None,
+    resume: Annotated[str | None, typer.Option(help="resume the run in this directory", rich_help_panel=LOG)] = None,
+    stop_after: Annotated[
+        int | None, typer.Option(help="stop with a checkpoint after this step", rich_help_panel=LOG)
+    ] = None,
+    eval_every: Annotated[int | None, typer.Option(help="validate every N steps", rich_help_panel=LOG)] = None,
+    save_every: Annotated[int | None, typer.Option(help="checkpoint every N steps", rich_help_panel=LOG)] = None,
+    keep_last: Annotated[
+        int | None, typer.Option(help="checkpoints to keep (plus the best)", rich_help_panel=LOG)
+    ] = None,
+    log_every: Annotated[int | None, typer.Option(help="print a log line every N steps", rich_help_panel=LOG)] = None,
+    teacher: Annotated[
+        str | None, typer.Option(help="teacher checkpoint/run dir for distillation", rich_help_panel=DISTILL)
+    ] = None,
+    distill_weight: Annotated[float | None, typer.Option(help="weight of the KL term", rich_help_panel=DISTILL)] = None,
+    distill_temp: Annotated[
+        float | None, typer.Option(help="distillation temperature", rich_help_panel=DISTILL)
+    ] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="print the resolved config and parameter counts, then exit")
+    ] = False,
+) -> None:
+    """Train a ternary (BitNet b1.58) GPT with mHC residual streams. See the module docstring for examples."""
+    cli = {k: v for k, v in locals().items() if v is not None and k not in ("dry_run", "quant", "residual", "lr")}
+    try:
+        cfg = resolve_config(cli, quant=quant, residual=residual, lr_scale=lr)
+    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        _fail(str(e))
+    if dry_run:
+        dry_run_report(cfg)
+        return
+    from nanochat.train.loop import train
+
+    try:
+        train(cfg)
+    except (ValueError, FileNotFoundError) as e:
+        _fail(str(e))
+
+
+def resolve_config(
+    cli: dict[str, Any], quant: str | None = None, residual: str | None = None, lr_scale: float | None = None
+) -> TrainConfig:
+    """Defaults < config's [train] table (or the resumed run's settings) < command-line flags."""
+    from nanochat.model import load_config
+
+    cfg = TrainConfig()
+    if cli.get("resume"):
+        saved = Path(cli["resume"]) / "config.json"
+        if not saved.exists():
+            raise FileNotFoundError(f"--resume {cli['resume']}: no config.json there (is it a run directory?)")
+        cfg.update(json.loads(saved.read_text())["train"], f"{saved}")
+        cfg.stop_after = None  # an interruption point is not a setting to inherit
+    else:
+        _, train_defaults = load_config(cli.get("config", cfg.config))
+        cfg.update(
+            {k: v for k, v in train_defaults.items() if k in TrainConfig.field_names()},
+            f"config {cli.get('config', cfg.config)} [train]",
+        )
+    cfg.update(cli, "command line")
+    overrides = dict(cfg.model_overrides)
+    if quant is not None:
+        overrides["quant"] = quant
+    if residual is not None:
+        overrides["residual"] = residual
+    cfg.model_overrides = overrides
+    if lr_scale is not None:
+        cfg.lr_muon *= lr_scale
+        cfg.lr_lion *= lr_scale
+    # validate the model part now so a bad value is a one-line error, not a traceback mid-setup
+    model_cfg, _ = load_config(cfg.config)
+    model_cfg.replace(vocab_size=cfg.vocab_size, **cfg.model_overrides)
+    return cfg
+
+
+def dry_run_report(cfg: TrainConfig) -> None:
+    import torch
+
+    from nanochat.model import GPT, load_config
+
+    model_cfg, _ = load_config(cfg.config)
+    model_cfg = model_cfg.replace(vocab_size=cfg.vocab_size, **cfg.model_overrides)
+    with torch.device("meta"):
+        model = GPT(model_cfg)
+    counts = model.param_counts()
+    print(json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict(), "params": counts}, indent=2))
+
+
+def entry() -> None:
+    """Console-script entry point."""
+    app(prog_name="nanochat-train")
+
+
+if __name__ == "__main__":
+    sys.exit(entry())

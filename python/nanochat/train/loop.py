@@ -1,0 +1,496 @@
+"""The training loop: data → model → Muon + Lion under a WSD schedule → logs and checkpoints.
+
+Notable choices:
+- One code path for 1 process and ``torchrun`` (DDP: gloo on CPU, nccl on CUDA). Only rank 0 logs,
+  evaluates and saves; the loader shards windows by rank; gradients are averaged by DDP, so every
+  rank takes the same optimizer step and the replicas stay bit-identical (checked at the end).
+- Exact resume: a checkpoint holds model, optimizer state, step, loader position and RNG states, and
+  the schedule is a pure function of the step, so N steps straight and N/2 + resume + N/2 give the
+  same losses on CPU. ``stop_after`` interrupts a run while keeping the schedule of ``steps``.
+- Ctrl-C / SIGTERM set a flag; the loop finishes the current step, saves, and returns cleanly.
+- The loss is computed here from the logits (cross-entropy, plus an optional KL term against a frozen
+  teacher), so distillation and plain training share one path.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from nanochat import ops
+from nanochat.data import TokenLoader, prepare_data
+from nanochat.model import GPT, GPTConfig, load_config
+from nanochat.optim import build_optimizers, wsd
+from nanochat.train.checkpoint import CheckpointManager, find_checkpoint, load_checkpoint, write_json_atomic
+from nanochat.train.config import TrainConfig
+from nanochat.train.metrics import MetricsLog, Throughput, console, make_progress, plot_losses
+
+# ----------------------------------------------------------------------------- runtime setup
+
+
+@dataclass
+class Runtime:
+    device: torch.device
+    autocast_dtype: torch.dtype | None
+    rank: int
+    world_size: int
+    local_rank: int
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def ddp(self) -> bool:
+        return self.world_size > 1
+
+
+def setup_runtime(cfg: TrainConfig) -> Runtime:
+    rank, world, local = (int(os.environ.get(k, d)) for k, d in (("RANK", 0), ("WORLD_SIZE", 1), ("LOCAL_RANK", 0)))
+    if cfg.device == "auto":
+        device = torch.device(f"cuda:{local}" if torch.cuda.is_available() else "cpu")
+    else:
+        device = torch.device(cfg.device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda requested but no CUDA device is available")
+        if device.type == "cuda" and world > 1:
+            device = torch.device(f"cuda:{local}")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    dtype = cfg.dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
+    autocast = torch.bfloat16 if dtype == "bfloat16" else None
+    if cfg.threads > 0:
+        torch.set_num_threads(cfg.threads)
+    ops.set_num_threads(torch.get_num_threads())  # one thread budget for torch and Rust
+    return Runtime(device, autocast, rank, world, local)
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict[str, Any]:
+    return {
+        "python": random.getstate(),
+        "numpy": np.random.get_state(legacy=True),
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+    }
+
+
+def rng_to_checkpoint(state: dict[str, Any]) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
+    """Split RNG state into JSON-able parts and tensors."""
+    py = state["python"]
+    npst = state["numpy"]
+    js = {
+        "python": [py[0], list(py[1]), py[2]],
+        "numpy": [npst[0], npst[1].tolist(), int(npst[2]), int(npst[3]), float(npst[4])],
+    }
+    tensors = {"rng.torch": state["torch"]}
+    for i, t in enumerate(state["cuda"]):
+        tensors[f"rng.cuda{i}"] = t
+    return js, tensors
+
+
+def restore_rng(js: dict[str, Any], tensors: dict[str, torch.Tensor]) -> None:
+    py = js["python"]
+    random.setstate((py[0], tuple(py[1]), py[2]))
+    n = js["numpy"]
+    np.random.set_state((n[0], np.array(n[1], dtype=np.uint32), n[2], n[3], n[4]))
+    torch.set_rng_state(tensors["rng.torch"])
+    cuda = [tensors[k] for k in sorted(k for k in tensors if k.startswith("rng.cuda"))]
+    if cuda and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(cuda)
+
+
+# ----------------------------------------------------------------------------- model helpers
+
+
+def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[GPT, GPTConfig, dict[str, Any]]:
+    model_cfg, train_defaults = load_config(cfg.config)
+    model_cfg = model_cfg.replace(vocab_size=vocab_size, **cfg.model_overrides)
+    return GPT(model_cfg), model_cfg, train_defaults
+
+
+def load_teacher(path: str, device: torch.device) -> GPT:
+    ckpt = find_checkpoint(Path(path))
+    state = json.loads((ckpt / "state.json").read_text())
+    teacher = GPT(GPTConfig(**state["model_config"]))
+    load_checkpoint(ckpt, teacher)
+    teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
+
+
+def raw_model(model: torch.nn.Module) -> GPT:
+    m = model.module if hasattr(model, "module") else model
+    return getattr(m, "_orig_mod", m)
+
+
+def compute_loss(
+    model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: GPT | None, cfg: TrainConfig
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(total loss to backprop, plain cross-entropy for logging)."""
+    logits = model(x)  # (B, T, V)
+    ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
+    if teacher is None:
+        return ce, ce.detach()
+    with torch.no_grad():
+        t_logits = teacher(x).float()
+    tau = cfg.distill_temp
+    kl = (
+        F.kl_div(
+            F.log_softmax(logits.float() / tau, dim=-1),
+            F.log_softmax(t_logits / tau, dim=-1),
+            log_target=True,
+            reduction="batchmean",
+        )
+        * (tau * tau)
+        / x.size(1)
+    )
+    return (1 - cfg.distill_weight) * ce + cfg.distill_weight * kl, ce.detach()
+
+
+@torch.no_grad()
+def evaluate(model: GPT, loader: TokenLoader, token_bytes: torch.Tensor, rt: Runtime, max_batches: int) -> dict:
+    """Validation loss (nats/token) and bits per byte over the first ``max_batches`` val batches."""
+    was_training = model.training
+    model.train()  # the same fake-quant math as training, so val loss is comparable to train loss
+    nats, tokens, nbytes = 0.0, 0, 0
+    for x, y in loader.iter_eval(max_batches):
+        x, y = x.to(rt.device), y.to(rt.device)
+        with _autocast(rt):
+            logits = model(x)
+        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
+        nats += loss.sum().item()
+        tokens += y.numel()
+        nbytes += int(token_bytes[y.view(-1).cpu()].sum().item())
+    model.train(was_training)
+    val_loss = nats / max(tokens, 1)
+    return {"val_loss": val_loss, "val_bpb": nats / (math.log(2) * max(nbytes, 1)), "val_tokens": tokens}
+
+
+def _autocast(rt: Runtime):
+    if rt.autocast_dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(rt.device.type, dtype=rt.autocast_dtype)
+
+
+# ----------------------------------------------------------------------------- the loop
+
+
+class StopFlag:
+    """Set by SIGINT/SIGTERM; the loop checks it between steps."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for s in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._old[s] = signal.signal(s, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signal is not None:  # second Ctrl-C: give up at once
+            raise KeyboardInterrupt
+        self.signal = signum
+        console.print(f"[yellow]signal {signal.Signals(signum).name}: finishing this step, saving, exiting")
+
+    def __exit__(self, *exc: Any) -> None:
+        for s, h in self._old.items():
+            signal.signal(s, h)
+
+
+MHC_LOG_KEYS = ("max_row_err", "max_col_err", "composite_gain_fwd", "composite_gain_bwd", "composite_identity_weight")
+
+
+def data_cache_dir(cfg: TrainConfig) -> Path:
+    """Tokenizer + shards cache, one directory per (corpus, vocab size) so runs with different configs coexist."""
+    import hashlib
+
+    root = (
+        Path(cfg.data_dir)
+        if cfg.data_dir
+        else Path(os.environ.get("NANOCHAT_CACHE", Path.home() / ".cache" / "nanochat"))
+    )
+    corpus = (
+        "stdlib"
+        if cfg.data is None
+        else "user-" + hashlib.sha1(str(Path(cfg.data).resolve()).encode()).hexdigest()[:10]
+    )
+    return root / "data" / f"{corpus}-syn{cfg.synthetic_ratio:g}-val{cfg.val_fraction:g}-v{cfg.vocab_size}"
+
+
+def default_run_dir(cfg: TrainConfig) -> Path:
+    name = Path(cfg.config).stem
+    return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Run (or resume) training; returns the summary dict (also written to summary.json)."""
+    resume_dir = Path(cfg.resume) if getattr(cfg, "resume", None) else None
+    rt = setup_runtime(cfg)
+    if cfg.numa_node is not None:
+        from nanochat.train.numa import pin_to_node
+
+        _, msg = pin_to_node(cfg.numa_node)
+        if rt.is_main:
+            console.print(msg)
+    run_dir = resume_dir or (Path(cfg.out) if cfg.out else default_run_dir(cfg))
+    seed_everything(cfg.seed + rt.rank)
+
+    # --- data (rank 0 builds the tokenizer and shards; the others wait and reuse them)
+    data_dir = (
+        Path(cfg.data_dir)
+        if cfg.data_dir
+        else Path(os.environ.get("NANOCHAT_CACHE", Path.home() / ".cache/nanochat")) / "data"
+    )
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tok, index = prepare_data(
+            data_dir,
+            cfg.vocab_size,
+            data_path=cfg.data,
+            synthetic_ratio=cfg.synthetic_ratio,
+            val_fraction=cfg.val_fraction,
+            seed=0,
+        )
+    if rt.ddp:
+        dist.barrier()
+    if not rt.is_main:
+        tok, index = prepare_data(
+            data_dir,
+            cfg.vocab_size,
+            data_path=cfg.data,
+            synthetic_ratio=cfg.synthetic_ratio,
+            val_fraction=cfg.val_fraction,
+            seed=0,
+        )
+    if rt.is_main:
+        tok.save(run_dir / "tokenizer.json")
+    token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.long)
+    train_loader = TokenLoader(
+        index, "train", cfg.batch_size, cfg.seq_len, rank=rt.rank, world_size=rt.world_size, seed=cfg.seed
+    )
+    val_loader = TokenLoader(index, "val", cfg.batch_size, cfg.seq_len, rank=0, world_size=1, seed=cfg.seed)
+
+    # --- model and optimizers
+    torch.manual_seed(cfg.seed)  # identical init on every rank
+    model, model_cfg, _ = build_model(cfg, tok.vocab_size)
+    model.to(rt.device)
+    opt = build_optimizers(model, muon_lr=cfg.lr_muon, lion_lr=cfg.lr_lion, weight_decay=cfg.weight_decay)
+    optimizers = list(opt)
+    teacher = load_teacher(cfg.teacher, rt.device) if cfg.teacher else None
+    if teacher is not None and teacher.config.vocab_size != model_cfg.vocab_size:
+        raise ValueError(f"teacher vocab {teacher.config.vocab_size} differs from the student's {model_cfg.vocab_size}")
+
+    start_step, best_val = 0, math.inf
+    ckpts = CheckpointManager(run_dir, keep_last=cfg.keep_last)
+    if resume_dir is not None:
+        ckpt = ckpts.latest()
+        if ckpt is None:
+            raise FileNotFoundError(f"--resume {resume_dir}: no checkpoint in {ckpts.ckpt_dir}")
+        state, extra = load_checkpoint(ckpt, model, optimizers)
+        start_step = state["step"]
+        train_loader.load_state_dict(
+            state["loader"][str(rt.rank)] if str(rt.rank) in state["loader"] else state["loader"]["0"]
+        )
+        restore_rng(state["rng"], extra)
+        best_val = state.get("best_val", math.inf)
+        if rt.is_main:
+            console.print(f"resumed from {ckpt} at step {start_step}")
+    counts = model.param_counts()
+    if rt.is_main:
+        write_json_atomic(
+            run_dir / "config.json", {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "params": counts}
+        )
+        kernel, why = ops.default_kernel()
+        console.print(
+            f"[bold]nanochat-train[/] {cfg.config}: {counts['total'] / 1e6:.2f}M params "
+            f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), residual={model_cfg.residual}, "
+            f"quant={model_cfg.quant}, device={rt.device}, dtype={rt.autocast_dtype or torch.float32}, "
+            f"world={rt.world_size}, threads={torch.get_num_threads()}, kernel={kernel} ({why})\n  run dir: {run_dir}"
+        )
+
+    train_model: torch.nn.Module = model
+    if cfg.compile:
+        train_model = torch.compile(train_model)
+    if rt.ddp:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        train_model = DDP(train_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
+
+    log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if rt.is_main else None
+    tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
+    end_step = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
+    warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+
+    def save(step: int, val_loss: float | None) -> None:
+        loader_states = {str(rt.rank): train_loader.state_dict()}
+        if rt.ddp:
+            gathered: list[Any] = [None] * rt.world_size
+            dist.all_gather_object(gathered, train_loader.state_dict())
+            loader_states = {str(i): s for i, s in enumerate(gathered)}
+        if not rt.is_main:
+            return
+        rng_js, rng_t = rng_to_checkpoint(rng_state())
+        state = {
+            "loader": loader_states,
+            "rng": rng_js,
+            "best_val": best_val,
+            "model_config": model_cfg.to_dict(),
+            "train_config": cfg.to_dict(),
+            "tokens_seen": step * tokens_per_step,
+        }
+        ckpts.save(step, model, optimizers, state, extra_tensors=rng_t, val_loss=val_loss)
+
+    model.train()
+    step = start_step
+    last_loss = math.nan
+    t_start = time.perf_counter()
+    meter = Throughput()
+    val: dict[str, Any] = {}
+    with StopFlag() as stop, make_progress(rt.is_main) as progress:
+        task = progress.add_task("train", total=cfg.steps, completed=start_step, loss="-", lr="-", tok_s="-")
+        while step < end_step:
+            mult = wsd(step, cfg.steps, warmup, cfg.decay_frac)
+            opt.set_lr_multiplier(mult)
+            loss_acc = torch.zeros((), device=rt.device)
+            for micro in range(cfg.grad_accum):
+                x, y = train_loader.next_batch()
+                x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
+                sync = contextlib.nullcontext()
+                if rt.ddp and micro < cfg.grad_accum - 1:
+                    sync = train_model.no_sync()
+                with sync, _autocast(rt):
+                    loss, ce = compute_loss(train_model, x, y, teacher, cfg)
+                    (loss / cfg.grad_accum).backward()
+                loss_acc += ce / cfg.grad_accum
+            if rt.ddp:
+                dist.all_reduce(loss_acc, op=dist.ReduceOp.AVG)
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                model.parameters(), cfg.grad_clip if cfg.grad_clip > 0 else math.inf
+            )
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            last_loss = loss_acc.item()
+            tok_s = meter.tick(tokens_per_step)
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(
+                    f"loss is {last_loss} at step {step}; lower the learning rate or check the data"
+                )
+            if rt.is_main:
+                lr_now = optimizers[0].param_groups[0]["lr"]
+                rec = {
+                    "step": step,
+                    "loss": last_loss,
+                    "lr": lr_now,
+                    "grad_norm": float(grad_norm),
+                    "tok_s": tok_s,
+                    "lr_mult": mult,
+                    "time": time.perf_counter() - t_start,
+                }
+                if model_cfg.residual != "standard" and cfg.mhc_diag_every and step % cfg.mhc_diag_every == 0:
+                    rec.update(
+                        {f"mhc_{k}": v for k, v in model.mhc_diagnostics().items() if isinstance(v, (int, float))}
+                    )
+                log.write(rec)
+                progress.update(
+                    task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tok_s:,.0f}"
+                )
+                if cfg.log_every and (step % cfg.log_every == 0 or step == 1):
+                    progress.console.print(
+                        f"step {step:5d}/{cfg.steps} | loss {last_loss:.4f} | lr×{mult:.3f} | "
+                        f"grad {float(grad_norm):.3f} | {tok_s:,.0f} tok/s"
+                    )
+            is_last = step == end_step
+            val_loss = None
+            if rt.is_main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
+                val = evaluate(model, val_loader, token_bytes, rt, cfg.eval_batches)
+                val_loss = val["val_loss"]
+                best_val = min(best_val, val_loss)
+                log.write({"step": step, **val})
+                progress.console.print(
+                    f"step {step:5d} | val loss {val['val_loss']:.4f} | val bpb {val['val_bpb']:.4f}"
+                )
+            stop_now = stop.signal is not None
+            if rt.ddp:
+                flag = torch.tensor([1 if stop_now else 0], device=rt.device)
+                dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+                stop_now = bool(flag.item())
+            if (cfg.save_every and step % cfg.save_every == 0) or is_last or stop_now:
+                save(step, val_loss)
+            if stop_now:
+                if rt.is_main:
+                    console.print(f"[yellow]stopped at step {step}; resume with: nanochat-train --resume {run_dir}")
+                break
+
+    summary: dict[str, Any] = {}
+    in_sync = check_replicas_in_sync(model, rt)
+    if rt.is_main:
+        log.close()
+        records = MetricsLog.read(run_dir / "metrics.jsonl")
+        train_recs = [r for r in records if "loss" in r]
+        elapsed = sum(1 for _ in train_recs) and train_recs[-1].get("time", 0.0)
+        summary = {
+            "config": cfg.config,
+            "run_dir": str(run_dir),
+            "steps": step,
+            "planned_steps": cfg.steps,
+            "finished": step >= cfg.steps,
+            "params": counts,
+            "model_config": model_cfg.to_dict(),
+            "first_loss": train_recs[0]["loss"] if train_recs else None,
+            "final_loss": last_loss,
+            "final_val_loss": val.get("val_loss"),
+            "final_val_bpb": val.get("val_bpb"),
+            "best_val_loss": None if math.isinf(best_val) else best_val,
+            "tokens": step * tokens_per_step,
+            "mean_tok_s": (np.mean([r["tok_s"] for r in train_recs[1:]]) if len(train_recs) > 1 else None),
+            "world_size": rt.world_size,
+            "replicas_in_sync": in_sync,
+            "elapsed_s": elapsed,
+        }
+        write_json_atomic(run_dir / "summary.json", summary)
+        plot_losses(records, run_dir / "loss.png", f"{Path(cfg.config).stem} ({model_cfg.quant}, {model_cfg.residual})")
+        console.print(
+            f"[green]done[/]: {step} steps, final loss {last_loss:.4f}; summary, loss.png and checkpoints in {run_dir}"
+        )
+    if rt.ddp:
+        dist.barrier()
+    return summary
+
+
+def check_replicas_in_sync(model: torch.nn.Module, rt: Runtime) -> bool:
+    """True when every rank holds bit-identical parameters (always true for one process)."""
+    if not rt.ddp:
+        return True
+    with torch.no_grad():
+        flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
+        digest = torch.tensor([flat.double().sum().item(), (flat.double() ** 2).sum().item()], device=rt.device)
+        gathered = [torch.zeros_like(digest) for _ in range(rt.world_size)]
+        dist.all_gather(gathered, digest)
+    return all(torch.equal(g, gathered[0]) for g in gathered)

@@ -1,0 +1,98 @@
+"""Training logs: per-step JSONL records, a rich progress bar, and the end-of-run summary + plot."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+console = Console(stderr=True)
+
+
+class MetricsLog:
+    """Appends one JSON object per line to ``metrics.jsonl``; on resume, drops records past ``step``."""
+
+    def __init__(self, path: Path, resume_step: int | None = None) -> None:
+        self.path = path
+        if resume_step is not None and path.exists():
+            kept = [r for r in self.read(path) if r.get("step", 0) <= resume_step]
+            tmp = path.with_suffix(".tmp")
+            tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+            os.replace(tmp, path)
+        self._f = open(path, "a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._f.write(json.dumps(record) + "\n")
+        self._f.flush()
+
+    def close(self) -> None:
+        self._f.close()
+
+    @staticmethod
+    def read(path: Path) -> list[dict[str, Any]]:
+        out = []
+        for line in Path(path).read_text().splitlines():
+            if line.strip():
+                try:
+                    out.append(json.loads(line))
+                except json.JSONDecodeError:
+                    pass  # a torn last line after a crash
+        return out
+
+
+def make_progress(enabled: bool) -> Progress:
+    return Progress(
+        TextColumn("[bold]train"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("loss {task.fields[loss]}  lr {task.fields[lr]}  {task.fields[tok_s]} tok/s"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not enabled,
+        transient=False,
+    )
+
+
+def plot_losses(records: list[dict[str, Any]], out_png: Path, title: str) -> None:
+    """Loss curve (train per step, validation points) as a PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tr = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
+    va = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
+    if tr:
+        ax.plot(*zip(*tr), lw=1, alpha=0.8, label="train loss")
+    if va:
+        ax.plot(*zip(*va), "o-", lw=1.5, label="val loss")
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy (nats/token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    os.replace(tmp, out_png)
+
+
+class Throughput:
+    """Tokens/s over the last step."""
+
+    def __init__(self) -> None:
+        self.t = time.perf_counter()
+
+    def tick(self, tokens: int) -> float:
+        now = time.perf_counter()
+        dt, self.t = now - self.t, now
+        return tokens / max(dt, 1e-9)

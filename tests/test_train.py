@@ -1,0 +1,305 @@
+"""Training loop: exact resume, checkpoints (retention, disk guard, atomicity), logs, signals, CLI, DDP, NUMA,
+distillation. Small models and a small user corpus keep each run to seconds."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from nanochat.train import checkpoint as ckpt_mod
+from nanochat.train.checkpoint import CheckpointManager, load_checkpoint
+from nanochat.train.cli import app, resolve_config
+from nanochat.train.config import TrainConfig
+from nanochat.train.loop import train
+from nanochat.train.metrics import MetricsLog
+from nanochat.train.numa import numa_nodes, parse_cpulist, pin_to_node
+
+TINY = """
+[model]
+vocab_size = 512
+seq_len = 32
+n_layer = 1
+n_head = 4
+n_kv_head = 2
+n_embd = 256
+mlp_hidden = 256
+residual = "{residual}"
+
+[train]
+batch_size = 2
+seq_len = 32
+steps = 6
+vocab_size = 512
+warmup_steps = 1
+decay_frac = 0.5
+eval_every = 3
+eval_batches = 1
+save_every = 2
+keep_last = 1
+log_every = 0
+"""
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A small corpus of real Python source: a few standard-library modules."""
+    import sysconfig
+
+    d = tmp_path_factory.mktemp("corpus")
+    std = Path(sysconfig.get_paths()["stdlib"])
+    for name in ["textwrap.py", "string.py", "bisect.py", "heapq.py", "fnmatch.py", "colorsys.py", "shlex.py"]:
+        (d / name).write_text((std / name).read_text())
+    return d
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("data")
+
+
+def make_cfg(tmp_path: Path, corpus: Path, data_dir: Path, residual: str = "mhc_lite", **kw) -> TrainConfig:
+    toml = tmp_path / f"tiny_{residual}.toml"
+    toml.write_text(TINY.format(residual=residual))
+    cli = {"config": str(toml), "data": str(corpus), "data_dir": str(data_dir), "threads": 1, **kw}
+    return resolve_config(cli)
+
+
+def losses(run: Path) -> list[float]:
+    return [r["loss"] for r in MetricsLog.read(run / "metrics.jsonl") if "loss" in r]
+
+
+def test_exact_resume(tmp_path, corpus, data_dir):
+    straight = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "a")))
+    assert straight["finished"] and straight["steps"] == 6
+    first = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "b"), stop_after=3))
+    assert first["steps"] == 3 and not first["finished"]
+    resumed = train(resolve_config({"resume": str(tmp_path / "b"), "threads": 1}))
+    assert resumed["finished"]
+    a, b = losses(tmp_path / "a"), losses(tmp_path / "b")
+    assert len(a) == len(b) == 6
+    assert a == b  # bit for bit on CPU
+    assert straight["final_val_loss"] == resumed["final_val_loss"]
+    # and the final weights are identical
+    from nanochat.model import GPT, GPTConfig
+
+    ma, mb = (GPT(GPTConfig.from_dict(straight["model_config"])) for _ in range(2))
+    load_checkpoint(CheckpointManager(tmp_path / "a").latest(), ma)
+    load_checkpoint(CheckpointManager(tmp_path / "b").latest(), mb)
+    for (n, pa), pb in zip(ma.state_dict().items(), mb.state_dict().values()):
+        assert torch.equal(pa, pb), n
+
+
+def test_run_outputs_and_retention(tmp_path, corpus, data_dir):
+    out = tmp_path / "run"
+    summary = train(make_cfg(tmp_path, corpus, data_dir, residual="standard", out=str(out)))
+    recs = MetricsLog.read(out / "metrics.jsonl")
+    steps = [r for r in recs if "loss" in r]
+    assert [r["step"] for r in steps] == list(range(1, 7))
+    for r in steps:
+        assert {"step", "loss", "lr", "grad_norm", "tok_s"} <= set(r)
+    vals = [r for r in recs if "val_loss" in r]
+    assert [r["step"] for r in vals] == [3, 6] and all(r["val_bpb"] > 0 for r in vals)
+    assert (out / "loss.png").stat().st_size > 1000
+    assert json.loads((out / "summary.json").read_text())["final_loss"] == summary["final_loss"]
+    assert (out / "tokenizer.json").exists()
+    # keep_last = 1 plus the best: at most two checkpoint dirs, the newest is step 6
+    mgr = CheckpointManager(out)
+    dirs = sorted(p.name for p in (out / "checkpoints").iterdir() if p.is_dir())
+    assert "step_000006" in dirs and len(dirs) <= 2
+    best = mgr.best()
+    assert best is not None and best["dir"] in dirs
+    assert not list((out / "checkpoints").glob(".tmp-*"))
+
+
+def test_disk_guard_skips_without_corrupting(tmp_path, monkeypatch):
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 256)).sum().backward()
+    opt.step()
+    mgr = CheckpointManager(tmp_path, keep_last=2)
+    assert mgr.save(1, model, [opt], {"x": 1}) is not None
+    before = (tmp_path / "checkpoints" / "step_000001" / "model.safetensors").read_bytes()
+    monkeypatch.setattr(ckpt_mod, "free_bytes", lambda p: 1024)  # a nearly full disk
+    with pytest.warns(RuntimeWarning, match="checkpoint at step 2 skipped"):
+        assert mgr.save(2, model, [opt], {"x": 2}) is None
+    assert mgr.latest().name == "step_000001"
+    assert (tmp_path / "checkpoints" / "step_000001" / "model.safetensors").read_bytes() == before
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_disk_guard_prunes_to_make_room(tmp_path, monkeypatch):
+    model = torch.nn.Linear(256, 256)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    mgr = CheckpointManager(tmp_path, keep_last=5)
+    for s in range(1, 4):
+        mgr.save(s, model, [opt], {})
+    # room only once two old checkpoints are gone
+    calls = {"n": 0}
+
+    def fake_free(p):
+        left = len([d for d in (tmp_path / "checkpoints").iterdir() if d.name.startswith("step_")])
+        calls["n"] += 1
+        return 10**12 if left <= 1 else 1024
+
+    monkeypatch.setattr(ckpt_mod, "free_bytes", fake_free)
+    assert mgr.save(4, model, [opt], {}) is not None
+    names = sorted(d.name for d in (tmp_path / "checkpoints").iterdir() if d.is_dir())
+    assert names[-1] == "step_000004" and "step_000001" not in names
+
+
+def test_crash_mid_save_leaves_previous_checkpoint(tmp_path, monkeypatch):
+    model = torch.nn.Linear(256, 4)
+    mgr = CheckpointManager(tmp_path)
+    mgr.save(1, model, [], {})
+
+    def boom(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_mod, "save_file", boom)
+    with pytest.raises(OSError):
+        mgr.save(2, model, [], {})
+    assert mgr.latest().name == "step_000001"
+    assert not list((tmp_path / "checkpoints").glob(".tmp-*"))
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path, corpus, data_dir):
+    toml = tmp_path / "t.toml"
+    toml.write_text(TINY.format(residual="standard"))
+    out = tmp_path / "run"
+    cmd = [
+        sys.executable,
+        "-m",
+        "nanochat.train",
+        "--config",
+        str(toml),
+        "--data",
+        str(corpus),
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "100000",
+        "--save-every",
+        "0",
+        "--eval-every",
+        "0",
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            if (out / "metrics.jsonl").exists() and len(MetricsLog.read(out / "metrics.jsonl")) >= 2:
+                break
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGTERM)
+        output, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, output
+    assert "resume with" in output
+    latest = CheckpointManager(out).latest()
+    assert latest is not None
+    assert json.loads((latest / "state.json").read_text())["step"] >= 2
+
+
+def test_cli_dry_run_and_errors(tmp_path):
+    r = CliRunner().invoke(app, ["--config", "tiny_cpu", "--dry-run"])
+    assert r.exit_code == 0, r.output
+    report = json.loads(r.output)
+    assert report["params"]["total"] > 0 and "non_embedding" in report["params"]
+    r = CliRunner().invoke(app, ["--config", "no_such_config"])
+    assert r.exit_code == 2 and "error:" in r.output and "Traceback" not in r.output
+    r = CliRunner().invoke(app, ["--config", "tiny_cpu", "--steps", "0", "--dry-run"])
+    assert r.exit_code == 2 and "steps" in r.output
+    r = CliRunner().invoke(app, ["--config", "tiny_cpu", "--residual", "bogus", "--dry-run"])
+    assert r.exit_code == 2 and "residual" in r.output
+    r = CliRunner().invoke(app, ["--resume", str(tmp_path / "nothing")])
+    assert r.exit_code == 2 and "config.json" in r.output
+    r = CliRunner().invoke(app, ["--help"])
+    assert r.exit_code == 0 and "--resume" in r.output and "Optimisation" in r.output
+
+
+def test_distillation_from_teacher(tmp_path, corpus, data_dir):
+    teacher = tmp_path / "teacher"
+    train(make_cfg(tmp_path, corpus, data_dir, residual="standard", out=str(teacher), steps=2))
+    s = train(
+        make_cfg(
+            tmp_path,
+            corpus,
+            data_dir,
+            residual="standard",
+            out=str(tmp_path / "student"),
+            steps=2,
+            teacher=str(teacher),
+            distill_weight=0.5,
+        )
+    )
+    assert s["finished"] and all(torch.isfinite(torch.tensor(losses(tmp_path / "student"))))
+
+
+@pytest.mark.slow
+def test_torchrun_two_processes_stay_in_sync(tmp_path, corpus, data_dir):
+    toml = tmp_path / "t.toml"
+    toml.write_text(TINY.format(residual="mhc_lite"))
+    out = tmp_path / "ddp"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        "--master_port=0",
+        "-m",
+        "nanochat.train",
+        "--config",
+        str(toml),
+        "--data",
+        str(corpus),
+        "--data-dir",
+        str(data_dir),
+        "--out",
+        str(out),
+        "--steps",
+        "3",
+        "--threads",
+        "1",
+        "--device",
+        "cpu",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["replicas_in_sync"] is True
+    assert summary["tokens"] == 3 * 2 * 32 * 2  # steps × batch × seq × ranks
+
+
+def test_numa_topology_parsing(tmp_path):
+    assert parse_cpulist("0-3,8-11,16") == [0, 1, 2, 3, 8, 9, 10, 11, 16]
+    assert parse_cpulist("0-6:2\n") == [0, 2, 4, 6]
+    root = tmp_path / "node"
+    for i, cl in enumerate(["0-1", "2-3"]):
+        (root / f"node{i}").mkdir(parents=True)
+        (root / f"node{i}" / "cpulist").write_text(cl + "\n")
+    (root / "possible").write_text("0-1\n")
+    assert numa_nodes(root) == {0: [0, 1], 1: [2, 3]}
+    with pytest.raises(ValueError, match="NUMA node 5 does not exist"):
+        pin_to_node(5, root)
+    single = tmp_path / "single"
+    (single / "node0").mkdir(parents=True)
+    (single / "node0" / "cpulist").write_text("0-1\n")
+    cpus, msg = pin_to_node(0, single)
+    assert "1 NUMA node" in msg and cpus
+    cpus, msg = pin_to_node(0, tmp_path / "absent")
+    assert "NUMA node" in msg
