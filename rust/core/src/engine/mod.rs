@@ -1,1 +1,821 @@
-//! Inference engine: a CPU forward step with KV cache over the ternary kernels.
+//! Inference engine: the GPT forward step with a KV cache, on the ternary kernels.
+//!
+//! The math mirrors `python/nanochat/model/gpt.py` in eval mode, operation for operation:
+//! token embedding (copied into `n` streams for mHC), per block an attention and an MLP
+//! sublayer (pre-norm, BitLinear = int8 per-token absmax activations × ternary weights, QK-norm
+//! then NEOX RoPE, causal attention with GQA, BitNet sub-norms before `o_proj` / `down_proj`,
+//! SwiGLU or ReLU²), wrapped in a standard residual or an mHC connection (`H_pre`, `H_post`,
+//! `H_res` from static biases plus the gated projection of the RMS-normalised flattened streams;
+//! `mhc_lite` mixes the `n!` permutation matrices, `mhc` runs Sinkhorn), then the stream mean,
+//! the final RMSNorm and the tied (or untied) f32 head.
+//!
+//! Notable choices:
+//! * **One forward for everything.** [`Model::forward`] advances any number of [`Session`]s by
+//!   any number of tokens each: all rows go through every matrix in one batched ternary GEMM
+//!   (prefill: `n` = prompt length; batched decode: `n` = number of sessions), and attention runs
+//!   per session over its own cache. So prefill, decode and the server's batched decode are the
+//!   same code.
+//! * **Fused projections.** q/k/v are one packed matrix and gate/up another: one activation
+//!   quantization and one parallel section instead of three or two. Each keeps its own
+//!   per-tensor scale (applied per output row), so results equal the separate products.
+//! * **A spinning thread team** ([`team::Team`]) instead of rayon for the ~50 short parallel
+//!   sections of a decode step, with work stealing and jobs that close behind late workers so a
+//!   busy machine degrades to one-thread speed instead of stalling; the kernels are called
+//!   single-threaded on row ranges. Prefill feeds the kernels 32 activation rows at a time over
+//!   ~48 KiB weight chunks (cache blocking: ~2× on a 128-token prompt).
+//! * **No allocation per token in the hot loop** of the engine: the workspace is sized on first
+//!   use and only grows (longer prompts, bigger batches); the KV cache (head-major, so one head's
+//!   keys are contiguous) grows in chunks of [`CACHE_CHUNK`] positions up to the session's
+//!   `max_seq`. (The kernels' `gemm_i32` still allocates its small prepared-activation buffers per
+//!   call.)
+//! * The head only computes the logits that are asked for (the last position of each session by
+//!   default): a 128-token prefill does one head product, not 128.
+//! * The LM head is the biggest single read of a decode step (`vocab × C` f32: 50 MB for
+//!   nano_125m, more than all its ternary weights). [`HeadPrecision`] offers an fp16 copy
+//!   (half the bytes, ~1e-4 relative logit error) and a per-row absmax int8 copy with int8
+//!   activations (a quarter, ~1e-2). f32, exact to the reference, stays the default.
+//!   [`KvPrecision::F16`] likewise halves the KV cache (its reads dominate at long contexts).
+//! * Profiling: [`Model::profile`] returns cumulative time per section when built with
+//!   profiling on (timing costs ~0.1 µs per section, off by default).
+
+pub mod attention;
+mod forward;
+pub mod math;
+pub mod team;
+
+use crate::kernels::{Kernel, TernaryMatrix};
+use crate::{shape_err, Error, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Mutex;
+
+pub use forward::{Profile, Section};
+
+/// KV-cache growth step, in positions.
+pub const CACHE_CHUNK: usize = 256;
+
+/// MLP kind (`GPTConfig.mlp`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum MlpKind {
+    /// `down(sub_norm(silu(gate(x)) · up(x)))`
+    SwiGlu,
+    /// `down(sub_norm(relu(up(x))²))`
+    Relu2,
+}
+
+/// Residual connection (`GPTConfig.residual`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Residual {
+    Standard,
+    /// `H_res` = softmax-weighted sum of the `n!` permutation matrices.
+    MhcLite,
+    /// `H_res` = Sinkhorn-Knopp of `exp(logits)`.
+    Mhc,
+}
+
+/// Precision of the LM head's weight copy.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HeadPrecision {
+    /// The f32 embedding (exact to the reference).
+    F32,
+    /// An fp16 copy (half the bytes; ~1e-4 relative logit error).
+    F16,
+    /// Per-row absmax int8 copy and int8 activations (a quarter of the bytes; ~1e-2 error).
+    Int8,
+}
+
+impl HeadPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+            Self::Int8 => "int8",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Self::F32),
+            "f16" | "fp16" => Ok(Self::F16),
+            "int8" | "i8" => Ok(Self::Int8),
+            _ => Err(Error::Value(format!(
+                "head precision must be 'f32', 'f16' or 'int8', got '{s}'"
+            ))),
+        }
+    }
+}
+
+/// Element type of the KV cache.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KvPrecision {
+    /// f32: exact to the reference.
+    F32,
+    /// fp16 (round to nearest even): half the cache memory and the attention's reads, which
+    /// dominate a decode step at long contexts; ~1e-3 relative error in the attention output.
+    F16,
+}
+
+impl KvPrecision {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::F16 => "f16",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Result<Self> {
+        match s {
+            "f32" | "fp32" => Ok(Self::F32),
+            "f16" | "fp16" => Ok(Self::F16),
+            _ => Err(Error::Value(format!(
+                "KV cache precision must be 'f32' or 'f16', got '{s}'"
+            ))),
+        }
+    }
+}
+
+/// One layer's keys or values in the session's precision.
+#[derive(Clone, Debug)]
+pub(crate) enum KvBuf {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl KvBuf {
+    fn len(&self) -> usize {
+        match self {
+            KvBuf::F32(v) => v.len(),
+            KvBuf::F16(v) => v.len(),
+        }
+    }
+
+    fn bytes(&self) -> usize {
+        match self {
+            KvBuf::F32(v) => v.len() * 4,
+            KvBuf::F16(v) => v.len() * 2,
+        }
+    }
+
+    pub(crate) fn as_ptr(&self) -> *const u8 {
+        match self {
+            KvBuf::F32(v) => v.as_ptr() as *const u8,
+            KvBuf::F16(v) => v.as_ptr() as *const u8,
+        }
+    }
+
+    /// Store `src` at element offset `at` (rounding to the cache precision).
+    pub(crate) fn write(&mut self, at: usize, src: &[f32]) {
+        match self {
+            KvBuf::F32(v) => v[at..at + src.len()].copy_from_slice(src),
+            KvBuf::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                v[at..at + src.len()].convert_from_f32_slice(src)
+            }
+        }
+    }
+
+    /// A zeroed buffer of `len` elements with `self`'s head rows `0..pos` moved from stride
+    /// `old` to stride `cap` (positions per head).
+    fn regrow(&self, heads: usize, hd: usize, pos: usize, old: usize, cap: usize) -> KvBuf {
+        fn go<T: Copy + Default>(
+            b: &[T],
+            heads: usize,
+            hd: usize,
+            pos: usize,
+            old: usize,
+            cap: usize,
+        ) -> Vec<T> {
+            let mut nb = vec![T::default(); heads * cap * hd];
+            for h in 0..heads {
+                nb[h * cap * hd..(h * cap + pos) * hd]
+                    .copy_from_slice(&b[h * old * hd..(h * old + pos) * hd]);
+            }
+            nb
+        }
+        match self {
+            KvBuf::F32(b) => KvBuf::F32(go(b, heads, hd, pos, old, cap)),
+            KvBuf::F16(b) => KvBuf::F16(go(b, heads, hd, pos, old, cap)),
+        }
+    }
+}
+
+/// Model hyperparameters: the fields of `GPTConfig` the forward needs.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Config {
+    pub vocab_size: usize,
+    pub seq_len: usize,
+    pub n_layer: usize,
+    pub n_head: usize,
+    pub n_kv_head: usize,
+    pub n_embd: usize,
+    pub mlp: MlpKind,
+    pub mlp_hidden: usize,
+    pub qk_norm: bool,
+    pub tie_embeddings: bool,
+    pub residual: Residual,
+    pub n_streams: usize,
+    pub sinkhorn_iters: usize,
+    pub rope_theta: f64,
+    pub norm_eps: f32,
+}
+
+impl Config {
+    pub fn head_dim(&self) -> usize {
+        self.n_embd / self.n_head
+    }
+
+    /// Residual streams actually used (1 for `standard`).
+    pub fn streams(&self) -> usize {
+        if self.residual == Residual::Standard {
+            1
+        } else {
+            self.n_streams
+        }
+    }
+
+    /// Width of one position's K (or V) in the cache.
+    pub fn kv_dim(&self) -> usize {
+        self.n_kv_head * self.head_dim()
+    }
+
+    /// `n!` mixture weights (`mhc_lite`) or `n·n` logits (`mhc`) per `H_res`.
+    pub fn n_res(&self) -> usize {
+        match self.residual {
+            Residual::Standard => 0,
+            Residual::MhcLite => crate::mhc::perm::factorial(self.n_streams),
+            Residual::Mhc => self.n_streams * self.n_streams,
+        }
+    }
+
+    pub fn validate(&self) -> Result<()> {
+        let pos = [
+            ("vocab_size", self.vocab_size),
+            ("seq_len", self.seq_len),
+            ("n_layer", self.n_layer),
+            ("n_head", self.n_head),
+            ("n_kv_head", self.n_kv_head),
+            ("n_embd", self.n_embd),
+            ("mlp_hidden", self.mlp_hidden),
+            ("n_streams", self.n_streams),
+            ("sinkhorn_iters", self.sinkhorn_iters),
+        ];
+        for (k, v) in pos {
+            if v == 0 {
+                return Err(Error::Value(format!("config: {k} must be >= 1")));
+            }
+        }
+        if self.vocab_size > u32::MAX as usize {
+            return Err(Error::Value("config: vocab_size too large".into()));
+        }
+        if !self.n_embd.is_multiple_of(self.n_head) {
+            return Err(Error::Value(format!(
+                "config: n_embd {} is not divisible by n_head {}",
+                self.n_embd, self.n_head
+            )));
+        }
+        if !self.n_head.is_multiple_of(self.n_kv_head) {
+            return Err(Error::Value(format!(
+                "config: n_head {} is not divisible by n_kv_head {}",
+                self.n_head, self.n_kv_head
+            )));
+        }
+        if self.head_dim() > 512 {
+            return Err(Error::Value(format!(
+                "config: head_dim {} > 512 is not supported",
+                self.head_dim()
+            )));
+        }
+        if !self.head_dim().is_multiple_of(2) {
+            return Err(Error::Value(format!(
+                "config: head_dim {} must be even (RoPE)",
+                self.head_dim()
+            )));
+        }
+        crate::ternary::check_block_multiple(self.n_embd, "config n_embd")?;
+        crate::ternary::check_block_multiple(self.mlp_hidden, "config mlp_hidden")?;
+        if self.residual != Residual::Standard && self.n_streams > 6 {
+            return Err(Error::Value(format!(
+                "config: n_streams {} > 6 is not supported",
+                self.n_streams
+            )));
+        }
+        if !(self.rope_theta.is_finite() && self.rope_theta > 0.0) {
+            return Err(Error::Value("config: rope_theta must be positive".into()));
+        }
+        if !(self.norm_eps.is_finite() && self.norm_eps > 0.0) {
+            return Err(Error::Value("config: norm_eps must be positive".into()));
+        }
+        Ok(())
+    }
+}
+
+/// One named input tensor: f32 with a shape, or a packed ternary matrix.
+#[derive(Clone, Debug)]
+pub enum Tensor {
+    F32 { data: Vec<f32>, shape: Vec<usize> },
+    Ternary(TernaryMatrix),
+}
+
+/// Options that do not change the math (apart from the int8 head).
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Threads of the engine's team (0 = [`crate::kernels::num_threads`]).
+    pub threads: usize,
+    /// Ternary kernel (None = the process default).
+    pub kernel: Option<Kernel>,
+    pub head: HeadPrecision,
+    /// KV cache element type of the sessions this model creates.
+    pub kv: KvPrecision,
+    /// Accumulate per-section timings ([`Model::profile`]).
+    pub profile: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            threads: 0,
+            kernel: None,
+            head: HeadPrecision::F32,
+            kv: KvPrecision::F32,
+            profile: false,
+        }
+    }
+}
+
+/// A ternary matrix or several stacked (sharing the input), with a scale per output row.
+pub(crate) struct Fused {
+    pub rows: usize,
+    pub cols: usize,
+    pub qs: Vec<u8>,
+    pub row_scale: Vec<f32>,
+}
+
+impl Fused {
+    fn new(parts: &[&TernaryMatrix]) -> Result<Self> {
+        let cols = parts[0].cols;
+        let mut f = Fused {
+            rows: 0,
+            cols,
+            qs: Vec::new(),
+            row_scale: Vec::new(),
+        };
+        for p in parts {
+            if p.cols != cols {
+                return Err(shape_err!("fused matrices differ in width"));
+            }
+            f.rows += p.rows;
+            f.qs.extend_from_slice(&p.qs);
+            f.row_scale.extend(std::iter::repeat_n(p.scale, p.rows));
+        }
+        Ok(f)
+    }
+}
+
+/// The mHC parameters of one sublayer (`blocks.N.mhc_attn.*` / `mhc_mlp.*`).
+pub(crate) struct MhcParams {
+    pub pre_bias: Vec<f32>,
+    pub post_bias: Vec<f32>,
+    pub res_logits: Vec<f32>,
+    pub alpha: [f32; 3],
+    /// `(2n + n_res) × n·C`, row-major.
+    pub proj: Vec<f32>,
+}
+
+pub(crate) struct Layer {
+    pub attn_norm: Vec<f32>,
+    pub qkv: Fused,
+    pub q_norm: Option<Vec<f32>>,
+    pub k_norm: Option<Vec<f32>>,
+    pub attn_sub_norm: Vec<f32>,
+    pub o: Fused,
+    pub mlp_norm: Vec<f32>,
+    /// `[gate; up]` (SwiGLU) or `up` (ReLU²).
+    pub gate_up: Fused,
+    pub mlp_sub_norm: Vec<f32>,
+    pub down: Fused,
+    pub mhc_attn: Option<MhcParams>,
+    pub mhc_mlp: Option<MhcParams>,
+}
+
+/// The LM head weights in the chosen precision.
+pub(crate) enum Head {
+    /// `vocab × C` f32 (the embedding itself when tied: stored once).
+    F32(Option<Vec<f32>>),
+    /// `vocab × C` fp16 bits.
+    F16(Vec<u16>),
+    /// `vocab × C` int8 and per-row scales.
+    Int8 { q: Vec<i8>, scale: Vec<f32> },
+}
+
+static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
+
+/// An immutable model plus the engine's (locked) thread team and workspace.
+pub struct Model {
+    pub(crate) cfg: Config,
+    pub(crate) id: u64,
+    pub(crate) kernel: Kernel,
+    pub(crate) kv: KvPrecision,
+    pub(crate) tok_emb: Vec<f32>,
+    pub(crate) head: Head,
+    pub(crate) norm: Vec<f32>,
+    pub(crate) layers: Vec<Layer>,
+    /// `n! × n·n` permutation matrices (`mhc_lite`).
+    pub(crate) basis: Vec<f32>,
+    /// RoPE inverse frequencies (`hd/2`), f32 as `rope_cos_sin` computes them.
+    pub(crate) inv_freq: Vec<f32>,
+    pub(crate) runtime: Mutex<forward::Runtime>,
+}
+
+/// A sequence's state: its KV cache and position.
+pub struct Session {
+    pub(crate) model_id: u64,
+    pub(crate) max_seq: usize,
+    pub(crate) pos: usize,
+    /// Per layer: keys and values, head-major `n_kv_head × cap × head_dim`, so one head's
+    /// cache is contiguous (the attention loop streams it front to back).
+    pub(crate) k: Vec<KvBuf>,
+    pub(crate) v: Vec<KvBuf>,
+    /// Positions allocated per head.
+    pub(crate) cap: usize,
+    pub(crate) n_kv_head: usize,
+    pub(crate) head_dim: usize,
+}
+
+impl Session {
+    /// Tokens processed so far (the position of the next token).
+    pub fn position(&self) -> usize {
+        self.pos
+    }
+
+    pub fn max_seq(&self) -> usize {
+        self.max_seq
+    }
+
+    /// Bytes held by the KV cache.
+    pub fn cache_bytes(&self) -> usize {
+        self.k.iter().chain(&self.v).map(KvBuf::bytes).sum()
+    }
+
+    /// Forget the sequence (keeps the allocated cache).
+    pub fn reset(&mut self) {
+        self.pos = 0;
+    }
+
+    /// Drop the sequence back to `pos` tokens (e.g. to rewind a rejected continuation).
+    pub fn truncate(&mut self, pos: usize) -> Result<()> {
+        if pos > self.pos {
+            return Err(Error::Value(format!(
+                "cannot truncate a session at position {} to {pos}",
+                self.pos
+            )));
+        }
+        self.pos = pos;
+        Ok(())
+    }
+
+    /// Make room for `n` more positions (grows in [`CACHE_CHUNK`] steps, copying each head's
+    /// rows to its new place).
+    pub(crate) fn reserve(&mut self, n: usize) -> Result<()> {
+        let need = self.pos + n;
+        if need > self.max_seq {
+            return Err(Error::Value(format!(
+                "context overflow: the session holds {} tokens and {n} more would exceed max_seq = {}",
+                self.pos, self.max_seq
+            )));
+        }
+        if need > self.cap {
+            let cap = (need.div_ceil(CACHE_CHUNK) * CACHE_CHUNK).min(self.max_seq);
+            let (hd, old) = (self.head_dim, self.cap);
+            for b in self.k.iter_mut().chain(self.v.iter_mut()) {
+                *b = b.regrow(self.n_kv_head, hd, self.pos, old, cap);
+                debug_assert_eq!(b.len(), self.n_kv_head * cap * hd);
+            }
+            self.cap = cap;
+        }
+        Ok(())
+    }
+}
+
+/// Which logits a forward returns.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Logits {
+    /// One row per session: its last new position.
+    Last,
+    /// Every new position of every session, in order.
+    All,
+}
+
+fn take_f32(t: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Result<Vec<f32>> {
+    match t.remove(name) {
+        None => Err(Error::Value(format!("missing weight '{name}'"))),
+        Some(Tensor::F32 { data, shape: s }) => {
+            if s != shape {
+                return Err(shape_err!(
+                    "weight '{name}' has shape {s:?}, expected {shape:?}"
+                ));
+            }
+            if data.len() != shape.iter().product::<usize>() {
+                return Err(shape_err!("weight '{name}' holds {} values", data.len()));
+            }
+            if data.iter().any(|v| !v.is_finite()) {
+                return Err(Error::Value(format!(
+                    "weight '{name}' contains NaN or infinity"
+                )));
+            }
+            Ok(data)
+        }
+        Some(Tensor::Ternary(_)) => Err(Error::Value(format!(
+            "weight '{name}' must be a float32 array, got a packed ternary matrix"
+        ))),
+    }
+}
+
+fn take_ternary(
+    t: &mut HashMap<String, Tensor>,
+    name: &str,
+    rows: usize,
+    cols: usize,
+) -> Result<TernaryMatrix> {
+    match t.remove(name) {
+        None => Err(Error::Value(format!("missing weight '{name}'"))),
+        Some(Tensor::Ternary(m)) => {
+            if m.rows != rows || m.cols != cols {
+                return Err(shape_err!(
+                    "ternary weight '{name}' is {} × {}, expected {rows} × {cols}",
+                    m.rows,
+                    m.cols
+                ));
+            }
+            m.view()?;
+            Ok(m)
+        }
+        Some(Tensor::F32 { .. }) => Err(Error::Value(format!(
+            "weight '{name}' must be a packed ternary matrix (uint8 rows × cols/4, scale); \
+             got float32 (pack it with ops.pack_ternary)"
+        ))),
+    }
+}
+
+fn take_mhc(t: &mut HashMap<String, Tensor>, p: &str, cfg: &Config) -> Result<MhcParams> {
+    let n = cfg.n_streams;
+    let nr = cfg.n_res();
+    let alpha = take_f32(t, &format!("{p}.alpha"), &[3])?;
+    Ok(MhcParams {
+        pre_bias: take_f32(t, &format!("{p}.pre_bias"), &[n])?,
+        post_bias: take_f32(t, &format!("{p}.post_bias"), &[n])?,
+        res_logits: take_f32(t, &format!("{p}.res_logits"), &[nr])?,
+        alpha: [alpha[0], alpha[1], alpha[2]],
+        proj: take_f32(t, &format!("{p}.proj"), &[2 * n + nr, n * cfg.n_embd])?,
+    })
+}
+
+impl Model {
+    /// Build from tensors named as in the torch model's `state_dict()` (see the binding's docs);
+    /// every BitLinear weight is a [`Tensor::Ternary`]. Unknown names are refused (they usually
+    /// mean a config that does not match the weights).
+    pub fn new(cfg: Config, mut t: HashMap<String, Tensor>, opts: Options) -> Result<Self> {
+        cfg.validate()?;
+        let (c, v, hd) = (cfg.n_embd, cfg.vocab_size, cfg.head_dim());
+        let kv = cfg.kv_dim();
+        let hid = cfg.mlp_hidden;
+        let tok_emb = take_f32(&mut t, "wte.weight", &[v, c])?;
+        let norm = take_f32(&mut t, "norm.weight", &[c])?;
+        let untied = if cfg.tie_embeddings {
+            if t.contains_key("lm_head.weight") {
+                return Err(Error::Value(
+                    "config says tie_embeddings = true but an 'lm_head.weight' was given".into(),
+                ));
+            }
+            None
+        } else {
+            Some(take_f32(&mut t, "lm_head.weight", &[v, c])?)
+        };
+        let mut layers = Vec::with_capacity(cfg.n_layer);
+        for i in 0..cfg.n_layer {
+            let p = format!("blocks.{i}");
+            let q = take_ternary(&mut t, &format!("{p}.attn.q_proj.weight"), c, c)?;
+            let k = take_ternary(&mut t, &format!("{p}.attn.k_proj.weight"), kv, c)?;
+            let vv = take_ternary(&mut t, &format!("{p}.attn.v_proj.weight"), kv, c)?;
+            let o = take_ternary(&mut t, &format!("{p}.attn.o_proj.weight"), c, c)?;
+            let up = take_ternary(&mut t, &format!("{p}.mlp.up_proj.weight"), hid, c)?;
+            let gate_up = match cfg.mlp {
+                MlpKind::SwiGlu => {
+                    let g = take_ternary(&mut t, &format!("{p}.mlp.gate_proj.weight"), hid, c)?;
+                    Fused::new(&[&g, &up])?
+                }
+                MlpKind::Relu2 => Fused::new(&[&up])?,
+            };
+            let down = take_ternary(&mut t, &format!("{p}.mlp.down_proj.weight"), c, hid)?;
+            let (q_norm, k_norm) = if cfg.qk_norm {
+                (
+                    Some(take_f32(&mut t, &format!("{p}.attn.q_norm.weight"), &[hd])?),
+                    Some(take_f32(&mut t, &format!("{p}.attn.k_norm.weight"), &[hd])?),
+                )
+            } else {
+                (None, None)
+            };
+            let (mhc_attn, mhc_mlp) = if cfg.residual == Residual::Standard {
+                (None, None)
+            } else {
+                (
+                    Some(take_mhc(&mut t, &format!("{p}.mhc_attn"), &cfg)?),
+                    Some(take_mhc(&mut t, &format!("{p}.mhc_mlp"), &cfg)?),
+                )
+            };
+            layers.push(Layer {
+                attn_norm: take_f32(&mut t, &format!("{p}.attn_norm.weight"), &[c])?,
+                qkv: Fused::new(&[&q, &k, &vv])?,
+                q_norm,
+                k_norm,
+                attn_sub_norm: take_f32(&mut t, &format!("{p}.attn.sub_norm.weight"), &[c])?,
+                o: Fused::new(&[&o])?,
+                mlp_norm: take_f32(&mut t, &format!("{p}.mlp_norm.weight"), &[c])?,
+                gate_up,
+                mlp_sub_norm: take_f32(&mut t, &format!("{p}.mlp.sub_norm.weight"), &[hid])?,
+                down: Fused::new(&[&down])?,
+                mhc_attn,
+                mhc_mlp,
+            });
+        }
+        if !t.is_empty() {
+            let mut extra: Vec<_> = t.keys().cloned().collect();
+            extra.sort();
+            extra.truncate(8);
+            return Err(Error::Value(format!(
+                "unexpected weights {extra:?} (does the config match the checkpoint?)"
+            )));
+        }
+        let head = match opts.head {
+            HeadPrecision::F32 => Head::F32(untied),
+            HeadPrecision::F16 => {
+                let w = untied.as_deref().unwrap_or(&tok_emb);
+                Head::F16(
+                    w.iter()
+                        .map(|&x| half::f16::from_f32(x).to_bits())
+                        .collect(),
+                )
+            }
+            HeadPrecision::Int8 => {
+                let w = untied.as_deref().unwrap_or(&tok_emb);
+                let mut q = vec![0i8; w.len()];
+                let mut scale = vec![0f32; v];
+                for (r, (row, qr)) in w.chunks_exact(c).zip(q.chunks_exact_mut(c)).enumerate() {
+                    scale[r] = math::quantize_row(row, qr);
+                }
+                Head::Int8 { q, scale }
+            }
+        };
+        let basis = if cfg.residual == Residual::MhcLite {
+            crate::mhc::permutation_matrices(cfg.n_streams)?
+        } else {
+            Vec::new()
+        };
+        // As rope_cos_sin: theta ** (-arange(0, hd, 2) / hd) in float32.
+        let inv_freq = (0..hd / 2)
+            .map(|i| {
+                let e = -((2 * i) as f32) / hd as f32;
+                (cfg.rope_theta.powf(e as f64)) as f32
+            })
+            .collect();
+        let kernel = opts.kernel.unwrap_or(Kernel::default_choice().0);
+        if !kernel.is_available() {
+            return Err(Error::KernelUnavailable(
+                kernel.name().into(),
+                String::new(),
+            ));
+        }
+        let threads = if opts.threads == 0 {
+            crate::kernels::num_threads()
+        } else {
+            opts.threads
+        };
+        let runtime = forward::Runtime::new(threads, opts.profile)?;
+        Ok(Model {
+            cfg,
+            id: NEXT_MODEL_ID.fetch_add(1, Ordering::Relaxed),
+            kernel,
+            kv: opts.kv,
+            tok_emb,
+            head,
+            norm,
+            layers,
+            basis,
+            inv_freq,
+            runtime: Mutex::new(runtime),
+        })
+    }
+
+    pub fn config(&self) -> &Config {
+        &self.cfg
+    }
+
+    pub fn kernel(&self) -> Kernel {
+        self.kernel
+    }
+
+    pub fn head_precision(&self) -> HeadPrecision {
+        match self.head {
+            Head::F32(_) => HeadPrecision::F32,
+            Head::F16(_) => HeadPrecision::F16,
+            Head::Int8 { .. } => HeadPrecision::Int8,
+        }
+    }
+
+    /// Threads of the engine's team.
+    pub fn threads(&self) -> usize {
+        self.lock().team.threads()
+    }
+
+    /// Resize the thread team (0 = [`crate::kernels::num_threads`]).
+    pub fn set_threads(&self, n: usize) -> Result<()> {
+        let n = if n == 0 {
+            crate::kernels::num_threads()
+        } else {
+            n
+        };
+        let mut rt = self.lock();
+        if rt.team.threads() != n {
+            rt.team = team::Team::new(n)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes of weights held (packed ternary + f32 / int8 tensors).
+    pub fn weight_bytes(&self) -> usize {
+        let f = |v: &Vec<f32>| v.len() * 4;
+        let mut b = f(&self.tok_emb) + f(&self.norm);
+        b += match &self.head {
+            Head::F32(Some(w)) => f(w),
+            Head::F32(None) => 0,
+            Head::F16(w) => w.len() * 2,
+            Head::Int8 { q, scale } => q.len() + scale.len() * 4,
+        };
+        for l in &self.layers {
+            b += l.qkv.qs.len() + l.o.qs.len() + l.gate_up.qs.len() + l.down.qs.len();
+            b += f(&l.attn_norm) + f(&l.mlp_norm) + f(&l.attn_sub_norm) + f(&l.mlp_sub_norm);
+            for m in [&l.mhc_attn, &l.mhc_mlp].into_iter().flatten() {
+                b += f(&m.proj);
+            }
+        }
+        b
+    }
+
+    /// A new empty session of at most `max_seq` positions (0 = the model's `seq_len`).
+    pub fn new_session(&self, max_seq: usize) -> Session {
+        let max_seq = if max_seq == 0 {
+            self.cfg.seq_len
+        } else {
+            max_seq
+        };
+        Session {
+            model_id: self.id,
+            max_seq,
+            pos: 0,
+            k: vec![self.empty_kv(); self.cfg.n_layer],
+            v: vec![self.empty_kv(); self.cfg.n_layer],
+            cap: 0,
+            n_kv_head: self.cfg.n_kv_head,
+            head_dim: self.cfg.head_dim(),
+        }
+    }
+
+    fn empty_kv(&self) -> KvBuf {
+        match self.kv {
+            KvPrecision::F32 => KvBuf::F32(Vec::new()),
+            KvPrecision::F16 => KvBuf::F16(Vec::new()),
+        }
+    }
+
+    pub fn kv_precision(&self) -> KvPrecision {
+        self.kv
+    }
+
+    /// Cumulative per-section timings since the last reset (profiling builds of the model only).
+    pub fn profile(&self, reset: bool) -> Profile {
+        let mut rt = self.lock();
+        let p = rt.profile.clone();
+        if reset {
+            rt.profile = Profile::new(p.enabled);
+        }
+        p
+    }
+
+    pub(crate) fn lock(&self) -> std::sync::MutexGuard<'_, forward::Runtime> {
+        self.runtime.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Advance each session by its tokens and return logits (`rows × vocab`, row-major) for the
+    /// last position of each session ([`Logits::Last`]) or for every new position
+    /// ([`Logits::All`]). Sessions are left unchanged if any input is invalid.
+    pub fn forward(&self, batch: &mut [(&mut Session, &[u32])], which: Logits) -> Result<Vec<f32>> {
+        forward::forward(self, batch, which)
+    }
+
+    /// Prefill or decode one session; returns the logits of its last position (`vocab`).
+    pub fn step(&self, session: &mut Session, tokens: &[u32]) -> Result<Vec<f32>> {
+        self.forward(&mut [(session, tokens)], Logits::Last)
+    }
+}
+
+#[cfg(test)]
+mod tests;

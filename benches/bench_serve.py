@@ -1,0 +1,212 @@
+"""Serving throughput and latency: ``python -m nanochat.serve`` under 1, 4 and 8 concurrent streaming clients.
+
+Starts the server in a subprocess on 127.0.0.1 (a free port) with the model given by ``--model``, or a tiny random
+model written on the fly (2 layers, width 256: it measures the server and engine overhead, not a real model). Each
+client is an ``httpx`` async task that sends ``--requests`` streaming chat completions one after another
+(``ignore_eos`` so every reply is exactly ``--max-tokens`` tokens, a fixed seed per request); all clients of a level
+start together. Reported per level: aggregate completion tokens/s (all tokens / wall time of the level), the median
+per-stream decode rate, and time to first token (request sent -> first content chunk) p50/p95. The server runs with
+``--max-concurrent`` = the largest level, so every client of a level is generating at once (batched decode).
+
+    python benches/bench_serve.py
+    python benches/bench_serve.py --model runs/d20-20261124-101500 --max-tokens 128 --json runs/bench_serve.json
+    python benches/bench_serve.py --levels 1,2,4,8,16 --requests 4 --threads 2
+
+``--json PATH`` writes a list of records, one per concurrency level, with keys:
+
+    bench              "serve"
+    model              model id the server reports
+    engine             the server's generation mode (e.g. "engine:rust"), from /health
+    concurrency        clients streaming at once
+    requests           requests completed at this level (clients x --requests)
+    errors             requests that failed (non-200 or no [DONE])
+    max_tokens         completion tokens per request
+    prompt_tokens      prompt tokens per request
+    completion_tokens  completion tokens received in total
+    wall_s             wall time of the level (s)
+    tokens_per_s       completion_tokens / wall_s (aggregate throughput)
+    speedup            tokens_per_s / tokens_per_s at the first level
+    stream_tps_p50     median per-request decode rate: (tokens - 1) / (last chunk - first chunk) (tokens/s)
+    ttft_p50_ms        time to first token, median (ms)
+    ttft_p95_ms        time to first token, 95th percentile (ms)
+    threads            --threads given to the server (null: its default)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import statistics
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from rich.console import Console
+from rich.table import Table
+
+from nanochat.serve.testing import ServerProcess, build_tiny_model
+
+PROMPT = "Write a Python function that returns the n-th Fibonacci number, with a docstring and a test."
+
+
+@dataclass
+class Result:
+    ok: bool
+    ttft: float = 0.0  # s, request sent -> first content chunk
+    decode_s: float = 0.0  # s, first -> last content chunk
+    tokens: int = 0
+    prompt_tokens: int = 0
+
+
+def percentile(xs: list[float], q: float) -> float:
+    """Linear-interpolated percentile (q in [0, 100]) of a non-empty list."""
+    s = sorted(xs)
+    if len(s) == 1:
+        return s[0]
+    k = (len(s) - 1) * q / 100
+    lo = int(k)
+    hi = min(lo + 1, len(s) - 1)
+    return s[lo] + (s[hi] - s[lo]) * (k - lo)
+
+
+async def one_request(client: httpx.AsyncClient, max_tokens: int, seed: int) -> Result:
+    body = {
+        "messages": [{"role": "user", "content": PROMPT}],
+        "max_tokens": max_tokens,
+        "temperature": 0.8,
+        "seed": seed,
+        "stream": True,
+        "ignore_eos": True,
+        "stream_options": {"include_usage": True},
+    }
+    t0 = time.perf_counter()
+    first = last = None
+    usage: dict[str, Any] | None = None
+    done = False
+    try:
+        async with client.stream("POST", "/v1/chat/completions", json=body) as r:
+            if r.status_code != 200:
+                await r.aread()
+                return Result(ok=False)
+            async for line in r.aiter_lines():
+                if not line.startswith("data:"):
+                    continue
+                data = line[5:].strip()
+                if data == "[DONE]":
+                    done = True
+                    break
+                chunk = json.loads(data)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+                choices = chunk.get("choices") or []
+                if choices and choices[0].get("delta", {}).get("content"):
+                    now = time.perf_counter()
+                    first = first if first is not None else now
+                    last = now
+    except httpx.HTTPError:
+        return Result(ok=False)
+    if not done or usage is None or first is None or last is None:
+        return Result(ok=False)
+    return Result(True, first - t0, last - first, int(usage["completion_tokens"]), int(usage["prompt_tokens"]))
+
+
+async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) -> tuple[list[Result], float]:
+    limits = httpx.Limits(max_connections=concurrency + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
+
+        async def worker(c: int) -> list[Result]:
+            return [await one_request(client, max_tokens, seed=1000 * c + i) for i in range(requests)]
+
+        t0 = time.perf_counter()
+        per_client = await asyncio.gather(*(worker(c) for c in range(concurrency)))
+        wall = time.perf_counter() - t0
+    return [r for rs in per_client for r in rs], wall
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", type=Path, default=None, help="model to serve (default: a tiny random one)")
+    ap.add_argument("--levels", default="1,4,8", help="comma-separated client counts")
+    ap.add_argument("--requests", type=int, default=3, help="requests per client per level")
+    ap.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
+    ap.add_argument("--threads", type=int, default=None, help="--threads for the server")
+    ap.add_argument("--json", type=Path, default=None, help="write the records here")
+    args = ap.parse_args()
+    levels = [int(x) for x in args.levels.split(",") if x.strip()]
+    console = Console(width=max(Console().width, 100))  # the table is ~90 columns wide
+
+    with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
+        model = args.model
+        if model is None:
+            model = build_tiny_model(Path(tmp) / "tiny-random.gguf", seq_len=1024)
+            console.print(f"[dim]no --model: serving a tiny random model ({model.name}, context 1024)[/dim]")
+        server_args = ["--max-concurrent", str(max(levels)), "--log-level", "warning"]
+        if args.threads is not None:
+            server_args += ["--threads", str(args.threads)]
+        log = Path(tmp) / "server.log"
+        with ServerProcess(model, server_args, log_path=log, env={"NANOCHAT_API_KEY": ""}) as srv:
+            info = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"][0]
+            model_id = info["id"]
+            engine = str(httpx.get(srv.url + "/health", timeout=30).json().get("engine", "?"))
+            if args.max_tokens > info["max_completion_tokens"]:
+                raise SystemExit(f"--max-tokens {args.max_tokens} > the server's limit {info['max_completion_tokens']}")
+            asyncio.run(run_level(srv.url, 1, 1, min(8, args.max_tokens)))  # warm up (first-request costs)
+            records: list[dict[str, Any]] = []
+            for c in levels:
+                results, wall = asyncio.run(run_level(srv.url, c, args.requests, args.max_tokens))
+                ok = [r for r in results if r.ok]
+                tokens = sum(r.tokens for r in ok)
+                tps = tokens / wall if wall > 0 else 0.0
+                ttft = [r.ttft * 1e3 for r in ok] or [float("nan")]
+                stream_tps = [(r.tokens - 1) / r.decode_s for r in ok if r.decode_s > 0 and r.tokens > 1]
+                records.append(
+                    {
+                        "bench": "serve",
+                        "model": model_id,
+                        "engine": engine,
+                        "concurrency": c,
+                        "requests": len(ok),
+                        "errors": len(results) - len(ok),
+                        "max_tokens": args.max_tokens,
+                        "prompt_tokens": ok[0].prompt_tokens if ok else 0,
+                        "completion_tokens": tokens,
+                        "wall_s": round(wall, 4),
+                        "tokens_per_s": round(tps, 2),
+                        "speedup": 0.0,
+                        "stream_tps_p50": round(statistics.median(stream_tps), 2) if stream_tps else 0.0,
+                        "ttft_p50_ms": round(percentile(ttft, 50), 2),
+                        "ttft_p95_ms": round(percentile(ttft, 95), 2),
+                        "threads": args.threads,
+                    }
+                )
+            base = records[0]["tokens_per_s"] if records else 0.0
+            for rec in records:
+                rec["speedup"] = round(rec["tokens_per_s"] / base, 2) if base else 0.0
+
+    table = Table(title=f"nanochat.serve {model_id} ({engine}), {args.max_tokens} tokens/request, streamed")
+    for col in ("clients", "reqs", "errors", "tok/s", "vs 1st", "tok/s/stream", "TTFT p50", "TTFT p95"):
+        table.add_column(col, justify="right", no_wrap=True)
+    for r in records:
+        table.add_row(
+            str(r["concurrency"]),
+            str(r["requests"]),
+            str(r["errors"]),
+            f"{r['tokens_per_s']:.1f}",
+            f"{r['speedup']:.2f}x",
+            f"{r['stream_tps_p50']:.1f}",
+            f"{r['ttft_p50_ms']:.0f} ms",
+            f"{r['ttft_p95_ms']:.0f} ms",
+        )
+    console.print(table)
+    if args.json is not None:
+        args.json.parent.mkdir(parents=True, exist_ok=True)
+        args.json.write_text(json.dumps(records, indent=2) + "\n")
+        console.print(f"wrote {len(records)} records to {args.json}")
+
+
+if __name__ == "__main__":
+    main()

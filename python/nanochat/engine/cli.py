@@ -1,0 +1,126 @@
+"""``nanochat-sample``: generate a completion from a model file and print it as it streams.
+
+Examples::
+
+    nanochat-sample --model runs/d20 --prompt "def fib(n):"
+    nanochat-sample --model model.gguf --prompt "def fib(n):" --max-tokens 128 --temperature 0.8 --top-p 0.95 --seed 1
+    nanochat-sample --model model.gguf --prompt "import os" --temperature 0 --stop $'\\n\\n' --threads 2
+    nanochat-sample --model model.gguf --prompt "x = " --backend torch --device cuda
+
+``--model`` is anything ``nanochat.export.load.load`` reads: a GGUF file (ternary tensors go straight to the Rust
+engine, memory-mapped), a training run or checkpoint directory, or a safetensors export. Timing (load, prefill,
+ms/token) goes to stderr with ``--stats``, so stdout is only the prompt and the completion.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+app = typer.Typer(add_completion=False)
+
+
+def _load(path: Path) -> Any:
+    """A ``LoadedModel`` (preferred: GGUF weights feed the Rust engine without a torch copy) or ``(GPT, Tokenizer)``."""
+    import importlib
+
+    try:
+        load_mod = importlib.import_module("nanochat.export.load")
+    except ImportError as e:  # pragma: no cover - the export package ships with nanochat
+        raise typer.BadParameter(f"model loading is unavailable (nanochat.export.load: {e})") from e
+    if hasattr(load_mod, "load"):
+        return load_mod.load(path)
+    if hasattr(load_mod, "load_model"):  # pragma: no cover - older API
+        return load_mod.load_model(path)
+    raise typer.BadParameter("nanochat.export.load has neither load() nor load_model()")  # pragma: no cover
+
+
+def _unescape(s: str) -> str:
+    """``\\n``, ``\\t``, ``\\x41``... as the characters (non-ASCII text passes through)."""
+    return s.encode("latin-1", "backslashreplace").decode("unicode_escape")
+
+
+@app.command()
+def main(
+    model: Annotated[Path, typer.Option("--model", "-m", help="Model file or run directory.", rich_help_panel="Model")],
+    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.", rich_help_panel="Model")],
+    max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.", rich_help_panel="Sampling")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy.", rich_help_panel="Sampling")] = 0.8,
+    top_k: Annotated[
+        int, typer.Option(help="Keep the k most likely tokens (0 = off).", rich_help_panel="Sampling")
+    ] = 0,
+    top_p: Annotated[float, typer.Option(help="Nucleus sampling (1 = off).", rich_help_panel="Sampling")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default: random).", rich_help_panel="Sampling")] = None,
+    stop: Annotated[
+        list[str] | None,
+        typer.Option(help="Stop string (repeatable; \\n-style escapes work); not printed.", rich_help_panel="Sampling"),
+    ] = None,
+    threads: Annotated[int, typer.Option(help="CPU threads (0 = torch's default).", rich_help_panel="Runtime")] = 0,
+    backend: Annotated[str, typer.Option(help="auto | rust | torch.", rich_help_panel="Runtime")] = "auto",
+    device: Annotated[str, typer.Option(help="cpu | cuda (torch backend).", rich_help_panel="Runtime")] = "cpu",
+    head: Annotated[str, typer.Option(help="Rust LM head: f32 | f16 | int8.", rich_help_panel="Runtime")] = "f32",
+    kv: Annotated[str, typer.Option(help="Rust KV cache: f32 | f16.", rich_help_panel="Runtime")] = "f32",
+    stats: Annotated[bool, typer.Option(help="Print timings to stderr.", rich_help_panel="Runtime")] = False,
+) -> None:
+    """Generate a completion of --prompt with the model at --model, streaming it to stdout.
+
+    Examples:
+
+        nanochat-sample --model runs/d20 --prompt "def fib(n):"
+
+        nanochat-sample -m model.gguf -p "def fib(n):" --max-tokens 128 --temperature 0.8 --top-p 0.95 --seed 1
+
+        nanochat-sample -m model.gguf -p "import os" --temperature 0 --stop "\\n\\n" --threads 2 --stats
+
+    --model is a GGUF file, a training run or checkpoint directory, or a safetensors export.
+    """
+    import torch
+
+    from nanochat.engine import Engine
+
+    if threads > 0:
+        torch.set_num_threads(threads)
+    t0 = time.perf_counter()
+    loaded = _load(model)
+    if isinstance(loaded, tuple):  # (GPT, Tokenizer)
+        engine = Engine(loaded[0], loaded[1], backend=backend, device=device, threads=threads or None, head=head, kv=kv)
+    else:
+        engine = Engine(loaded, backend=backend, device=device, threads=threads or None, head=head, kv=kv)
+    t_load = time.perf_counter() - t0
+    sys.stdout.write(prompt)
+    sys.stdout.flush()
+    t1 = time.perf_counter()
+    gen = engine.stream(
+        prompt,
+        max_new_tokens=max_tokens,
+        temperature=temperature,
+        top_k=top_k or None,
+        top_p=top_p if top_p < 1.0 else None,
+        seed=seed,
+        stop=[_unescape(s) for s in stop] if stop else None,
+    )
+    t_first = None
+    for delta in gen:
+        if t_first is None:
+            t_first = time.perf_counter() - t1
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    elapsed = time.perf_counter() - t1
+    res = gen.result
+    if stats and res is not None:
+        n = len(res.token_ids)
+        typer.echo(
+            f"[{engine.backend_name}] load {t_load * 1e3:.0f} ms, first text {(t_first or 0.0) * 1e3:.0f} ms, "
+            f"{res.prompt_tokens} prompt + {n} new tokens in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} tok/s), "
+            f"finish_reason={res.finish_reason}",
+            err=True,
+        )
+
+
+if __name__ == "__main__":
+    app()

@@ -1,0 +1,5 @@
+"""``python -m nanochat.serve``: see :mod:`nanochat.serve.cli`."""
+
+from nanochat.serve.cli import main
+
+main()

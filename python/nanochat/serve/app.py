@@ -1,0 +1,727 @@
+"""The HTTP app: ``create_app(backend, settings)`` builds a FastAPI app serving one model in OpenAI's API shape.
+
+Endpoints: ``GET /`` (the chat page), ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/models``,
+``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream: true`` = server-sent events).
+
+Notable choices (after llama-cpp-python's server, minus its event-loop-blocking generation):
+- Generation never runs on the event loop: each request gets a worker thread (a pool of ``max_concurrent``) that
+  iterates the backend's blocking stream and hands deltas to the loop through an ``asyncio.Queue``. ``/health``
+  and every other request keep answering while tokens are being generated.
+- Slots: at most ``max_concurrent`` generations run; later requests wait in a FIFO queue (:class:`SlotPool`). A
+  slot is given back when the worker thread has *finished*, not when the response ends, so a cancelled generation
+  still holds its slot until it has actually stopped (checked before every token). With
+  :class:`~nanochat.serve.backend.EngineBackend` the running generations share one batched decode step per token
+  (continuous batching), so ``max_concurrent`` is also the largest batch.
+- The first delta is read before a stream's response starts, so an error up to the first token (prefill) is a
+  proper HTTP error, not a 200 with a broken stream.
+- A client that goes away stops its generation: while waiting (queue, prefill, a non-streamed reply) the request
+  polls ``request.is_disconnected()``; during a stream Starlette cancels the response, and the response's
+  ``finally`` sets the cancel event unless the stream was delivered in full. The worker checks it before every
+  token; with the batching backend the sequence leaves the batch at the next step.
+- Errors are OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with 4xx codes: FastAPI's 422
+  validation errors become 400, unknown paths 404, bad keys 401, large bodies 413. An unexpected exception is a
+  500 in the same shape, logged with its traceback; the server keeps serving.
+- Pure ASGI middlewares (no BaseHTTPMiddleware, which buffers streams): request log + request metrics (outermost),
+  API key check for ``/v1/*``, body size limit (by Content-Length, then by bytes actually received).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
+from contextlib import asynccontextmanager
+from importlib import resources
+from typing import Any, TypeVar
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from nanochat import __version__
+from nanochat.serve.backend import Backend, Delta, SamplingParams
+from nanochat.serve.metrics import Metrics, endpoint_label
+from nanochat.serve.schemas import (
+    AssistantMessage,
+    ChatChoice,
+    ChatCompletion,
+    ChatCompletionRequest,
+    Completion,
+    CompletionChoice,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+    SamplingRequest,
+    Usage,
+    error_json,
+)
+from nanochat.serve.settings import Settings
+
+log = logging.getLogger("nanochat.serve")
+T = TypeVar("T")
+
+SCOPE_T0 = "nanochat.t0"  # request start (perf_counter), set by the log middleware
+SCOPE_TOKENS = "nanochat.tokens"  # (prompt, completion) tokens, set by the generation endpoints
+SCOPE_NOTE = "nanochat.note"  # e.g. "client gone", for the log line
+DISCONNECT_POLL_S = 0.2  # how often a waiting request checks whether its client is still there
+CLIENT_CLOSED = 499  # nginx's "client closed request": logged for requests whose client left before a response
+CSP = (
+    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+)
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+# --------------------------------------------------------------------------- errors
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape with ``status``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str = "invalid_request_error",
+        param: str | None = None,
+        code: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
+        return JSONResponse(error_json(self.message, self.type, self.param, self.code), self.status, headers=headers)
+
+
+class ClientDisconnected(Exception):
+    """The client went away while its request waited."""
+
+
+def _param_of(loc: Iterable[Any]) -> str | None:
+    """``("body", "messages", 0, "role")`` -> ``"messages[0].role"``; pydantic's union-member tags are dropped."""
+    out = ""
+    for part in loc:
+        if part == "body" and not out:
+            continue
+        if isinstance(part, int):
+            out += f"[{part}]"
+        elif "[" in str(part) or str(part) in {"str", "int", "float", "bool", "list", "dict", "none"}:
+            continue  # e.g. "list[str]": which union member failed
+        else:
+            out += ("." if out else "") + str(part)
+    return out or None
+
+
+def _validation_error(exc: RequestValidationError) -> APIError:
+    errors = list(exc.errors())
+    if not errors:
+        return APIError(400, "Invalid request body", code="invalid_request")
+    first = errors[0]
+    param = _param_of(first.get("loc", ()))
+    kind = first.get("type", "")
+    if kind == "json_invalid":
+        detail = (first.get("ctx") or {}).get("error", "")
+        return APIError(
+            400, f"We could not parse the JSON body of your request: {detail}".rstrip(": "), code="invalid_json"
+        )
+    if kind == "missing":
+        if param is None:
+            return APIError(400, "The request body is missing (expected a JSON object)", code="invalid_request")
+        return APIError(400, f"Missing required parameter: '{param}'.", param=param, code="missing_required_parameter")
+    if param is None:
+        return APIError(
+            400, f"Invalid request body: {first.get('msg', '')} (expected a JSON object)", code="invalid_request"
+        )
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
+    more = f" ({len(errors) - 1} more error(s))" if len(errors) > 1 else ""
+    return APIError(400, f"Invalid value for '{param}': {msg}.{more}", param=param, code="invalid_value")
+
+
+# --------------------------------------------------------------------------- middlewares
+
+
+class RequestLogMiddleware:
+    """One log line and the request metrics per request, once the response (stream included) has ended."""
+
+    def __init__(self, app: ASGIApp, metrics: Metrics, enabled: bool = True) -> None:
+        self.app, self.metrics, self.enabled = app, metrics, enabled
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0 = time.perf_counter()
+        scope[SCOPE_T0] = t0
+        status = 500  # if the app raises before starting a response
+
+        async def send_status(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            dt = time.perf_counter() - t0
+            endpoint = endpoint_label(scope.get("path", ""))
+            self.metrics.requests.labels(endpoint=endpoint, status=str(status)).inc()
+            self.metrics.request_duration.labels(endpoint=endpoint).observe(dt)
+            if self.enabled:
+                tokens = scope.get(SCOPE_TOKENS)
+                tok = f" tokens={tokens[0]}+{tokens[1]}" if tokens else ""
+                note = f" ({scope[SCOPE_NOTE]})" if scope.get(SCOPE_NOTE) else ""
+                client = scope.get("client") or ("-", 0)
+                log.info(
+                    "%s %s %s %d%s %.3fs%s", client[0], scope.get("method"), scope.get("path"), status, tok, dt, note
+                )
+
+
+class ApiKeyMiddleware:
+    """``/v1/*`` needs ``Authorization: Bearer <key>`` (checked before the body is read)."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None) -> None:
+        self.app = app
+        self.key = api_key.encode() if api_key else None
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        path = scope.get("path", "")
+        if self.key is None or scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
+            await self.app(scope, receive, send)
+            return
+        auth = ""
+        for name, value in scope.get("headers", []):
+            if name == b"authorization":
+                auth = value.decode("latin-1")
+        scheme, _, token = auth.partition(" ")
+        if not auth:
+            err = APIError(
+                401,
+                "You didn't provide an API key. Send it in the Authorization header as 'Bearer YOUR_KEY'.",
+                code="invalid_api_key",
+            )
+        elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
+            err = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
+        else:
+            await self.app(scope, receive, send)
+            return
+        await err.response()(scope, receive, send)
+
+
+class BodyLimitMiddleware:
+    """413 for bodies over ``max_bytes``: at once by Content-Length, else while receiving (chunked uploads).
+
+    The body is buffered here (it is at most ``max_bytes``) and replayed to the app; later ``receive`` calls go to
+    the server, so disconnect detection still works.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
+        self.app, self.max_bytes = app, max_bytes
+
+    def _too_large(self, size: int | None) -> APIError:
+        got = f" ({size} bytes)" if size is not None else ""
+        return APIError(
+            413, f"Request body too large{got}: the limit is {self.max_bytes} bytes.", code="request_too_large"
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope.get("method") in ("GET", "HEAD", "OPTIONS", "DELETE"):
+            await self.app(scope, receive, send)
+            return
+        for name, value in scope.get("headers", []):
+            if name == b"content-length":
+                try:
+                    declared = int(value)
+                except ValueError:
+                    await APIError(400, "Invalid Content-Length header.", code="invalid_request").response()(
+                        scope, receive, send
+                    )
+                    return
+                if declared > self.max_bytes:
+                    await self._too_large(declared).response()(scope, receive, send)
+                    return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before sending its body: nothing to answer
+            body = message.get("body", b"")
+            size += len(body)
+            if size > self.max_bytes:
+                await self._too_large(None).response()(scope, receive, send)
+                return
+            chunks.append(body)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()
+
+        await self.app(scope, replay, send)
+
+
+# --------------------------------------------------------------------------- generation plumbing
+
+
+class SlotPool:
+    """``n`` generation slots handed out in arrival order (an exact FIFO, unlike a bare lock)."""
+
+    def __init__(self, n: int) -> None:
+        self.free = n
+        self._waiters: deque[asyncio.Future[None]] = deque()
+
+    @property
+    def waiting(self) -> int:
+        return sum(1 for f in self._waiters if not f.done())
+
+    def try_acquire(self) -> bool:
+        if self.free > 0 and not self.waiting:
+            self.free -= 1
+            return True
+        return False
+
+    async def acquire(self) -> None:
+        if self.try_acquire():
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        try:
+            await fut
+        except asyncio.CancelledError:
+            if fut.done() and not fut.cancelled():
+                self.release()  # granted just as we were cancelled: pass the slot on
+            raise
+        finally:
+            if fut in self._waiters:
+                self._waiters.remove(fut)
+
+    def release(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+        self.free += 1
+
+
+class Generation:
+    """One request's generation: the backend's blocking stream in a worker thread, deltas out through a queue."""
+
+    def __init__(self, backend: Backend, prompt_ids: list[int], params: SamplingParams, metrics: Metrics, t0: float):
+        self.backend, self.prompt_ids, self.params, self.metrics, self.t0 = backend, prompt_ids, params, metrics, t0
+        self.cancel = threading.Event()
+        self.loop = asyncio.get_running_loop()
+        self.queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
+        self.completion_tokens = 0  # counted on the loop side, from the deltas consumed
+        self.delivered = False  # the response reached its end (last event sent, or the error reported)
+
+    def run(self) -> None:
+        """Worker thread body."""
+        last: float | None = None
+        try:
+            for d in self.backend.stream(self.prompt_ids, self.params, self.cancel):
+                if d.token_id is not None:
+                    now = time.perf_counter()
+                    if last is None:
+                        self.metrics.time_to_first_token.observe(now - self.t0)
+                    else:
+                        self.metrics.time_per_output_token.observe(now - last)
+                    last = now
+                    self.metrics.generated_tokens.inc()
+                self._put(d)
+                if d.finish_reason is not None:
+                    return
+            self._put(RuntimeError("the backend's stream ended without a finish reason"))
+        except BaseException as e:  # handed to the request, which answers with an error
+            self._put(e)
+
+    def _put(self, item: Delta | BaseException) -> None:
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, item)
+        except RuntimeError:
+            self.cancel.set()  # the loop is closed: the server is shutting down
+
+    async def next(self) -> Delta:
+        item = await self.queue.get()
+        if isinstance(item, BaseException):
+            raise item
+        if item.token_id is not None:
+            self.completion_tokens += 1
+        return item
+
+    async def collect(self) -> tuple[str, Delta]:
+        """The whole text and the last delta."""
+        parts: list[str] = []
+        while True:
+            d = await self.next()
+            parts.append(d.text)
+            if d.finish_reason is not None:
+                return "".join(parts), d
+
+
+async def _unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
+    """Await ``aw``, polling the client; raise :class:`ClientDisconnected` (cancelling ``aw``) if it leaves."""
+    task = asyncio.ensure_future(aw)
+    try:
+        while True:
+            done, _ = await asyncio.wait({task}, timeout=DISCONNECT_POLL_S)
+            if task in done:
+                return task.result()
+            if await request.is_disconnected():
+                raise ClientDisconnected()
+    finally:
+        if not task.done():
+            task.cancel()
+
+
+def _backend_error(e: BaseException) -> APIError:
+    if isinstance(e, ValueError):  # the backend refused the request's values
+        return APIError(400, str(e), code="invalid_value")
+    log.error("generation failed", exc_info=(type(e), e, e.__traceback__))
+    return APIError(500, f"Generation failed: {type(e).__name__}: {e}", type_="server_error", code="generation_error")
+
+
+def _sse(obj: dict[str, Any] | str) -> bytes:
+    data = obj if isinstance(obj, str) else json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+    return f"data: {data}\n\n".encode()
+
+
+# --------------------------------------------------------------------------- the app
+
+
+def _chat_page() -> str:
+    return resources.files("nanochat.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
+
+
+def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
+    """A FastAPI app serving ``backend`` (see the module docstring)."""
+    settings = settings or Settings()
+    metrics = Metrics(backend.model_id, backend.context_length)
+    slots = SlotPool(settings.max_concurrent)
+    executor = ThreadPoolExecutor(max_workers=settings.max_concurrent, thread_name_prefix="nanochat-gen")
+    active: set[Generation] = set()
+    created = int(time.time())
+    page = _chat_page()
+    tokens_limit = min(settings.max_tokens_limit or backend.context_length, backend.context_length)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        yield
+        for g in list(active):
+            g.cancel.set()
+        executor.shutdown(wait=False, cancel_futures=True)
+
+    app = FastAPI(title="nanochat", version=__version__, lifespan=lifespan, redoc_url=None)
+    app.state.backend = backend
+    app.state.settings = settings
+    app.state.metrics = metrics
+
+    # ---------------------------------------------------------------- error handlers
+    async def on_api_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, APIError)
+        return exc.response()
+
+    async def on_validation_error(_: Request, exc: Exception) -> Response:
+        assert isinstance(exc, RequestValidationError)
+        return _validation_error(exc).response()
+
+    async def on_http_error(request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, StarletteHTTPException)
+        if exc.status_code == 404:
+            msg, code = f"Unknown request URL: {request.method} {request.url.path}.", "not_found"
+        elif exc.status_code == 405:
+            msg, code = f"Method {request.method} is not allowed for {request.url.path}.", "method_not_allowed"
+        else:
+            msg, code = str(exc.detail), None
+        return APIError(exc.status_code, msg, code=code).response()
+
+    async def on_unexpected(_: Request, exc: Exception) -> Response:
+        log.error("unhandled error", exc_info=(type(exc), exc, exc.__traceback__))
+        return APIError(500, "The server had an error while processing your request.", type_="server_error").response()
+
+    app.add_exception_handler(APIError, on_api_error)
+    app.add_exception_handler(RequestValidationError, on_validation_error)
+    app.add_exception_handler(StarletteHTTPException, on_http_error)
+    app.add_exception_handler(Exception, on_unexpected)
+
+    # last added = outermost: log -> api key -> body limit -> app
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
+    app.add_middleware(RequestLogMiddleware, metrics=metrics, enabled=settings.log_requests)
+
+    # ---------------------------------------------------------------- helpers
+    def check_model(name: str | None) -> None:
+        if name is not None and name != backend.model_id:
+            raise APIError(
+                404,
+                f"The model '{name}' does not exist. This server serves '{backend.model_id}'.",
+                param="model",
+                code="model_not_found",
+            )
+
+    def sampling_params(
+        req: SamplingRequest, asked: int | None, prompt_len: int, default: int, what: str
+    ) -> SamplingParams:
+        ctx = backend.context_length
+        if prompt_len >= ctx:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens. However, your {what} is {prompt_len} tokens "
+                "(at least one token must be left for the completion). Please shorten it.",
+                param="messages" if what == "messages" else "prompt",
+                code="context_length_exceeded",
+            )
+        if asked is None:
+            max_tokens = max(1, min(default, tokens_limit, ctx - prompt_len))
+        elif asked > tokens_limit:
+            raise APIError(
+                400,
+                f"max_tokens is too large: {asked}. This server allows at most {tokens_limit} completion tokens.",
+                param="max_tokens",
+                code="invalid_value",
+            )
+        elif prompt_len + asked > ctx:
+            raise APIError(
+                400,
+                f"This model's maximum context length is {ctx} tokens. However, you requested {prompt_len + asked} "
+                f"tokens ({prompt_len} in the {what}, {asked} in the completion). Please reduce the length of the "
+                f"{what} or the completion.",
+                param="max_tokens",
+                code="context_length_exceeded",
+            )
+        else:
+            max_tokens = asked
+        return SamplingParams(
+            max_tokens=max_tokens,
+            temperature=1.0 if req.temperature is None else float(req.temperature),
+            top_p=1.0 if req.top_p is None else float(req.top_p),
+            top_k=req.top_k or 0,
+            stop=req.stop_list(),
+            stop_token_ids=frozenset() if req.ignore_eos else backend.stop_token_ids,
+            seed=req.seed,
+        )
+
+    async def start(request: Request, prompt_ids: list[int], params: SamplingParams) -> Generation:
+        """Wait for a slot (FIFO), then start the worker; the slot is given back when the worker is done."""
+        gen = Generation(backend, prompt_ids, params, metrics, request.scope.get(SCOPE_T0, time.perf_counter()))
+        if not slots.try_acquire():
+            metrics.queued.inc()
+            try:
+                await _unless_disconnected(request, slots.acquire())
+            finally:
+                metrics.queued.dec()
+        metrics.in_flight.inc()
+        metrics.prompt_tokens.inc(len(prompt_ids))
+        active.add(gen)
+        try:
+            fut = gen.loop.run_in_executor(executor, gen.run)
+        except RuntimeError:  # executor shut down: the server is stopping
+            metrics.in_flight.dec()
+            active.discard(gen)
+            slots.release()
+            raise APIError(503, "The server is shutting down.", type_="server_error", code="unavailable") from None
+
+        def done(_: object) -> None:
+            metrics.in_flight.dec()
+            active.discard(gen)
+            slots.release()
+
+        fut.add_done_callback(done)
+        return gen
+
+    def client_gone(request: Request, gen: Generation | None) -> Response:
+        if gen is not None:
+            gen.cancel.set()
+        metrics.cancelled.inc()
+        request.scope[SCOPE_NOTE] = "client gone"
+        return Response(status_code=CLIENT_CLOSED)
+
+    def usage(gen: Generation) -> Usage:
+        p, c = len(gen.prompt_ids), gen.completion_tokens
+        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+
+    async def generate(
+        request: Request,
+        req: SamplingRequest,
+        prompt_ids: list[int],
+        params: SamplingParams,
+        chunk: Callable[[str | None, str | None], dict[str, Any]],
+        whole: Callable[[str, str, Usage], dict[str, Any]],
+        opening: dict[str, Any] | None = None,
+    ) -> Response:
+        """Run a generation and answer it whole (``whole(text, finish_reason, usage)``) or as SSE events:
+        ``opening`` (if any), ``chunk(text, None)`` per delta, ``chunk(None, finish_reason)``, [DONE]."""
+        gen: Generation | None = None
+        try:
+            gen = await start(request, prompt_ids, params)
+            if not req.stream:
+                text, last = await _unless_disconnected(request, gen.collect())
+            else:
+                last = await _unless_disconnected(request, gen.next())
+        except ClientDisconnected:
+            return client_gone(request, gen)
+        except APIError:
+            raise
+        except Exception as e:
+            raise _backend_error(e) from e
+        request.scope[SCOPE_TOKENS] = (len(prompt_ids), gen.completion_tokens)
+        if last.finish_reason == "cancelled":
+            raise APIError(503, "The generation was cancelled: the server is shutting down.", type_="server_error")
+        if not req.stream:
+            return JSONResponse(whole(text, last.finish_reason or "stop", usage(gen)))
+        include_usage = bool(req.stream_options and req.stream_options.include_usage)
+        return GenerationStream(gen, stream_events(gen, last, chunk, opening, include_usage))
+
+    async def stream_events(
+        gen: Generation,
+        first: Delta,
+        chunk: Callable[[str | None, str | None], dict[str, Any]],
+        opening: dict[str, Any] | None,
+        include_usage: bool,
+    ) -> AsyncIterator[bytes]:
+        try:
+            if opening is not None:  # chat: the chunk that carries the role
+                yield _sse(opening)
+            d = first
+            while True:
+                if d.text:
+                    yield _sse(chunk(d.text, None))
+                if d.finish_reason is not None:
+                    break
+                d = await gen.next()
+            if d.finish_reason == "cancelled":
+                return  # cancelled from our side (shutdown): nothing more to say
+            yield _sse(chunk(None, d.finish_reason))
+            if include_usage:
+                yield _sse({**chunk(None, None), "choices": [], "usage": usage(gen).model_dump()})
+            yield _sse("[DONE]")
+            gen.delivered = True
+        except Exception as e:  # a backend failure mid-stream: report it in-band, then end the stream
+            err = _backend_error(e)
+            yield _sse(error_json(err.message, err.type, err.param, err.code))
+            yield _sse("[DONE]")
+            gen.delivered = True
+
+    class GenerationStream(StreamingResponse):
+        """SSE response that stops its generation if it ends undelivered: Starlette cancels a stream whose client
+        went away, possibly before the body iterator ever started (so its own ``finally`` would never run)."""
+
+        def __init__(self, gen: Generation, events: AsyncIterator[bytes]) -> None:
+            super().__init__(events, media_type="text/event-stream", headers=SSE_HEADERS)
+            self.gen = gen
+
+        async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+            try:
+                await super().__call__(scope, receive, send)
+            finally:
+                gen = self.gen
+                scope[SCOPE_TOKENS] = (len(gen.prompt_ids), gen.completion_tokens)
+                if not gen.delivered and not gen.cancel.is_set():
+                    gen.cancel.set()  # the client went away: stop generating (the worker sees it before its next token)
+                    metrics.cancelled.inc()
+                    scope[SCOPE_NOTE] = "client gone"
+
+    # ---------------------------------------------------------------- routes
+    @app.get("/", include_in_schema=False)
+    async def chat_page() -> HTMLResponse:
+        return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        return {
+            "status": "ok",
+            "model": backend.model_id,
+            "engine": str(getattr(backend, "mode", type(backend).__name__)),
+            "in_flight": len(active),
+            "queued": slots.waiting,
+            "max_concurrent": settings.max_concurrent,
+        }
+
+    @app.get("/metrics", include_in_schema=False)
+    async def prometheus() -> Response:
+        body, content_type = metrics.render()
+        return Response(body, media_type=content_type)
+
+    def card() -> ModelCard:
+        return ModelCard(
+            id=backend.model_id,
+            created=created,
+            context_length=backend.context_length,
+            max_completion_tokens=tokens_limit,
+        )
+
+    @app.get("/v1/models", response_model=ModelList)
+    async def list_models() -> ModelList:
+        return ModelList(data=[card()])
+
+    @app.get("/v1/models/{model}", response_model=ModelCard)
+    async def get_model(model: str) -> ModelCard:
+        check_model(model)
+        return card()
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
+        prompt_ids = list(backend.tokenizer.render_chat(messages))
+        params = sampling_params(body, body.requested_max_tokens(), len(prompt_ids), backend.context_length, "messages")
+        rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str | None, finish: str | None, delta: dict[str, Any] | None = None) -> dict[str, Any]:
+            delta = delta if delta is not None else ({} if text is None else {"content": text})
+            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": backend.model_id,
+                    "system_fingerprint": None, "choices": [choice]}  # fmt: skip
+
+        def whole(text: str, finish: str, use: Usage) -> dict[str, Any]:
+            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)  # type: ignore[arg-type]
+            return ChatCompletion(id=rid, created=now, model=backend.model_id, choices=[choice], usage=use).model_dump()
+
+        opening = chunk(None, None, {"role": "assistant", "content": ""})
+        return await generate(request, body, prompt_ids, params, chunk, whole, opening)
+
+    @app.post("/v1/completions", response_model=Completion)
+    async def completions(body: CompletionRequest, request: Request) -> Response:
+        check_model(body.model)
+        prompt = body.prompt
+        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+            vocab = backend.tokenizer.vocab_size
+            bad = [t for t in prompt if not 0 <= int(t) < vocab]
+            if bad:
+                raise APIError(400, f"Token id {bad[0]} is outside the vocabulary [0, {vocab}).", param="prompt",
+                               code="invalid_value")  # fmt: skip
+            prompt_ids = [int(t) for t in prompt]
+        else:
+            text = prompt if isinstance(prompt, str) else str(prompt[0])
+            prompt_ids = [backend.tokenizer.bos_id, *backend.tokenizer.encode(text)]  # documents start with <|bos|>
+        params = sampling_params(body, body.requested_max_tokens(), len(prompt_ids), 16, "prompt")
+        rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
+
+        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
+            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+            return {"id": rid, "object": "text_completion", "created": now, "model": backend.model_id,
+                    "system_fingerprint": None, "choices": [choice]}  # fmt: skip
+
+        def whole(text: str, finish: str, use: Usage) -> dict[str, Any]:
+            choice = CompletionChoice(text=text, finish_reason=finish)  # type: ignore[arg-type]
+            return Completion(id=rid, created=now, model=backend.model_id, choices=[choice], usage=use).model_dump()
+
+        return await generate(request, body, prompt_ids, params, chunk, whole)
+
+    return app

@@ -1,0 +1,521 @@
+"""Generation backends: the small protocol the HTTP server needs, its implementations, and shared text helpers.
+
+The server only needs :class:`Backend`: a model id, a context length, a tokenizer with a chat template, the token
+ids that end a reply, and ``stream(prompt_ids, params, cancel)``, a *blocking* iterator the server runs in a worker
+thread. Its contract:
+
+- one :class:`Delta` per generated token, with ``token_id`` set (``text`` may be empty while bytes of a UTF-8
+  character, or a possible start of a stop string, are held back),
+- then exactly one last :class:`Delta` with ``finish_reason`` set (it may carry the last token too): ``"stop"`` (a
+  stop token, which is neither text nor counted, or a stop string, which is cut from the text), ``"length"``
+  (``max_tokens`` generated, or the context is full) or ``"cancelled"`` (``cancel`` was set; checked before every
+  token),
+- so ``"".join(d.text)`` is the reply and the number of deltas with a ``token_id`` is the completion token count.
+
+Implementations:
+
+- :class:`EngineBackend`: ``nanochat.engine`` (KV cache, Rust kernels) with continuous batching
+  (:class:`Batcher`), or a KV-cache-free reference loop over ``LoadedModel.torch_model()``.
+- :class:`FakeBackend`: deterministic and model-free, with a byte-level tokenizer, a per-token delay and a gate to
+  pause generation: only for fast tests of the HTTP layer.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Literal, Protocol
+
+if TYPE_CHECKING:
+    import torch
+
+    from nanochat.export.load import LoadedModel
+
+log = logging.getLogger("nanochat.serve")
+
+FinishReason = Literal["stop", "length", "cancelled"]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    max_tokens: int  # tokens to generate at most (finish_reason "length" when reached)
+    temperature: float = 1.0  # 0 = greedy (argmax)
+    top_p: float = 1.0  # nucleus sampling: smallest set of tokens whose probability reaches top_p
+    top_k: int = 0  # keep the k most likely tokens (0 = off)
+    stop: tuple[str, ...] = ()  # stop strings: generation ends before the first occurrence, which is not returned
+    stop_token_ids: frozenset[int] = frozenset()  # token ids that end generation (not part of the text)
+    seed: int | None = None  # same seed + same params + same prompt = same text
+
+
+@dataclass(frozen=True)
+class Delta:
+    text: str
+    token_id: int | None = None
+    finish_reason: FinishReason | None = None
+
+
+class ChatTokenizer(Protocol):
+    """What the server uses of :class:`nanochat.data.tokenizer.Tokenizer`."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def bos_id(self) -> int: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str: ...
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]: ...
+
+
+class Backend(Protocol):
+    @property
+    def model_id(self) -> str: ...  # what /v1/models lists and requests may name
+
+    @property
+    def context_length(self) -> int: ...  # prompt + max_tokens must fit
+
+    @property
+    def tokenizer(self) -> ChatTokenizer: ...
+
+    @property
+    def stop_token_ids(self) -> frozenset[int]: ...  # ids that end a reply by default (end of message, a new turn)
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
+        """Generate after ``prompt_ids``; blocking, run in a worker thread (see the module docstring)."""
+        ...
+
+
+# --------------------------------------------------------------------------- text helpers
+
+
+class IncrementalDecoder:
+    """Token ids in, text out, never splitting a UTF-8 character.
+
+    Byte-level BPE tokens are byte strings, so a character may span tokens: pending tokens are decoded together and
+    held while the text ends in U+FFFD (an incomplete sequence), at most ``max_pending`` tokens (then a real invalid
+    sequence is let through as U+FFFD). Special tokens decode to nothing.
+    """
+
+    def __init__(self, decode: Callable[[list[int]], str], max_pending: int = 8) -> None:
+        self._decode = decode
+        self._pending: list[int] = []
+        self._max_pending = max_pending
+
+    def push(self, token_id: int) -> str:
+        self._pending.append(token_id)
+        text = self._decode(self._pending)
+        if text.endswith("\ufffd") and len(self._pending) < self._max_pending:
+            return ""
+        self._pending.clear()
+        return text
+
+    def flush(self) -> str:
+        text = self._decode(self._pending) if self._pending else ""
+        self._pending.clear()
+        return text
+
+
+class StopMatcher:
+    """Cuts generated text at the first stop string, holding back any tail that could start one."""
+
+    def __init__(self, stops: Sequence[str]) -> None:
+        self._stops = tuple(s for s in stops if s)
+        self._held = ""
+
+    def push(self, text: str) -> tuple[str, bool]:
+        """``(text safe to emit, stopped)``; after ``stopped`` the rest is discarded."""
+        if not self._stops:
+            return text, False
+        buf = self._held + text
+        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
+        if hits:
+            self._held = ""
+            return buf[: min(hits)], True
+        keep = 0  # longest suffix of buf that is a proper prefix of some stop string
+        for s in self._stops:
+            for n in range(min(len(s) - 1, len(buf)), keep, -1):
+                if buf.endswith(s[:n]):
+                    keep = n
+                    break
+        self._held = buf[len(buf) - keep :]
+        return buf[: len(buf) - keep], False
+
+    def flush(self) -> str:
+        text, self._held = self._held, ""
+        return text
+
+
+def deltas_from_tokens(
+    tokens: Iterator[int],
+    decode: Callable[[list[int]], str],
+    params: SamplingParams,
+    cancel: threading.Event,
+) -> Iterator[Delta]:
+    """Turn a (lazy) stream of sampled token ids into :class:`Delta` s following the backend contract."""
+    dec = IncrementalDecoder(decode)
+    stops = StopMatcher(params.stop)
+    n = 0
+    while True:
+        if cancel.is_set():
+            yield Delta("", None, "cancelled")
+            return
+        if n >= params.max_tokens:
+            text, hit = stops.push(dec.flush())
+            yield Delta(text if hit else text + stops.flush(), None, "stop" if hit else "length")
+            return
+        tok = next(tokens, None)
+        if cancel.is_set():
+            yield Delta("", None, "cancelled")
+            return
+        if tok is None:  # the model's own limit (context full)
+            text, hit = stops.push(dec.flush())
+            yield Delta(text if hit else text + stops.flush(), None, "stop" if hit else "length")
+            return
+        n += 1
+        if tok in params.stop_token_ids:  # not part of the text, nor counted (as in nanochat.engine)
+            text, hit = stops.push(dec.flush())
+            yield Delta(text if hit else text + stops.flush(), None, "stop")
+            return
+        text, hit = stops.push(dec.push(tok))
+        if hit:
+            yield Delta(text, tok, None)
+            yield Delta("", None, "stop")
+            return
+        yield Delta(text, tok, None)
+
+
+def sample_token(
+    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
+) -> int:
+    """One token id from ``logits`` (V,): argmax at temperature 0, else top-k, then nucleus, then a draw."""
+    import torch
+
+    if temperature <= 0.0:
+        return int(torch.argmax(logits))
+    logits = logits.float() / temperature
+    if 0 < top_k < logits.numel():
+        kth = torch.topk(logits, top_k).values[-1]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, order = torch.sort(logits, descending=True)
+        probs = torch.softmax(sorted_logits, dim=-1)
+        # drop a token when the tokens before it already reach top_p (the first token always stays)
+        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+    probs = torch.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+def new_seed() -> int:
+    return random.SystemRandom().randrange(1 << 62)
+
+
+# --------------------------------------------------------------------------- real models
+
+
+def model_id_for(path: Path) -> str:
+    """A readable model id from a model path: the file stem, or the run directory's name."""
+    path = Path(path)
+    if path.is_file():
+        return path.stem
+    if path.name.startswith("step") and path.parent.name == "checkpoints":
+        return path.parent.parent.name
+    if path.name == "checkpoints":
+        return path.parent.name
+    return path.name
+
+
+def _stop_ids_of(tokenizer: Any) -> frozenset[int]:
+    """End of message, end of text, and the tokens that would start a new document or turn."""
+    special = getattr(tokenizer, "special_ids", {})
+    names = ("<|end|>", "<|eos|>", "<|bos|>", "<|user|>", "<|system|>", "<|assistant|>")
+    return frozenset(int(special[n]) for n in names if n in special)
+
+
+class EngineBackend:
+    """A loaded nanochat model behind the :class:`Backend` protocol.
+
+    ``mode``:
+    - ``"engine:rust"`` / ``"engine:torch"``: ``nanochat.engine.Engine`` (KV cache; the Rust engine for ternary
+      models on CPU) under a :class:`Batcher`: all running requests advance together, one batched decode step per
+      token (continuous batching: requests join and leave between steps).
+    - ``"reference"`` (``reference=True``, or when ``nanochat.engine`` cannot be used): a KV-cache-free loop on the
+      torch model, a full forward over the sequence per token. O(T^2) and one request at a time per thread, but
+      the plainest statement of the semantics: the slow twin the tests compare the engine with.
+    Sampling is seeded per request on CPU either way, so a seed gives the same text alone or batched.
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        model_id: str | None = None,
+        device: str = "cpu",
+        threads: int | None = None,
+        reference: bool = False,
+    ) -> None:
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        self.model_id = model_id or model_id_for(loaded.path)
+        self.context_length = int(loaded.config.seq_len)
+        self.stop_token_ids = _stop_ids_of(loaded.tokenizer)
+        self.device = device
+        self._batcher: Batcher | None = None
+        self._model: Any = None
+        engine = None if reference else _make_engine(loaded, device, threads)
+        if engine is not None:
+            self._batcher = Batcher(engine)
+            self.mode = f"engine:{getattr(engine, 'backend_name', 'unknown')}"
+        else:
+            self._model = loaded.torch_model(device)
+            self.mode = "reference"
+
+    @classmethod
+    def from_path(cls, path: str | Path, **kw: Any) -> EngineBackend:
+        from nanochat.export.load import load
+
+        return cls(load(path), **kw)
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
+        if self._batcher is not None:
+            return self._batcher.submit(prompt_ids, params, cancel)
+        return deltas_from_tokens(self._reference_tokens(prompt_ids, params), self._decode, params, cancel)
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special=True)
+
+    def _reference_tokens(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+        import torch
+
+        gen = torch.Generator(device="cpu")
+        gen.manual_seed(params.seed if params.seed is not None else new_seed())
+        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)  # (1, T)
+        while ids.shape[1] < self.context_length:
+            with torch.inference_mode():
+                logits = self._model(ids)[0, -1].float().cpu()  # (V,) at the last position
+            tok = sample_token(logits, params.temperature, params.top_k, params.top_p, gen)
+            yield tok
+            ids = torch.cat([ids, torch.tensor([[tok]], dtype=torch.long, device=self.device)], dim=1)
+
+
+def _make_engine(loaded: LoadedModel, device: str, threads: int | None) -> Any | None:
+    """``nanochat.engine.Engine`` for ``loaded``, or ``None`` (logged) when it cannot be used."""
+    try:
+        from nanochat.engine import Engine
+    except ImportError as e:
+        log.warning("nanochat.engine is not available (%s): using the reference loop (slow)", e)
+        return None
+    try:
+        return Engine(loaded, device=device, threads=threads)
+    except Exception as e:
+        log.warning("nanochat.engine could not load the model (%s): using the reference loop (slow)", e)
+        return None
+
+
+@dataclass
+class _Request:
+    prompt_ids: list[int]
+    params: SamplingParams
+    cancel: threading.Event
+    out: queue.SimpleQueue[Delta | BaseException]
+
+
+class Batcher:
+    """Continuous batching over ``nanochat.engine.Engine``: one scheduler thread owns every live sequence.
+
+    Each loop: admit new requests (``Engine.start``: a prefill each, with the request's own sampling parameters,
+    stop strings and stop tokens), drop cancelled ones, then ``Engine.step`` advances all the others by one token in
+    one batched forward, and each request's delta goes to its own queue. A request's ``stream`` iterator (run in a
+    server worker thread) just reads that queue. The engine's per-sequence generators make a batched sequence sample
+    exactly what it would alone.
+    """
+
+    def __init__(self, engine: Any) -> None:
+        self.engine = engine
+        self._inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.steps = 0  # batched decode steps so far
+        self.max_batch = 0  # largest batch seen (tests and curiosity)
+
+    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
+        req = _Request(list(prompt_ids), params, cancel, queue.SimpleQueue())
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="nanochat-batcher", daemon=True)
+                self._thread.start()
+        self._inbox.put(req)
+        return self._deltas(req)
+
+    @staticmethod
+    def _deltas(req: _Request) -> Iterator[Delta]:
+        while True:
+            item = req.out.get()
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+            if item.finish_reason is not None:
+                return
+
+    def _admit(self, req: _Request, live: list[tuple[Any, _Request]]) -> None:
+        if req.cancel.is_set():
+            req.out.put(Delta("", None, "cancelled"))
+            return
+        p = req.params
+        try:
+            (seq,) = self.engine.start(
+                [req.prompt_ids],
+                max_new_tokens=p.max_tokens,
+                temperature=p.temperature,
+                top_k=p.top_k or None,
+                top_p=p.top_p if p.top_p < 1.0 else None,
+                seed=p.seed,
+                stop=list(p.stop),
+                stop_token_ids=p.stop_token_ids,
+            )
+        except Exception as e:  # e.g. ValueError for a prompt the engine refuses: that request fails alone
+            req.out.put(e)
+            return
+        live.append((seq, req))
+
+    def _loop(self) -> None:
+        live: list[tuple[Any, _Request]] = []
+        while True:
+            try:
+                if not live:
+                    self._admit(self._inbox.get(), live)  # idle: block until there is work
+                while True:
+                    try:
+                        self._admit(self._inbox.get_nowait(), live)
+                    except queue.Empty:
+                        break
+                kept = []
+                for seq, req in live:
+                    if req.cancel.is_set():
+                        req.out.put(Delta("", None, "cancelled"))
+                    else:
+                        kept.append((seq, req))
+                live = kept
+                if not live:
+                    continue
+                seqs = [seq for seq, _ in live]
+                before = [len(seq.token_ids) for seq in seqs]
+                texts = self.engine.step(seqs)
+                self.steps += 1
+                self.max_batch = max(self.max_batch, len(seqs))
+                kept = []
+                for (seq, req), n0, text in zip(live, before, texts):
+                    tok = seq.token_ids[-1] if len(seq.token_ids) > n0 else None  # None: a stop token ended it
+                    req.out.put(Delta(text, tok, seq.finish_reason))
+                    if seq.finish_reason is None:
+                        kept.append((seq, req))
+                live = kept
+            except Exception as e:  # an engine failure fails the requests it was running, not the server
+                log.error("batched generation failed", exc_info=True)
+                for _, req in live:
+                    req.out.put(e)
+                live = []
+
+
+# --------------------------------------------------------------------------- fake, for HTTP tests
+
+
+class FakeTokenizer:
+    """Byte-level tokenizer with nanochat's special-token layout: ids 0-6 special, then the 256 bytes."""
+
+    SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+
+    def __init__(self) -> None:
+        self.special_ids = {t: i for i, t in enumerate(self.SPECIALS)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.SPECIALS) + 256
+
+    @property
+    def bos_id(self) -> int:
+        return 0
+
+    @property
+    def end_id(self) -> int:
+        return self.special_ids["<|end|>"]
+
+    def encode(self, text: str) -> list[int]:
+        return [b + len(self.SPECIALS) for b in text.encode("utf-8")]
+
+    def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
+        out: list[str] = []
+        buf = bytearray()
+        for i in ids:
+            if i >= len(self.SPECIALS):
+                buf.append(i - len(self.SPECIALS))
+                continue
+            out.append(buf.decode("utf-8", errors="replace"))
+            buf.clear()
+            if not skip_special:
+                out.append(self.SPECIALS[i])
+        out.append(buf.decode("utf-8", errors="replace"))
+        return "".join(out)
+
+    def render_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
+        ids = [self.bos_id]
+        for m in messages:
+            ids += [self.special_ids[f"<|{m['role']}|>"], *self.encode(m["content"]), self.end_id]
+        return ids + [self.special_ids["<|assistant|>"]]
+
+
+@dataclass
+class FakeBackend:
+    """Deterministic model-free backend: replies ``reply`` byte by byte (one token per byte), then ``<|end|>``.
+
+    With ``temperature > 0`` the reply's words are shuffled by ``random.Random(seed)``, so seeds matter. ``gate``,
+    when given, is waited on after the first token (tests use it to hold a generation open); ``token_delay`` sleeps
+    between tokens; ``fail_at`` raises ``RuntimeError`` before that token index (0: before the first). ``started``
+    and ``cancelled`` count generations begun and ended by ``cancel``.
+    """
+
+    reply: str = "Hello! Here is some code:\n```python\nprint(1 < 2)\n```\nDone."
+    model_id: str = "fake"
+    context_length: int = 256
+    token_delay: float = 0.0
+    gate: threading.Event | None = None
+    fail_at: int | None = None
+    tokenizer: FakeTokenizer = field(default_factory=FakeTokenizer)
+    stop_token_ids: frozenset[int] = frozenset({1, 6})  # <|eos|>, <|end|>
+    started: int = 0
+    cancelled: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+
+    def _tokens(self, params: SamplingParams, cancel: threading.Event) -> Iterator[int]:
+        text = self.reply
+        if params.temperature > 0:
+            words = text.split(" ")
+            random.Random(params.seed if params.seed is not None else new_seed()).shuffle(words)
+            text = " ".join(words)
+        for i, tok in enumerate([*self.tokenizer.encode(text), self.tokenizer.end_id]):
+            if i == self.fail_at:
+                raise RuntimeError(f"fake failure at token {i}")
+            if i == 1 and self.gate is not None:
+                while not self.gate.wait(0.01):
+                    if cancel.is_set():
+                        return
+            if i > 0 and self.token_delay:
+                time.sleep(self.token_delay)
+            yield tok
+
+    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
+        with self._lock:
+            self.started += 1
+        for d in deltas_from_tokens(self._tokens(params, cancel), self.tokenizer.decode, params, cancel):
+            if d.finish_reason == "cancelled":
+                with self._lock:
+                    self.cancelled += 1
+            yield d

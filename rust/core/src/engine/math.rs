@@ -1,0 +1,764 @@
+//! f32 building blocks of the forward step: dot products, RMSNorm, a vectorisable `exp`,
+//! softmax, SiLU, RoPE, int8 activation quantization into caller buffers, and the f32 / int8
+//! matrix–vector products of the LM head.
+//!
+//! Every routine is written once as portable Rust (`#[inline(always)]` bodies over fixed-width
+//! lanes, which LLVM vectorises) and instantiated twice: inside an AVX2+FMA
+//! `#[target_feature]` wrapper chosen at run time, and as the plain-x86-64/other-arch fallback.
+//! The int8 head dot uses explicit AVX2 / AVX-512 VNNI intrinsics (exact integer sums, so all
+//! variants agree bit for bit).
+//!
+//! Accuracy: [`exp`] is a Cephes-style range reduction plus a degree-6 polynomial, ≤ 2 ulp on
+//! the range softmax and SiLU use; everything else is plain IEEE f32 with a fixed summation
+//! order per routine (8 or 16 partial sums), so results are deterministic for a given build
+//! and CPU path.
+
+/// Lanes of the portable accumulators (two AVX2 registers).
+const L: usize = 16;
+
+/// Whether AVX2 + FMA code paths may run (resolved once).
+#[inline]
+pub fn has_avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static F: OnceLock<bool> = OnceLock::new();
+        *F.get_or_init(|| is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+/// Instantiate a portable `#[inline(always)]` body as `$name`, dispatching to an AVX2+FMA build
+/// of the same body when the CPU has it.
+macro_rules! dispatch {
+    ($(#[$m:meta])* pub fn $name:ident($($a:ident : $t:ty),*) $(-> $r:ty)? => $body:ident) => {
+        $(#[$m])*
+        #[inline]
+        pub fn $name($($a: $t),*) $(-> $r)? {
+            #[cfg(target_arch = "x86_64")]
+            {
+                #[target_feature(enable = "avx2,fma")]
+                unsafe fn avx2($($a: $t),*) $(-> $r)? { $body($($a),*) }
+                if has_avx2() {
+                    // SAFETY: the CPU supports AVX2 and FMA (checked above).
+                    return unsafe { avx2($($a),*) };
+                }
+            }
+            $body($($a),*)
+        }
+    };
+}
+
+// ----------------------------------------------------------------------------- reductions
+
+#[inline(always)]
+pub(crate) fn dot_body(a: &[f32], b: &[f32]) -> f32 {
+    let n = a.len().min(b.len());
+    let (a, b) = (&a[..n], &b[..n]);
+    let mut acc = [0f32; L];
+    let mut ca = a.chunks_exact(L);
+    let mut cb = b.chunks_exact(L);
+    for (x, y) in (&mut ca).zip(&mut cb) {
+        for j in 0..L {
+            acc[j] += x[j] * y[j];
+        }
+    }
+    let mut tail = 0f32;
+    for (x, y) in ca.remainder().iter().zip(cb.remainder()) {
+        tail += x * y;
+    }
+    hsum(&acc) + tail
+}
+
+#[inline(always)]
+fn hsum(acc: &[f32; L]) -> f32 {
+    let mut h = [0f32; 8];
+    for j in 0..8 {
+        h[j] = acc[j] + acc[j + 8];
+    }
+    ((h[0] + h[4]) + (h[1] + h[5])) + ((h[2] + h[6]) + (h[3] + h[7]))
+}
+
+#[inline(always)]
+fn sumsq_body(a: &[f32]) -> f32 {
+    dot_body(a, a)
+}
+
+dispatch!(
+    /// `Σ a·b` over the shorter length.
+    pub fn dot(a: &[f32], b: &[f32]) -> f32 => dot_body
+);
+
+#[inline(always)]
+fn axpy_body(y: &mut [f32], a: f32, x: &[f32]) {
+    for (y, x) in y.iter_mut().zip(x) {
+        *y += a * x;
+    }
+}
+
+dispatch!(
+    /// `y += a·x`.
+    pub fn axpy(y: &mut [f32], a: f32, x: &[f32]) => axpy_body
+);
+
+// ----------------------------------------------------------------------------- RMSNorm
+
+#[inline(always)]
+fn rmsnorm_body(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) {
+    let ms = sumsq_body(x) / x.len() as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for ((o, &v), &g) in out.iter_mut().zip(x).zip(w) {
+        *o = v * r * g;
+    }
+}
+
+dispatch!(
+    /// `out = x · rsqrt(mean(x²) + eps) · w` (one row).
+    pub fn rmsnorm(out: &mut [f32], x: &[f32], w: &[f32], eps: f32) => rmsnorm_body
+);
+
+#[inline(always)]
+fn rmsnorm_inplace_body(x: &mut [f32], w: &[f32], eps: f32) {
+    let ms = sumsq_body(x) / x.len() as f32;
+    let r = 1.0 / (ms + eps).sqrt();
+    for (v, &g) in x.iter_mut().zip(w) {
+        *v = *v * r * g;
+    }
+}
+
+dispatch!(
+    /// In-place [`rmsnorm`].
+    pub fn rmsnorm_inplace(x: &mut [f32], w: &[f32], eps: f32) => rmsnorm_inplace_body
+);
+
+// ----------------------------------------------------------------------------- exp, softmax, SiLU
+
+/// `e^x` for f32, vectorisable: `x = n·ln2 + r`, `|r| ≤ ln2/2`, `e^r` by a degree-6 polynomial
+/// (Cephes `expf` coefficients), then `2^n` by exponent-field arithmetic. Inputs below −87.3
+/// give 0 and above 88.7 give +inf (NaN propagates).
+#[inline(always)]
+pub fn exp(x: f32) -> f32 {
+    const LOG2E: f32 = std::f32::consts::LOG2_E;
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    let xc = x.clamp(-87.336_55, 88.376_26);
+    let n = (xc * LOG2E).round_ties_even();
+    let r = xc - n * LN2_HI - n * LN2_LO;
+    let r2 = r * r;
+    let p = 1.987_569_1e-4_f32;
+    let p = p * r + 1.398_199_9e-3;
+    let p = p * r + 8.333_452e-3;
+    let p = p * r + 4.166_579_6e-2;
+    let p = p * r + 1.666_666_5e-1;
+    let p = p * r + 5e-1;
+    let e = p * r2 + r + 1.0;
+    // 2^n for n in [-126, 127]: the clamp above keeps n there.
+    let scale = f32::from_bits(((n as i32 + 127) as u32) << 23);
+    let y = e * scale;
+    if x < -87.336_55 {
+        0.0
+    } else if x > 88.376_26 {
+        f32::INFINITY
+    } else if x.is_nan() {
+        x
+    } else {
+        y
+    }
+}
+
+#[inline(always)]
+fn softmax_body(x: &mut [f32]) {
+    let m = x.iter().fold(f32::NEG_INFINITY, |m, &v| m.max(v));
+    let mut sum = 0f32;
+    for v in x.iter_mut() {
+        *v = exp(*v - m);
+        sum += *v;
+    }
+    let r = 1.0 / sum;
+    for v in x.iter_mut() {
+        *v *= r;
+    }
+}
+
+dispatch!(
+    /// In-place softmax of one row.
+    pub fn softmax(x: &mut [f32]) => softmax_body
+);
+
+#[inline(always)]
+pub(crate) fn swiglu_body(gate: &mut [f32], up: &[f32]) {
+    for (g, &u) in gate.iter_mut().zip(up) {
+        let s = *g / (1.0 + exp(-*g));
+        *g = s * u;
+    }
+}
+
+/// `gate ← silu(gate) · up`.
+#[inline]
+pub fn swiglu(gate: &mut [f32], up: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: AVX2 and FMA are present.
+            return unsafe { x86::swiglu(gate, up) };
+        }
+    }
+    swiglu_body(gate, up)
+}
+
+#[inline(always)]
+fn relu2_body(x: &mut [f32]) {
+    for v in x.iter_mut() {
+        let r = v.max(0.0);
+        *v = r * r;
+    }
+}
+
+dispatch!(
+    /// `x ← relu(x)²`.
+    pub fn relu2(x: &mut [f32]) => relu2_body
+);
+
+/// AVX2 versions of the elementwise hot spots (bit-identical with the portable ones).
+#[cfg(target_arch = "x86_64")]
+pub(crate) mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::exp`] on 8 lanes: the same constants, operations and clamps, so the same bits.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp8(x: __m256) -> __m256 {
+        let lo = _mm256_set1_ps(-87.336_55);
+        let hi = _mm256_set1_ps(88.376_26);
+        let xc = _mm256_min_ps(_mm256_max_ps(x, lo), hi);
+        let n = _mm256_round_ps(
+            _mm256_mul_ps(xc, _mm256_set1_ps(std::f32::consts::LOG2_E)),
+            _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC,
+        );
+        let r = _mm256_sub_ps(xc, _mm256_mul_ps(n, _mm256_set1_ps(0.693_359_4)));
+        let r = _mm256_sub_ps(r, _mm256_mul_ps(n, _mm256_set1_ps(-2.121_944_4e-4)));
+        let r2 = _mm256_mul_ps(r, r);
+        let mut p = _mm256_set1_ps(1.987_569_1e-4);
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.398_199_9e-3));
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(8.333_452e-3));
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(4.166_579_6e-2));
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(1.666_666_5e-1));
+        p = _mm256_add_ps(_mm256_mul_ps(p, r), _mm256_set1_ps(5e-1));
+        let e = _mm256_add_ps(_mm256_add_ps(_mm256_mul_ps(p, r2), r), _mm256_set1_ps(1.0));
+        let pow2 = _mm256_castsi256_ps(_mm256_slli_epi32(
+            _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)),
+            23,
+        ));
+        let y = _mm256_mul_ps(e, pow2);
+        // below the range 0, above it +inf, NaN stays NaN (as the scalar version)
+        let y = _mm256_andnot_ps(_mm256_cmp_ps(x, lo, _CMP_LT_OQ), y);
+        let y = _mm256_blendv_ps(
+            y,
+            _mm256_set1_ps(f32::INFINITY),
+            _mm256_cmp_ps(x, hi, _CMP_GT_OQ),
+        );
+        _mm256_blendv_ps(y, x, _mm256_cmp_ps(x, x, _CMP_UNORD_Q))
+    }
+
+    /// See [`super::quantize_row`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
+        let n = x.len().min(q.len());
+        let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
+        let sign = _mm256_set1_ps(-0.0);
+        let mut m = _mm256_setzero_ps();
+        let mut c = 0;
+        while c + 8 <= n {
+            // max ignores NaN the same way the scalar fold does (maxps returns the second
+            // operand when either is NaN).
+            m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xp.add(c))), m);
+            c += 8;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let mut amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+        for &v in &x[c..n] {
+            amax = amax.max(v.abs());
+        }
+        let amax = amax.max(crate::ternary::MIN_ACT_ABSMAX);
+        let inv = 127.0 / amax;
+        let vinv = _mm256_set1_ps(inv);
+        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+        let mut c = 0;
+        while c + 32 <= n {
+            let mut v = [_mm256_setzero_si256(); 4];
+            for (k, vk) in v.iter_mut().enumerate() {
+                let y = _mm256_mul_ps(_mm256_loadu_ps(xp.add(c + 8 * k)), vinv);
+                let y = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                *vk = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, lo), hi));
+            }
+            // i32 → i16 → i8 with saturation (values already in range); packs work per 128-bit
+            // lane, so fix the order with a final dword permute.
+            let a = _mm256_packs_epi32(v[0], v[1]);
+            let b = _mm256_packs_epi32(v[2], v[3]);
+            let p = _mm256_packs_epi16(a, b);
+            let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+            _mm256_storeu_si256(qp.add(c) as *mut __m256i, p);
+            c += 32;
+        }
+        for (o, &v) in q[c..n].iter_mut().zip(&x[c..n]) {
+            *o = (v * inv).round_ties_even().clamp(-128.0, 127.0) as i8;
+        }
+        amax / 127.0
+    }
+
+    /// See [`super::swiglu`].
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
+        let n = gate.len().min(up.len());
+        let (gp, up_) = (gate.as_mut_ptr(), up.as_ptr());
+        let one = _mm256_set1_ps(1.0);
+        let neg = _mm256_set1_ps(-0.0);
+        let mut c = 0;
+        while c + 8 <= n {
+            let g = _mm256_loadu_ps(gp.add(c));
+            let s = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, neg))));
+            _mm256_storeu_ps(gp.add(c), _mm256_mul_ps(s, _mm256_loadu_ps(up_.add(c))));
+            c += 8;
+        }
+        super::swiglu_body(&mut gate[c..n], &up[c..n]);
+    }
+}
+
+// ----------------------------------------------------------------------------- RoPE
+
+/// NEOX rotary embedding of one head in place: pairs `(i, i + d/2)` rotated by the angle whose
+/// cosine and sine are `cos[i]`, `sin[i]` (`d/2` values for this position).
+#[inline]
+pub fn rope_neox(x: &mut [f32], cos: &[f32], sin: &[f32]) {
+    let h = x.len() / 2;
+    let (a, b) = x.split_at_mut(h);
+    for i in 0..h {
+        let (x0, x1) = (a[i], b[i]);
+        a[i] = x0 * cos[i] - x1 * sin[i];
+        b[i] = x1 * cos[i] + x0 * sin[i];
+    }
+}
+
+// ----------------------------------------------------------------------------- int8 activations
+
+#[inline(always)]
+fn quantize_row_body(x: &[f32], q: &mut [i8]) -> f32 {
+    let amax = x
+        .iter()
+        .fold(0f32, |m, v| m.max(v.abs()))
+        .max(crate::ternary::MIN_ACT_ABSMAX);
+    let inv = 127.0 / amax;
+    for (o, &v) in q.iter_mut().zip(x) {
+        *o = (v * inv).round_ties_even().clamp(-128.0, 127.0) as i8;
+    }
+    amax / 127.0
+}
+
+/// Per-row absmax int8 quantization into `q`; returns the dequantization scale `absmax/127`.
+/// Bit-identical with [`crate::ternary::quantize_acts_i8`] (same expression, same rounding).
+#[inline]
+pub fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_avx2() {
+            // SAFETY: AVX2 and FMA are present.
+            return unsafe { x86::quantize_row(x, q) };
+        }
+    }
+    quantize_row_body(x, q)
+}
+
+// ----------------------------------------------------------------------------- head products
+
+/// Rows of `w` (`rows × cols`, row-major f32) times each of `n` activation rows
+/// (`x`, `n × cols`): `out[i·ld + r] = w[r] · x[i]` for `r` in `r0..r1`.
+///
+/// # Safety
+/// `out` must be valid for writes at every `i·ld + r` (`i < n`, `r0 ≤ r < r1`), and no other
+/// thread may access those elements meanwhile.
+#[inline(always)]
+#[allow(clippy::too_many_arguments)]
+unsafe fn matvec_rows_f32_body(
+    w: &[f32],
+    cols: usize,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    n: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    for r in r0..r1 {
+        let wr = &w[r * cols..(r + 1) * cols];
+        for i in 0..n {
+            *out.add(i * ld + r) = dot_body(wr, &x[i * cols..(i + 1) * cols]);
+        }
+    }
+}
+
+/// f32 `out[i·ld + r] = w[r]·x[i]` for weight rows `r0..r1` (the LM head).
+///
+/// # Safety
+/// As [`matvec_rows_f32_body`]: `out` valid for those writes, which no other thread touches.
+#[allow(clippy::too_many_arguments)]
+#[inline]
+pub unsafe fn matvec_rows_f32(
+    w: &[f32],
+    cols: usize,
+    r0: usize,
+    r1: usize,
+    x: &[f32],
+    n: usize,
+    out: *mut f32,
+    ld: usize,
+) {
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx2,fma")]
+        #[allow(clippy::too_many_arguments)]
+        unsafe fn avx2(
+            w: &[f32],
+            cols: usize,
+            r0: usize,
+            r1: usize,
+            x: &[f32],
+            n: usize,
+            out: *mut f32,
+            ld: usize,
+        ) {
+            matvec_rows_f32_body(w, cols, r0, r1, x, n, out, ld)
+        }
+        if has_avx2() {
+            return avx2(w, cols, r0, r1, x, n, out, ld);
+        }
+    }
+    matvec_rows_f32_body(w, cols, r0, r1, x, n, out, ld)
+}
+
+/// `Σ_c f16(w[c])·x[c]` for fp16 weights (raw bits) and f32 activations: the fp16 LM head.
+#[inline]
+pub fn dot_f16(w: &[u16], x: &[f32]) -> f32 {
+    #[cfg(target_arch = "x86_64")]
+    {
+        if has_f16c() {
+            // SAFETY: AVX2, FMA and F16C are present.
+            return unsafe { dot_f16_avx2(w, x) };
+        }
+    }
+    dot_f16_scalar(w, x)
+}
+
+fn dot_f16_scalar(w: &[u16], x: &[f32]) -> f32 {
+    w.iter()
+        .zip(x)
+        .map(|(&b, &v)| half::f16::from_bits(b).to_f32() * v)
+        .sum()
+}
+
+/// Whether AVX2 + FMA + F16C code paths may run (resolved once).
+pub fn has_f16c() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        use std::sync::OnceLock;
+        static F: OnceLock<bool> = OnceLock::new();
+        *F.get_or_init(|| has_avx2() && is_x86_feature_detected!("f16c"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn dot_f16_avx2(w: &[u16], x: &[f32]) -> f32 {
+    use std::arch::x86_64::*;
+    let n = w.len().min(x.len());
+    let (wp, xp) = (w.as_ptr(), x.as_ptr());
+    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+    let mut c = 0;
+    while c + 16 <= n {
+        let w0 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(c) as *const __m128i));
+        let w1 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(c + 8) as *const __m128i));
+        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(c)), a0);
+        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(c + 8)), a1);
+        c += 16;
+    }
+    let a = _mm256_add_ps(a0, a1);
+    let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+    _mm_cvtss_f32(s) + dot_f16_scalar(&w[c..n], &x[c..n])
+}
+
+/// Exact `Σ_c w[c]·x[c]` for int8 vectors (any length).
+#[inline]
+fn dot_i8_scalar(w: &[i8], x: &[i8]) -> i32 {
+    w.iter().zip(x).map(|(&a, &b)| a as i32 * b as i32).sum()
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86_i8 {
+    use std::arch::x86_64::*;
+
+    /// AVX2: `|x|` (u8) × `sign(w, x)` (i8) with `vpmaddubsw` (each i16 pair sum ≤ 2·128·127,
+    /// no saturation), widened by `vpmaddwd`. `cols` a multiple of 32.
+    #[target_feature(enable = "avx2")]
+    pub unsafe fn dot_avx2(w: &[i8], x: &[i8]) -> i32 {
+        let n = w.len().min(x.len()) / 32 * 32;
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_si256();
+        let mut c = 0;
+        while c < n {
+            let wv = _mm256_loadu_si256(w.as_ptr().add(c) as *const __m256i);
+            let xv = _mm256_loadu_si256(x.as_ptr().add(c) as *const __m256i);
+            let ax = _mm256_sign_epi8(xv, xv);
+            let sw = _mm256_sign_epi8(wv, xv);
+            let p = _mm256_maddubs_epi16(ax, sw);
+            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+            c += 32;
+        }
+        let lo = _mm256_castsi256_si128(acc);
+        let hi = _mm256_extracti128_si256(acc, 1);
+        let s = _mm_add_epi32(lo, hi);
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+        _mm_cvtsi128_si32(s) + super::dot_i8_scalar(&w[n..], &x[n..])
+    }
+
+    /// AVX-512 VNNI: the same sign trick with `vpdpbusd` (i32 accumulation, exact).
+    #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
+    pub unsafe fn dot_vnni(w: &[i8], x: &[i8]) -> i32 {
+        let n = w.len().min(x.len()) / 64 * 64;
+        let mut acc = _mm512_setzero_si512();
+        let mut c = 0;
+        while c < n {
+            let wv = _mm512_loadu_si512(w.as_ptr().add(c) as *const _);
+            let xv = _mm512_loadu_si512(x.as_ptr().add(c) as *const _);
+            let ax = _mm512_abs_epi8(xv);
+            // sign(w, x): negate w where x < 0 (x == 0 gives |x| = 0, so w's value is moot).
+            let neg = _mm512_movepi8_mask(xv);
+            let sw = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);
+            acc = _mm512_dpbusd_epi32(acc, ax, sw);
+            c += 64;
+        }
+        _mm512_reduce_add_epi32(acc) + super::dot_i8_scalar(&w[n..], &x[n..])
+    }
+}
+
+/// Which int8 dot product this CPU runs (resolved once).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum DotI8 {
+    Scalar,
+    Avx2,
+    Vnni,
+}
+
+fn dot_i8_kind() -> DotI8 {
+    use std::sync::OnceLock;
+    static K: OnceLock<DotI8> = OnceLock::new();
+    *K.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512vnni")
+            {
+                return DotI8::Vnni;
+            }
+            if is_x86_feature_detected!("avx2") {
+                return DotI8::Avx2;
+            }
+        }
+        DotI8::Scalar
+    })
+}
+
+/// Exact int8 dot product (note: `x = -128` is never produced by the quantizer; `|−128|`
+/// would wrap in the sign trick, so callers must pass values in [−127, 127]).
+#[inline]
+pub fn dot_i8(w: &[i8], x: &[i8]) -> i32 {
+    match dot_i8_kind() {
+        // SAFETY: the features were detected by `dot_i8_kind`.
+        #[cfg(target_arch = "x86_64")]
+        DotI8::Vnni => unsafe { x86_i8::dot_vnni(w, x) },
+        #[cfg(target_arch = "x86_64")]
+        DotI8::Avx2 => unsafe { x86_i8::dot_avx2(w, x) },
+        _ => dot_i8_scalar(w, x),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exp_matches_std() {
+        let mut worst = 0f32;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let (a, b) = (exp(x), x.exp());
+            worst = worst.max(((a - b) / b).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "relative error {worst}");
+        assert_eq!(exp(-1000.0), 0.0);
+        assert_eq!(exp(1000.0), f32::INFINITY);
+        assert!(exp(f32::NAN).is_nan());
+        assert_eq!(exp(f32::NEG_INFINITY), 0.0);
+    }
+
+    #[test]
+    fn dot_and_norm() {
+        let a: Vec<f32> = (0..77).map(|i| (i as f32 * 0.37).sin()).collect();
+        let b: Vec<f32> = (0..77).map(|i| (i as f32 * 0.11).cos()).collect();
+        let want: f64 = a.iter().zip(&b).map(|(x, y)| *x as f64 * *y as f64).sum();
+        assert!((dot(&a, &b) as f64 - want).abs() < 1e-4);
+        let w = vec![2.0f32; 77];
+        let mut out = vec![0f32; 77];
+        rmsnorm(&mut out, &a, &w, 1e-5);
+        let ms: f64 = a.iter().map(|v| (*v as f64).powi(2)).sum::<f64>() / 77.0;
+        for (o, v) in out.iter().zip(&a) {
+            let want = *v as f64 / (ms + 1e-5).sqrt() * 2.0;
+            assert!((*o as f64 - want).abs() < 1e-5);
+        }
+    }
+
+    #[test]
+    fn softmax_sums_to_one() {
+        let mut x: Vec<f32> = (0..33).map(|i| i as f32 * 0.3 - 4.0).collect();
+        x[3] = f32::NEG_INFINITY; // masked entries
+        softmax(&mut x);
+        assert!((x.iter().sum::<f32>() - 1.0).abs() < 1e-6);
+        assert_eq!(x[3], 0.0);
+    }
+
+    #[test]
+    fn simd_elementwise_bit_identical() {
+        for n in [1usize, 7, 8, 31, 32, 33, 100, 768, 3072] {
+            let mut x: Vec<f32> = (0..n)
+                .map(|i| ((i * 7919) % 613) as f32 / 37.0 - 8.0)
+                .collect();
+            if n > 5 {
+                x[3] = 0.5 * 127.0 / 8.0; // ties at .5 after scaling are likely somewhere
+                x[4] = -100.0;
+            }
+            let mut a = vec![0i8; n];
+            let sa = quantize_row_body(&x, &mut a);
+            let mut b = vec![0i8; n];
+            let sb = quantize_row(&x, &mut b);
+            assert_eq!((a, sa), (b, sb), "n = {n}");
+            let up: Vec<f32> = (0..n).map(|i| (i as f32 * 0.3).cos()).collect();
+            let mut g1 = x.iter().map(|v| v * 12.0).collect::<Vec<_>>();
+            let mut g2 = g1.clone();
+            swiglu_body(&mut g1, &up);
+            swiglu(&mut g2, &up);
+            assert_eq!(g1, g2, "n = {n}");
+        }
+        #[cfg(target_arch = "x86_64")]
+        if has_avx2() {
+            use std::arch::x86_64::*;
+            let xs = [-1000.0f32, -88.0, -87.0, -1.5, 0.0, 2.5, 88.0, 1000.0];
+            let mut out = [0f32; 8];
+            unsafe { _mm256_storeu_ps(out.as_mut_ptr(), x86::exp8(_mm256_loadu_ps(xs.as_ptr()))) };
+            for (x, y) in xs.iter().zip(out) {
+                assert_eq!(exp(*x).to_bits(), y.to_bits(), "exp({x})");
+            }
+        }
+    }
+
+    #[test]
+    fn quantize_row_matches_core() {
+        let x: Vec<f32> = (0..300)
+            .map(|i| ((i * 7919) % 613) as f32 / 97.0 - 3.0)
+            .collect();
+        let want = crate::ternary::quantize_acts_i8(&x, 300).unwrap();
+        let mut q = vec![0i8; 300];
+        let s = quantize_row(&x, &mut q);
+        assert_eq!(q, want.values);
+        assert_eq!(s, want.scales[0]);
+    }
+
+    #[test]
+    fn dot_f16_matches_scalar() {
+        for n in [1usize, 15, 16, 17, 64, 768] {
+            let w: Vec<u16> = (0..n)
+                .map(|i| half::f16::from_f32((i as f32 * 0.37).sin()).to_bits())
+                .collect();
+            let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.11).cos()).collect();
+            let (a, b) = (dot_f16(&w, &x), dot_f16_scalar(&w, &x));
+            assert!(
+                (a - b).abs() < 1e-4 * (n as f32).sqrt(),
+                "n = {n}: {a} vs {b}"
+            );
+        }
+    }
+
+    #[test]
+    fn dot_i8_all_paths_exact() {
+        for n in [1usize, 31, 32, 63, 64, 65, 200, 768] {
+            let w: Vec<i8> = (0..n)
+                .map(|i| ((i * 37 + 11) % 255) as i32 - 127)
+                .map(|v| v as i8)
+                .collect();
+            let x: Vec<i8> = (0..n)
+                .map(|i| ((i * 53 + 5) % 255) as i32 - 127)
+                .map(|v| v as i8)
+                .collect();
+            let want = dot_i8_scalar(&w, &x);
+            assert_eq!(dot_i8(&w, &x), want, "n = {n}");
+            #[cfg(target_arch = "x86_64")]
+            {
+                if is_x86_feature_detected!("avx2") {
+                    assert_eq!(unsafe { x86_i8::dot_avx2(&w, &x) }, want);
+                }
+                if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
+                    assert_eq!(unsafe { x86_i8::dot_vnni(&w, &x) }, want);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod perf {
+    use super::*;
+
+    fn best(f: &mut dyn FnMut()) -> f64 {
+        let mut b = f64::INFINITY;
+        for _ in 0..30 {
+            let t = std::time::Instant::now();
+            for _ in 0..100 {
+                f();
+            }
+            b = b.min(t.elapsed().as_secs_f64() / 100.0);
+        }
+        b
+    }
+
+    #[test]
+    #[ignore]
+    fn elementwise_speed() {
+        let n = 3072;
+        let x: Vec<f32> = (0..n).map(|i| (i as f32 * 0.37).sin()).collect();
+        let w = vec![1.1f32; n];
+        let mut o = vec![0f32; n];
+        let mut q = vec![0i8; n];
+        let mut g = x.clone();
+        let t = best(&mut || {
+            std::hint::black_box(quantize_row(&x, &mut q));
+        });
+        eprintln!("quantize_row {n}: {:.2} ns/elem", t * 1e9 / n as f64);
+        let t = best(&mut || rmsnorm(&mut o, &x, &w, 1e-5));
+        eprintln!("rmsnorm {n}: {:.2} ns/elem", t * 1e9 / n as f64);
+        let t = best(&mut || {
+            g.copy_from_slice(&x);
+            swiglu(&mut g, &x)
+        });
+        eprintln!("swiglu {n}: {:.2} ns/elem", t * 1e9 / n as f64);
+    }
+}

@@ -1,0 +1,187 @@
+"""The chat page in a real browser: Debian's ``chromium`` driven by ``playwright`` (its own browsers are not needed).
+
+- With the tiny real model (8192-token context, so a reply outlasts the test's clicks): type, press Enter, watch
+  text stream in, press Stop; the server sees the disconnect. Screenshot: ``artifacts/serve_chat.png``.
+- With the deterministic ``FakeBackend`` (its reply holds a fenced code block with ``<`` in it): fenced code
+  becomes ``<pre><code>``, HTML is shown as text, Shift+Enter is a newline, errors are shown, New chat clears,
+  an API key is asked for on a 401 and kept in localStorage. Screenshot (dark scheme):
+  ``artifacts/serve_chat_code.png``.
+
+The page must make no request outside the server and raise no JavaScript error. Skipped only when no
+``chromium`` executable is installed (``apt-get install chromium``).
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from nanochat.serve import EngineBackend, FakeBackend, Settings, create_app
+from nanochat.serve.testing import ServerThread, build_tiny_model, parse_metrics
+
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no `chromium` executable (Debian: apt-get install chromium)")
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "artifacts"
+LONG_CTX = 8192
+TIMEOUT_MS = 30_000
+expect.set_options(timeout=TIMEOUT_MS)
+
+
+def wait_until(pred: Callable[[], bool], timeout: float = 30.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def metric(url: str, name: str) -> float:
+    return parse_metrics(httpx.get(url + "/metrics", timeout=10).text)[name]
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    with sync_playwright() as p:
+        b = p.chromium.launch(
+            executable_path=CHROMIUM,
+            headless=True,
+            args=["--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"],  # root in a container, no GPU
+        )
+        try:
+            yield b
+        finally:
+            b.close()
+
+
+class Watched:
+    """A page plus what it did: requests it made and JavaScript errors it raised."""
+
+    def __init__(self, browser: Browser, base_url: str, **context: Any) -> None:
+        self.context = browser.new_context(viewport={"width": 1000, "height": 720}, **context)
+        self.page: Page = self.context.new_page()
+        self.page.set_default_timeout(TIMEOUT_MS)
+        self.requests: list[str] = []
+        self.errors: list[str] = []
+        self.page.on("request", lambda r: self.requests.append(r.url))
+        self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        self.base_url = base_url
+
+    def check_clean(self) -> None:
+        assert not self.errors, self.errors
+        outside = [u for u in self.requests if not (u.startswith(self.base_url) or u.startswith("data:"))]
+        assert not outside, outside
+
+    def close(self) -> None:
+        self.context.close()
+
+
+def test_stream_and_stop_with_the_real_model(browser: Browser, tmp_path: Path) -> None:
+    backend = EngineBackend.from_path(build_tiny_model(tmp_path / "tiny-chat.gguf", seq_len=LONG_CTX), threads=1)
+    with ServerThread(create_app(backend, Settings(max_concurrent=2))) as srv:
+        w = Watched(browser, srv.url)
+        page = w.page
+        page.goto(srv.url + "/")
+        expect(page.locator("#model")).to_contain_text("tiny-chat")
+        expect(page.locator("#model")).to_contain_text(f"context {LONG_CTX}")
+        page.fill("#max-tokens", "8000")  # far more than the test will wait for
+        page.fill("#prompt", "Write a function that adds two numbers")
+        page.press("#prompt", "Enter")
+
+        expect(page.locator(".msg.user .body")).to_have_text("Write a function that adds two numbers")
+        reply = page.locator(".msg.assistant").last
+        expect(reply).to_have_attribute("data-state", "streaming")
+        expect(page.locator("#stop")).to_be_visible()
+        expect(page.locator("#send")).to_be_hidden()
+        body = reply.locator(".body")
+        page.wait_for_function(
+            "() => { const b = document.querySelector('.msg.assistant .body'); return b && b.innerText.length > 150; }"
+        )
+        first = len(body.inner_text())
+        page.wait_for_function(
+            f"() => document.querySelector('.msg.assistant .body').innerText.length > {first}"
+        )  # it keeps growing: streamed, not delivered at the end
+        assert metric(srv.url, "nanochat_requests_in_flight") == 1
+
+        page.click("#stop")
+        expect(reply).to_have_attribute("data-state", "stopped")
+        expect(reply.locator(".note")).to_have_text("stopped")
+        expect(page.locator("#send")).to_be_visible()
+        expect(page.locator("#stop")).to_be_hidden()
+        expect(page.locator("#prompt")).to_be_focused()
+        # the abort reached the server: the generation was cancelled and its slot given back
+        assert wait_until(lambda: metric(srv.url, "nanochat_requests_cancelled_total") == 1)
+        assert wait_until(lambda: metric(srv.url, "nanochat_requests_in_flight") == 0)
+        assert metric(srv.url, "nanochat_generated_tokens_total") < 8000
+        stopped_text = body.inner_text()
+        assert len(stopped_text) > 150
+
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "serve_chat.png"))
+        w.check_clean()
+        w.close()
+
+
+def test_code_blocks_escaping_errors_new_chat_and_api_key(browser: Browser) -> None:
+    backend = FakeBackend(reply="Here you go:\n```python\nprint(1 < 2)  # <b>not bold</b>\n```\nUse `add` & enjoy.")
+    with ServerThread(create_app(backend, Settings(api_key="k3y", max_tokens_limit=100))) as srv:
+        w = Watched(browser, srv.url, color_scheme="dark")
+        page = w.page
+        page.goto(srv.url + "/")
+        expect(page.locator("#max-tokens")).to_have_value("256")
+        # /v1/models answered 401: the page asks for the key
+        expect(page.locator("#keybar")).to_be_visible()
+        page.fill("#api-key", "k3y")
+        page.click("#keybar button")
+        expect(page.locator("#keybar")).to_be_hidden()
+        expect(page.locator("#model")).to_contain_text("fake")
+        assert page.evaluate("localStorage.getItem('nanochat.apiKey')") == "k3y"
+
+        page.fill("#temperature", "0")  # the fake shuffles words at temperature > 0
+        page.click("#prompt")
+        page.keyboard.type("first line")
+        page.keyboard.press("Shift+Enter")  # a newline, not a send
+        page.keyboard.type("second line")
+        assert page.input_value("#prompt") == "first line\nsecond line"
+        assert page.locator(".msg").count() == 0
+        page.keyboard.press("Enter")
+
+        reply = page.locator(".msg.assistant").last
+        expect(reply).to_have_attribute("data-state", "done")
+        expect(page.locator(".msg.user .body")).to_have_text("first line\nsecond line")
+        code = reply.locator("pre code")
+        expect(code).to_have_text("print(1 < 2)  # <b>not bold</b>")  # shown as text, not markup
+        assert reply.locator("b").count() == 0
+        assert code.evaluate("e => getComputedStyle(e).fontFamily").lower().find("mono") >= 0
+        expect(reply.locator("pre .lang")).to_have_text("python")
+        expect(reply.locator(":not(pre) > code")).to_have_text("add")
+        expect(reply.locator(".note")).to_contain_text("tokens")
+
+        page.fill("#prompt", "x" * 300)  # longer than the fake's 256-token context: a 400, shown to the user
+        page.press("#prompt", "Enter")
+        error = page.locator(".msg.error")
+        expect(error).to_be_visible()
+        expect(error).to_contain_text("maximum context length is 256 tokens")
+        expect(page.locator("#send")).to_be_visible()
+
+        page.click("#new-chat")
+        assert page.locator(".msg").count() == 0
+        expect(page.locator("#empty")).to_be_visible()
+        page.fill("#max-tokens", "5000")  # over the server's limit (100): clamped by the page
+        page.fill("#prompt", "show me code")
+        page.press("#prompt", "Enter")
+        expect(page.locator(".msg.assistant").last).to_have_attribute("data-state", "done")
+        ARTIFACTS.mkdir(exist_ok=True)
+        assert page.input_value("#max-tokens") == "100"
+        expect(page.locator(".msg.assistant").last.locator("pre code")).to_have_text("print(1 < 2)  # <b>not bold</b>")
+        page.screenshot(path=str(ARTIFACTS / "serve_chat_code.png"))
+        w.check_clean()
+        w.close()
