@@ -10,6 +10,17 @@
 //! Every kernel shares one signature ([`RowsFn`]); [`Kernel`] names them, detects which run on
 //! this CPU, and picks the best by default (overridable with `NANOCHAT_KERNEL`). The scalar
 //! kernel is the oracle every SIMD kernel is tested equal to.
+//!
+//! Batching: with `n > 1` activation rows every kernel decodes each weight vector once and uses
+//! it for up to 4 activation rows (`avx2_lut`: all of them) while it is in registers, and keeps
+//! a weight row tile in L1 while all activation rows pass over it, so the weights stream from
+//! memory once per call and a batch costs much less than `n` GEMVs (prefill, several sequences).
+//!
+//! Threading: output rows are split in whole 32-row tiles into ~4 work items per thread, taken
+//! from an atomic counter by the calling thread and `threads − 1` helpers from a rayon pool (one
+//! pool per thread count, built once). The caller starts at once; a helper that wakes late
+//! takes fewer items, or none, and is then not waited for. Calls whose estimated single-thread
+//! time is below [`PAR_MIN_US`] run on the calling thread alone.
 
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -17,7 +28,6 @@ pub mod x86;
 
 use crate::ternary::{act_row_scale, check_block_multiple, Ternary, QK_K};
 use crate::{shape_err, Error, Result};
-use rayon::prelude::*;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
 
@@ -304,6 +314,32 @@ pub fn set_num_threads(n: usize) {
     THREADS.store(n, std::sync::atomic::Ordering::Relaxed);
 }
 
+/// Calls estimated to take less than this many microseconds on one thread run on the calling
+/// thread alone (see [`Kernel::macs_per_us`]): below it, spawning the helper job (~1–2 µs)
+/// costs about what a second core could save. Above it the call is split, and since a helper
+/// that wakes late is simply not waited for (see `par_run`), splitting does not make a call
+/// slower when the other core is busy or asleep (on this VM an idle worker takes ~80 µs to
+/// wake).
+pub const PAR_MIN_US: f64 = 8.0;
+
+impl Kernel {
+    /// Rough single-thread speed in multiply-adds per microsecond (measured on a 4 GHz
+    /// Sapphire-Rapids-class core, 2048 × 2048 GEMV), used only to decide when to use threads.
+    pub fn macs_per_us(self) -> f64 {
+        match self {
+            Kernel::Scalar => 500.0,
+            Kernel::Avx2Lut => 45_000.0,
+            Kernel::Avx2 => 85_000.0,
+            Kernel::Avx512Vnni => 170_000.0,
+        }
+    }
+}
+
+/// Smallest `rows × cols × n` that [`gemm_i32`] splits over threads with `kernel`.
+pub fn par_min_macs(kernel: Kernel) -> usize {
+    (PAR_MIN_US * kernel.macs_per_us()) as usize
+}
+
 /// Integer products of `n` int8 activation rows (`x`, `n × cols`) with the ternary rows of `w`:
 /// `out[i·rows + r] = Σ_c trit(r, c) · x[i·cols + c]`. `threads = 0` means [`num_threads`].
 pub fn gemm_i32(
@@ -314,7 +350,6 @@ pub fn gemm_i32(
     out: &mut [i32],
     threads: usize,
 ) -> Result<()> {
-    let acc = gemm_rows_major(kernel, w, x, n, threads)?;
     if out.len() != n * w.rows {
         return Err(shape_err!(
             "output holds {} values, expected {} × {}",
@@ -323,22 +358,44 @@ pub fn gemm_i32(
             w.rows
         ));
     }
-    for r in 0..w.rows {
-        for i in 0..n {
-            out[i * w.rows + r] = acc[r * n + i];
-        }
-    }
-    Ok(())
+    run(kernel, w, x, n, threads, out)
 }
 
-/// As [`gemm_i32`] but returns the accumulators weight-row-major (`acc[r·n + i]`).
-fn gemm_rows_major(
+/// Rows per work item when `n > 1`: the kernels write weight-row-major (`acc[r·n + i]`) into a
+/// per-thread scratch this big, which is then transposed into `out[i·rows + r]` while it is
+/// still in L1 (and with sequential writes: a column-wise pass over a whole output whose row
+/// stride is a multiple of 4 KiB thrashes one L1 set and used to cost as much as the kernel).
+const BATCH_ROWS: usize = 8 * ROW_TILE;
+
+thread_local! {
+    /// Per-thread weight-row-major accumulators of one work item (reused across calls).
+    static SCRATCH: std::cell::RefCell<Vec<i32>> = const { std::cell::RefCell::new(Vec::new()) };
+}
+
+/// The output pointer shared by work items that write disjoint rows.
+#[derive(Clone, Copy)]
+struct OutPtr(*mut i32);
+// SAFETY: every work item writes a disjoint set of elements (its own weight rows).
+unsafe impl Send for OutPtr {}
+unsafe impl Sync for OutPtr {}
+
+impl OutPtr {
+    /// A method (not `.0`) so closures capture the whole `Sync` wrapper, not the raw pointer.
+    fn at(self, offset: usize) -> *mut i32 {
+        self.0.wrapping_add(offset)
+    }
+}
+
+/// Checks, prepares the activations once, then runs the kernel over row ranges (on the calling
+/// thread or the pool) writing `out[i·rows + r]`.
+fn run(
     kernel: Kernel,
     w: &TernaryView,
     x: &[i8],
     n: usize,
     threads: usize,
-) -> Result<Vec<i32>> {
+    out: &mut [i32],
+) -> Result<()> {
     if n == 0 {
         return Err(shape_err!("need at least one activation row"));
     }
@@ -349,6 +406,19 @@ fn gemm_rows_major(
             n,
             w.cols,
             n * w.cols
+        ));
+    }
+    assert_eq!(out.len(), w.rows * n);
+    // `TernaryView`'s fields are public: re-check what `TernaryView::new` checks, since the SIMD
+    // kernels read through raw pointers.
+    check_block_multiple(w.cols, "ternary weights")?;
+    if w.qs.len() != w.rows * w.cols / 4 {
+        return Err(shape_err!(
+            "packed weights hold {} bytes but {} rows × {} cols need {}",
+            w.qs.len(),
+            w.rows,
+            w.cols,
+            w.rows * w.cols / 4
         ));
     }
     let (prepare, rows_fn) = kernel
@@ -362,22 +432,150 @@ fn gemm_rows_major(
         extra: Vec::new(),
     };
     prepare(&mut acts);
-    let mut acc = vec![0i32; w.rows * n];
-    let threads = if threads == 0 { num_threads() } else { threads };
-    // Work items: ~4 per thread for balance, at least one 32-row tile each.
-    let tiles = w.rows.div_ceil(ROW_TILE);
-    let per_item = tiles.div_ceil(threads * 4).max(1) * ROW_TILE;
-    let run = |(j, chunk): (usize, &mut [i32])| {
-        // SAFETY: `fns` only returns SIMD kernels whose CPU features were detected.
-        unsafe { rows_fn(w, j * per_item, &acts, chunk) }
+    let rows = w.rows;
+    let ptr = OutPtr(out.as_mut_ptr());
+    // Rows r0..r1 of every activation row.
+    let range = |r0: usize, r1: usize| {
+        if n == 1 {
+            // SAFETY: rows r0..r1 of a single activation row are out[r0..r1], disjoint between
+            // ranges; `fns` only returns SIMD kernels whose CPU features were detected.
+            unsafe {
+                let chunk = std::slice::from_raw_parts_mut(ptr.at(r0), r1 - r0);
+                rows_fn(w, r0, &acts, chunk);
+            }
+            return;
+        }
+        SCRATCH.with(|s| {
+            let mut acc = s.borrow_mut();
+            for b0 in (r0..r1).step_by(BATCH_ROWS) {
+                let b1 = r1.min(b0 + BATCH_ROWS);
+                acc.resize((b1 - b0) * n, 0);
+                // SAFETY: as above.
+                unsafe { rows_fn(w, b0, &acts, &mut acc[..(b1 - b0) * n]) };
+                // One activation row at a time: sequential writes, reads with stride n from
+                // the L1-resident scratch. (Writing all n rows at once interleaves n streams
+                // whose stride, rows·4 bytes, is often a multiple of 4 KiB: they all fall in one
+                // L1 set and thrash it.)
+                let acc = &acc[..(b1 - b0) * n];
+                for i in 0..n {
+                    // SAFETY: out[i·rows + b0 .. i·rows + b1] lies inside `out` (b1 ≤ rows) and
+                    // belongs to this range alone.
+                    let o =
+                        unsafe { std::slice::from_raw_parts_mut(ptr.at(i * rows + b0), b1 - b0) };
+                    for (o, a) in o.iter_mut().zip(acc.chunks_exact(n)) {
+                        *o = a[i];
+                    }
+                }
+            }
+        });
     };
-    if threads <= 1 || tiles <= 1 {
-        acc.chunks_mut(per_item * n).enumerate().for_each(run);
-    } else {
-        thread_pool(threads)?
-            .install(|| acc.par_chunks_mut(per_item * n).enumerate().for_each(run));
+    let threads = if threads == 0 { num_threads() } else { threads };
+    let tiles = rows.div_ceil(ROW_TILE);
+    if threads <= 1 || tiles <= 1 || rows * w.cols * n < par_min_macs(kernel) {
+        range(0, rows);
+        return Ok(());
     }
-    Ok(acc)
+    // Work items: ~4 per thread, each a whole number of 32-row tiles (the widest row tile any
+    // kernel uses), handed out by an atomic counter to the calling thread and its helpers.
+    let per_item = tiles.div_ceil(threads * 4).max(1) * ROW_TILE;
+    let items = rows.div_ceil(per_item);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let work = || loop {
+        let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if j >= items {
+            break;
+        }
+        range(j * per_item, rows.min((j + 1) * per_item));
+    };
+    let pool = thread_pool(threads - 1)?;
+    par_run(&pool, threads - 1, &work);
+    Ok(())
+}
+
+/// Run `work` on the calling thread and on `helpers` workers of `pool`, returning once the
+/// calling thread's `work` has returned and every helper that *joined* has finished.
+///
+/// Unlike a rayon scope, a helper that has not started by the time the calling thread is done
+/// is not waited for: it finds the job closed and returns without touching it. On this 2-vCPU
+/// VM, waking an idle worker took ~80 µs (median, measured); a scope would make every
+/// parallel call wait that long, while here the caller simply does all items itself and the
+/// only cost of a late helper is the spawn (~1–2 µs).
+fn par_run(pool: &rayon::ThreadPool, helpers: usize, work: &(dyn Fn() + Sync)) {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    /// Set in `state` once the job is closed to newcomers; the other bits count the helpers
+    /// inside `work`.
+    const CLOSED: usize = 1 << (usize::BITS - 1);
+    struct Shared {
+        state: AtomicUsize,
+        panicked: AtomicBool,
+    }
+    struct Job(*const (dyn Fn() + Sync + 'static));
+    // SAFETY: the pointee is `Sync`; it is only dereferenced under the protocol below.
+    unsafe impl Send for Job {}
+    /// Closes the job and waits for the helpers inside it, also when `work` unwinds, so the
+    /// borrowed closure outlives every use.
+    struct Close<'a>(&'a Shared);
+    impl Drop for Close<'_> {
+        fn drop(&mut self) {
+            let mut s = self.0.state.fetch_or(CLOSED, Ordering::AcqRel) | CLOSED;
+            let mut spins = 0u32;
+            while s != CLOSED {
+                spins += 1;
+                if spins < 1 << 12 {
+                    std::hint::spin_loop();
+                } else {
+                    std::thread::yield_now();
+                }
+                s = self.0.state.load(Ordering::Acquire);
+            }
+        }
+    }
+
+    let shared = Arc::new(Shared {
+        state: AtomicUsize::new(0),
+        panicked: AtomicBool::new(false),
+    });
+    // SAFETY (lifetime erasure): helpers dereference the pointer only after registering in
+    // `state` while it is open, and `Close` (run before `work` goes out of scope, on return or
+    // unwind) closes the job and waits until every registered helper has deregistered.
+    let job: *const (dyn Fn() + Sync + '_) = work;
+    let job: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(job) };
+    for _ in 0..helpers {
+        let shared = shared.clone();
+        let job = Job(job);
+        pool.spawn(move || {
+            let job = job;
+            let mut s = shared.state.load(Ordering::Acquire);
+            loop {
+                if s & CLOSED != 0 {
+                    return; // too late: the caller has finished (or is finishing) alone
+                }
+                match shared.state.compare_exchange_weak(
+                    s,
+                    s + 1,
+                    Ordering::AcqRel,
+                    Ordering::Acquire,
+                ) {
+                    Ok(_) => break,
+                    Err(now) => s = now,
+                }
+            }
+            // SAFETY: registered while open, so the closure is alive until we deregister.
+            let r =
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job.0)() }));
+            if r.is_err() {
+                shared.panicked.store(true, Ordering::Release);
+            }
+            shared.state.fetch_sub(1, Ordering::AcqRel);
+        });
+    }
+    {
+        let _close = Close(&shared);
+        work();
+    }
+    if shared.panicked.load(Ordering::Acquire) {
+        panic!("a kernel worker thread panicked");
+    }
 }
 
 /// `y = x · Wᵀ` for f32 activations `x` (`n × cols`): int8 per-row absmax quantization of `x`,
@@ -407,12 +605,16 @@ pub fn ternary_linear(
         ));
     }
     let q = crate::ternary::quantize_acts_i8(x, w.cols)?;
-    let acc = gemm_rows_major(kernel, w, &q.values, n, threads)?;
-    for i in 0..n {
-        let s = w.scale * q.scales[i];
-        let row = &mut out[i * w.rows..(i + 1) * w.rows];
-        for (r, o) in row.iter_mut().enumerate() {
-            *o = acc[r * n + i] as f32 * s;
+    let mut acc = vec![0i32; n * w.rows];
+    run(kernel, w, &q.values, n, threads, &mut acc)?;
+    for ((o_i, a_i), &xs) in out
+        .chunks_exact_mut(w.rows)
+        .zip(acc.chunks_exact(w.rows))
+        .zip(&q.scales)
+    {
+        let s = w.scale * xs;
+        for (o, &a) in o_i.iter_mut().zip(a_i) {
+            *o = a as f32 * s;
         }
     }
     Ok(())
