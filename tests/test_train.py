@@ -260,7 +260,7 @@ def test_torchrun_two_processes_stay_in_sync(tmp_path, corpus, data_dir):
         "-m",
         "torch.distributed.run",
         "--nproc_per_node=2",
-        "--master_port=0",
+        "--standalone",
         "-m",
         "nanochat.train",
         "--config",

@@ -8,7 +8,7 @@ Examples::
     nanochat-train --config nano_125m --device cuda  # on a GPU (bf16 autocast)
     nanochat-train --resume runs/d20-20261124-101500 # continue exactly where it stopped
     nanochat-train --config d20 --dry-run            # print the resolved config and parameter counts
-    torchrun --nproc_per_node=2 -m nanochat.train --config tiny_cpu   # DDP (gloo on CPU, nccl on GPU)
+    torchrun --standalone --nproc_per_node=2 -m nanochat.train --config tiny_cpu   # DDP (gloo on CPU, nccl on GPU)
 """
 
 from __future__ import annotations
