@@ -34,7 +34,7 @@ console = Console()
 err_console = Console(stderr=True)
 
 # The engine provides this hook: load_generate(path) -> (generate callback, model info dict).
-ENGINE_MODULE = "nanochat.engine"
+ENGINE_MODULE = "nanochat.eval.generation"
 ENGINE_HOOK = "load_generate"
 
 

@@ -170,7 +170,7 @@ def _validate(cfg: GPTConfig) -> None:
 def config_path(name_or_path: str | Path) -> Path:
     """Resolve a config name (``"d20"``) to the packaged TOML file, or return an existing path as is."""
     p = Path(name_or_path)
-    if p.suffix == ".toml" or p.exists():
+    if p.suffix == ".toml" or p.is_file():  # a directory that happens to share a config's name is not a config
         if not p.is_file():
             raise FileNotFoundError(f"config file {str(p)!r} does not exist")
         return p
