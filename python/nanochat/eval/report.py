@@ -104,9 +104,9 @@ def build_report(run_dir: str | Path) -> Path:
         for f in files:
             data = _load_json(f)
             lines.append(f"### `{f.name}`")
-            if isinstance(data, dict) and "overall" in data:
+            if isinstance(data, dict) and "pass_at_k" in data:
                 lines += ["", "| metric | value |", "| --- | --- |"]
-                for k, v in (data.get("overall") or {}).items():
+                for k, v in (data.get("pass_at_k") or {}).items():
                     lines.append(f"| {k} | {_fmt(v)} |")
             elif isinstance(data, dict):
                 lines += ["", "| key | value |", "| --- | --- |"]
