@@ -224,3 +224,16 @@ def test_safetensors_roundtrip(tmp_path, tok):
     (tmp_path / "bad.safetensors").write_bytes(p.read_bytes()[:100])
     with pytest.raises(ValueError, match="corrupt|not a nanochat"):
         load(tmp_path / "bad.safetensors")
+
+
+@pytest.mark.parametrize("residual", ["standard", "mhc_lite", "mhc"])
+@pytest.mark.parametrize("kw", [{}, {"qk_norm": True, "mlp": "relu2", "tie_embeddings": False}])
+def test_expected_shapes_match_the_model(residual, kw):
+    from nanochat.export.gguf_io import expected_shapes
+
+    cfg = GPTConfig(
+        vocab_size=300, n_layer=2, n_embd=256, n_head=4, n_kv_head=2, mlp_hidden=512, residual=residual, **kw
+    )
+    with torch.device("meta"):
+        m = GPT(cfg)
+    assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in m.state_dict().items()}

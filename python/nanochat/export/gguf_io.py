@@ -8,7 +8,8 @@ as llama.cpp's ``bitnet`` architecture (and refused when they use something that
 ``nanochat``. No q/k permutation is applied: our RoPE already rotates the NEOX pairs ``(i, i+hd/2)`` that
 llama.cpp's ``bitnet`` graph uses (``LLAMA_ROPE_TYPE_NEOX``), and its converter permutes nothing for ``bitnet``.
 
-Loading uses ``gguf.GGUFReader`` (a numpy memmap of the file): TQ2_0 tensors go to the kernel layout with one
+Loading uses :class:`nanochat.export.gguf_file.GGUFFile` (one read-only mmap, header parsed with ``struct``; gguf's
+own reader needs ~1 s for a 16k-token vocabulary): TQ2_0 tensors go to the kernel layout with one
 block-strip copy (``_core.tq2_0_to_kernel_layout`` via ops), never through a dequantized float copy. Files written
 by llama.cpp's converter for ``bitnet`` load too: TQ1_0 or TQ2_0, the scale in the blocks or in an optional
 ``blk.N.<name>.scale`` tensor. Every problem (wrong magic, truncation, unknown architecture, missing or misshapen
@@ -193,12 +194,11 @@ class GGUFModel:
 
 
 def _field(reader: Any, key: str, required: bool = True) -> Any:
-    f = reader.fields.get(key)
-    if f is None:
+    if key not in reader.fields:
         if required:
-            raise GGUFError(f"{reader.path if hasattr(reader, 'path') else 'file'}: required key {key!r} is missing")
+            raise GGUFError(f"{reader.path}: required key {key!r} is missing")
         return None
-    return f.contents()
+    return reader.fields[key]
 
 
 def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
@@ -270,15 +270,56 @@ def _config_from_gguf(reader: Any, arch: str) -> GPTConfig:
 
 
 def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """State-dict name -> shape of every tensor a model with ``cfg`` has (built on the meta device)."""
-    with torch.device("meta"):
-        m = GPT(cfg)
-    return {k: tuple(v.shape) for k, v in m.state_dict().items()}
+    """State-dict name -> shape of every tensor a model with ``cfg`` has, from the config alone (building even a
+    meta-device model costs seconds of first-use torch imports, which a loader should not pay; a test holds this
+    equal to ``GPT(cfg).state_dict()``)."""
+    import math
+
+    C, H, V, hd = cfg.n_embd, cfg.mlp_hidden, cfg.vocab_size, cfg.head_dim
+    kv = cfg.n_kv_head * hd
+    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C), "norm.weight": (C,)}
+    if not cfg.tie_embeddings:
+        shapes["lm_head.weight"] = (V, C)
+    n = cfg.n_streams
+    n_res = math.factorial(n) if cfg.residual == "mhc_lite" else n * n
+    for i in range(cfg.n_layer):
+        b = f"blocks.{i}."
+        shapes.update(
+            {
+                b + "attn_norm.weight": (C,),
+                b + "attn.q_proj.weight": (C, C),
+                b + "attn.k_proj.weight": (kv, C),
+                b + "attn.v_proj.weight": (kv, C),
+                b + "attn.o_proj.weight": (C, C),
+                b + "attn.sub_norm.weight": (C,),
+                b + "mlp_norm.weight": (C,),
+                b + "mlp.up_proj.weight": (H, C),
+                b + "mlp.down_proj.weight": (C, H),
+                b + "mlp.sub_norm.weight": (H,),
+            }
+        )
+        if cfg.qk_norm:
+            shapes[b + "attn.q_norm.weight"] = (hd,)
+            shapes[b + "attn.k_norm.weight"] = (hd,)
+        if cfg.mlp == "swiglu":
+            shapes[b + "mlp.gate_proj.weight"] = (H, C)
+        if cfg.residual != "standard":
+            for sub in ("mhc_attn", "mhc_mlp"):
+                shapes.update(
+                    {
+                        f"{b}{sub}.pre_bias": (n,),
+                        f"{b}{sub}.post_bias": (n,),
+                        f"{b}{sub}.res_logits": (n_res,),
+                        f"{b}{sub}.alpha": (3,),
+                        f"{b}{sub}.proj": (2 * n + n_res, n * C),
+                    }
+                )
+    return shapes
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     """Open a GGUF file (memory-mapped) and map it onto our model; raises GGUFError on any problem."""
-    import gguf
+    from gguf.constants import GGMLQuantizationType as T
 
     path = Path(path)
     if not path.is_file():
@@ -287,21 +328,23 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
         magic = f.read(4)
     if magic != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+    from nanochat.export.gguf_file import GGUFFile, GGUFFormatError
+
     try:
-        reader = gguf.GGUFReader(str(path), "r")
-    except Exception as e:  # truncated/corrupt: numpy/struct errors of many kinds
-        raise GGUFError(f"{path}: corrupt or truncated GGUF ({type(e).__name__}: {e})") from None
+        reader = GGUFFile(path)
+    except GGUFFormatError as e:
+        raise GGUFError(f"{path}: corrupt or truncated GGUF ({e})") from None
     arch = _field(reader, "general.architecture")
     if arch not in (ARCH_BITNET, ARCH_NANOCHAT):
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (bitnet or nanochat)")
     cfg = _config_from_gguf(reader, arch)
     tok = _tokenizer_from_gguf(reader)
     shapes = expected_shapes(cfg)
-    T = gguf.GGMLQuantizationType
     ternary: dict[str, tuple[np.ndarray, float]] = {}
     dense: dict[str, np.ndarray] = {}
     scales: dict[str, float] = {}
     for t in reader.tensors:
+        ttype = T(t.type)
         if t.name.endswith(".scale"):
             scales[t.name[: -len(".scale")] + ".weight"] = float(np.asarray(t.data, dtype=np.float32).reshape(-1)[0])
             continue
@@ -315,22 +358,22 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
         got = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
         if got != want:
             raise GGUFError(f"{path}: tensor {t.name!r} has shape {got}, expected {want}")
-        if t.tensor_type in (T.TQ2_0, T.TQ1_0):
+        if ttype in (T.TQ2_0, T.TQ1_0):
             if not is_ternary(name):
                 raise GGUFError(f"{path}: tensor {t.name!r} is ternary but should be a float tensor")
             data = np.asarray(t.data, dtype=np.uint8).reshape(want[0], -1)
-            if t.tensor_type == T.TQ2_0:
+            if ttype == T.TQ2_0:
                 packed, scale = ops.tq2_0_to_kernel_layout(data)
             else:
                 packed, scale = ops.tq1_0_to_kernel_layout(data)
             ternary[name] = (packed, scale)
-        elif t.tensor_type in (T.F32, T.F16, T.BF16):
+        elif ttype in (T.F32, T.F16, T.BF16):
             arr = np.asarray(t.data)
-            if t.tensor_type == T.BF16:
+            if ttype == T.BF16:
                 arr = (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
             dense[name] = arr.reshape(want)
         else:
-            raise GGUFError(f"{path}: tensor {t.name!r} has type {t.tensor_type.name}, not supported")
+            raise GGUFError(f"{path}: tensor {t.name!r} has type {ttype.name}, not supported")
     for wname, s in scales.items():
         name = from_gguf_name(wname)
         if name in ternary:
