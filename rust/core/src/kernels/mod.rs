@@ -271,7 +271,9 @@ fn available_names() -> String {
 /// Rows per parallel work item: a multiple of 32 (the widest row tile any kernel uses).
 const ROW_TILE: usize = 32;
 
-fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+/// The crate's rayon pool of `threads` workers, built once per size and shared by the kernels and
+/// the mHC ops (their calls never overlap, so they never compete for cores).
+pub(crate) fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
     let mut pools = POOLS
         .get_or_init(Default::default)
@@ -282,9 +284,9 @@ fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     }
     let pool = rayon::ThreadPoolBuilder::new()
         .num_threads(threads)
-        .thread_name(|i| format!("nanochat-kernel-{i}"))
+        .thread_name(|i| format!("nanochat-{i}"))
         .build()
-        .map_err(|e| Error::Value(format!("cannot start {threads} kernel threads: {e}")))?;
+        .map_err(|e| Error::Value(format!("cannot start {threads} worker threads: {e}")))?;
     let pool = Arc::new(pool);
     pools.insert(threads, pool.clone());
     Ok(pool)

@@ -24,33 +24,9 @@ pub use diag::{hres_diagnostics, HresDiagnostics};
 pub use perm::{permutation_matrices, permutation_rank, permutations, MAX_BASIS_N};
 pub use sinkhorn::{sinkhorn_backward, sinkhorn_forward, Real, DEFAULT_ITERS};
 
-use crate::{Error, Result};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
-
-/// A rayon pool of `threads` workers for the batched mHC ops, built once per size.
-///
-/// The mHC ops size it with the same thread budget as the ternary kernels
-/// ([`crate::kernels::num_threads`]), so `set_num_threads` governs both; calls never overlap,
-/// so the two pools never compete for cores.
-fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
-    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    let mut pools = POOLS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = pools.get(&threads) {
-        return Ok(p.clone());
-    }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("nanochat-mhc-{i}"))
-        .build()
-        .map_err(|e| Error::Value(format!("cannot start {threads} mHC threads: {e}")))?;
-    let pool = Arc::new(pool);
-    pools.insert(threads, pool.clone());
-    Ok(pool)
-}
+// The mHC ops run on the kernels' shared pool ([`crate::kernels::thread_pool`]), sized by the
+// same thread budget ([`crate::kernels::num_threads`]), so `set_num_threads` governs both.
+use crate::kernels::thread_pool;
 
 /// Resolve a thread count (0 = the shared default).
 fn resolve_threads(threads: usize) -> usize {
