@@ -120,22 +120,10 @@ def test_llama_cpp_converter_layout_loads(tmp_path, tok):
     cfg = m.config
     path = tmp_path / "conv.gguf"
     w = gguf.GGUFWriter(str(path), "bitnet")
-    w.add_context_length(cfg.seq_len)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.mlp_hidden)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_kv_head)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    from nanochat.export.gguf_io import _tokenizer_fields
+    from nanochat.export.gguf_io import write_hparams, write_tokenizer
 
-    tf = _tokenizer_fields(tok)
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("gpt-2")
-    w.add_token_list(tf["tokens"] + [f"[PAD{i}]" for i in range(len(tf["tokens"]), cfg.vocab_size)])
-    w.add_token_types(tf["types"] + [5] * (cfg.vocab_size - len(tf["tokens"])))
-    w.add_token_merges(tf["merges"])
+    write_hparams(w, cfg)
+    write_tokenizer(w, tok, cfg.vocab_size)
     from nanochat.export.names import is_ternary, to_gguf_name
 
     T = gguf.GGMLQuantizationType

@@ -84,6 +84,35 @@ def _tokenizer_fields(tok: Tokenizer) -> dict[str, Any]:
     return {"tokens": tokens, "types": types, "merges": merges}
 
 
+def write_hparams(w: Any, cfg: GPTConfig) -> None:
+    """The ``<arch>.*`` hyperparameter keys llama.cpp's ``bitnet`` loader reads (and ours)."""
+    w.add_context_length(cfg.seq_len)
+    w.add_embedding_length(cfg.n_embd)
+    w.add_block_count(cfg.n_layer)
+    w.add_feed_forward_length(cfg.mlp_hidden)
+    w.add_head_count(cfg.n_head)
+    w.add_head_count_kv(cfg.n_kv_head)
+    w.add_layer_norm_rms_eps(cfg.norm_eps)
+    w.add_rope_freq_base(cfg.rope_theta)
+    w.add_rope_dimension_count(cfg.head_dim)
+    w.add_vocab_size(cfg.vocab_size)
+
+
+def write_tokenizer(w: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
+    """``tokenizer.ggml.*``: GPT-2 byte-level BPE; embedding rows beyond the tokenizer become unused tokens."""
+    tf = _tokenizer_fields(tokenizer)
+    pad = vocab_size - len(tf["tokens"])
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre("gpt-2")
+    w.add_token_list(tf["tokens"] + [f"[PAD{i}]" for i in range(len(tf["tokens"]), vocab_size)])
+    w.add_token_types(tf["types"] + [5] * pad)
+    w.add_token_merges(tf["merges"])
+    w.add_bos_token_id(tokenizer.bos_id)
+    w.add_eos_token_id(tokenizer.eos_id)
+    w.add_pad_token_id(tokenizer.pad_id)
+    w.add_add_bos_token(False)
+
+
 def export_gguf(
     model: GPT,
     tokenizer: Tokenizer,
@@ -116,16 +145,7 @@ def export_gguf(
     w = gguf.GGUFWriter(str(tmp), arch)
     try:
         w.add_name(name)
-        w.add_context_length(cfg.seq_len)
-        w.add_embedding_length(cfg.n_embd)
-        w.add_block_count(cfg.n_layer)
-        w.add_feed_forward_length(cfg.mlp_hidden)
-        w.add_head_count(cfg.n_head)
-        w.add_head_count_kv(cfg.n_kv_head)
-        w.add_layer_norm_rms_eps(cfg.norm_eps)
-        w.add_rope_freq_base(cfg.rope_theta)
-        w.add_rope_dimension_count(cfg.head_dim)
-        w.add_vocab_size(cfg.vocab_size)
+        write_hparams(w, cfg)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if quant == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0)
         if arch == ARCH_NANOCHAT:
             w.add_string(f"{arch}.residual", cfg.residual)
@@ -135,17 +155,7 @@ def export_gguf(
             w.add_bool(f"{arch}.qk_norm", cfg.qk_norm)
             w.add_bool(f"{arch}.tie_embeddings", cfg.tie_embeddings)
             w.add_string(f"{arch}.quant", cfg.quant)
-        tf = _tokenizer_fields(tokenizer)
-        w.add_tokenizer_model("gpt2")
-        w.add_tokenizer_pre("gpt-2")
-        pad = cfg.vocab_size - len(tf["tokens"])  # embedding rows beyond the tokenizer: unused tokens
-        w.add_token_list(tf["tokens"] + [f"[PAD{i}]" for i in range(len(tf["tokens"]), cfg.vocab_size)])
-        w.add_token_types(tf["types"] + [5] * pad)
-        w.add_token_merges(tf["merges"])
-        w.add_bos_token_id(tokenizer.bos_id)
-        w.add_eos_token_id(tokenizer.eos_id)
-        w.add_pad_token_id(tokenizer.pad_id)
-        w.add_add_bos_token(False)
+        write_tokenizer(w, tokenizer, cfg.vocab_size)
         w.add_chat_template(CHAT_TEMPLATE)
 
         for pname, t in model.state_dict().items():
