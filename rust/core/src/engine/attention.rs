@@ -273,47 +273,4 @@ mod tests {
             }
         }
     }
-
-    #[test]
-    #[ignore]
-    fn attention_speed() {
-        let (hd, n) = (64usize, 192usize);
-        let k: Vec<f32> = (0..n * hd * 12).map(|i| (i % 17) as f32 * 0.01).collect();
-        let v = k.clone();
-        let k16: Vec<f16> = k.iter().map(|&x| f16::from_f32(x)).collect();
-        let v16 = k16.clone();
-        let q = vec![0.1f32; hd];
-        let mut scores = vec![0f32; n];
-        let mut out = vec![0f32; hd];
-        // Min over batches: this machine is shared, the minimum is the undisturbed time.
-        let mut best = f64::INFINITY;
-        for _ in 0..50 {
-            let t = std::time::Instant::now();
-            for r in 0..200 {
-                let h = r % 12;
-                let kk = &k[h * n * hd..(h + 1) * n * hd];
-                let vv = &v[h * n * hd..(h + 1) * n * hd];
-                attend(&q, kk, vv, n, 0.125, &mut scores, &mut out);
-            }
-            best = best.min(t.elapsed().as_secs_f64() / 200.0);
-        }
-        let dt = best;
-        eprintln!("attend one head: {:.2} us ({} keys)", dt * 1e6, n);
-        let mut best = f64::INFINITY;
-        for _ in 0..50 {
-            let t = std::time::Instant::now();
-            for r in 0..200 {
-                let h = r % 12;
-                let kk = &k16[h * n * hd..(h + 1) * n * hd];
-                let vv = &v16[h * n * hd..(h + 1) * n * hd];
-                attend(&q, kk, vv, n, 0.125, &mut scores, &mut out);
-            }
-            best = best.min(t.elapsed().as_secs_f64() / 200.0);
-        }
-        eprintln!(
-            "attend one head, fp16 cache: {:.2} us ({} keys)",
-            best * 1e6,
-            n
-        );
-    }
 }
