@@ -59,7 +59,7 @@ def prepare_tokenizer(corpus: Corpus, out_dir: str | os.PathLike[str], vocab_siz
                 k: meta[k] for k in ("vocab_size", "sample_sha256")
             }:
                 tok = Tokenizer.load(tok_path)
-                if tok.vocab_size == vocab_size:
+                if tok.vocab_size == vocab_size and tok.fim_ids() is not None:  # else: trained before FIM tokens
                     return tok
         except Exception:  # an unreadable leftover of an interrupted run: retrain
             pass
@@ -84,12 +84,17 @@ def prepare_data(
     include_tests: bool = False,
     progress: bool = True,
     force: bool = False,
+    fim_rate: float = 0.0,
+    fim_spm_rate: float = 0.5,
+    fim_chunk_chars: int | None = None,
 ) -> tuple[Tokenizer, ShardIndex]:
     """Load the corpus (``data_path`` or the standard library, plus synthetic tasks), train or reuse the
     tokenizer, and build or reuse the shards, all in ``out_dir``.
 
     ``max_train_chars`` caps the train split (quick runs); ``tokenizer_chars`` caps the tokenizer's sample;
-    ``force`` retrains the tokenizer and rebuilds the shards.
+    ``force`` retrains the tokenizer and rebuilds the shards. ``fim_*`` set fill-in-the-middle on the train split
+    (see :func:`nanochat.data.shards.build_shards`; ``fim_chunk_chars=None`` is its default, pass
+    ``nanochat.data.fim.chunk_chars_for(seq_len)``).
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -104,5 +109,17 @@ def prepare_data(
     if force:
         (out / "tokenizer.meta.json").unlink(missing_ok=True)
     tok = prepare_tokenizer(corpus, out, vocab_size, tokenizer_chars)
-    index = build_shards(corpus, tok, out, shard_tokens=shard_tokens, progress=progress, force=force)
+    fim_kw = {} if fim_chunk_chars is None else {"fim_chunk_chars": fim_chunk_chars}
+    index = build_shards(
+        corpus,
+        tok,
+        out,
+        shard_tokens=shard_tokens,
+        progress=progress,
+        force=force,
+        fim_rate=fim_rate,
+        fim_spm_rate=fim_spm_rate,
+        seed=seed,
+        **fim_kw,
+    )
     return tok, index

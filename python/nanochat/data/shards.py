@@ -12,7 +12,11 @@ Notable choices:
   index, writes each shard to a temp file and renames it, then writes the new index (temp + rename), and only
   then deletes shards no longer referenced. A crash at any point leaves either no index (rebuild next time)
   or a complete one.
-- A re-run with the same corpus fingerprint, tokenizer hash, dtype and shard size reuses the shards.
+- A re-run with the same corpus fingerprint, tokenizer hash, dtype, shard size and FIM settings reuses the shards.
+- Fill-in-the-middle (``fim_rate > 0``, :mod:`nanochat.data.fim`) rewrites chunks of the *train* split into FIM
+  examples; every other split stays plain text, so validation bits-per-byte is comparable across FIM rates. The
+  settings are recorded in the index (``fim``, empty without FIM, so indexes written before FIM existed stay valid)
+  and the train split's stats count ``fim_psm`` and ``fim_spm`` examples among ``fim_chunks`` chunks.
 - Tokenization uses the Rust library's batch encoding (both cores) over batches of documents, with a rich
   progress bar in characters.
 """
@@ -31,6 +35,14 @@ from typing import Any
 import numpy as np
 
 from nanochat.data.corpus import Corpus, Document
+from nanochat.data.fim import (
+    DEFAULT_FIM_CHUNK_CHARS,
+    DEFAULT_FIM_SPM_RATE,
+    FimConfig,
+    encode_plans,
+    plan_document,
+    require_fim_ids,
+)
 from nanochat.data.tokenizer import Tokenizer, atomic_write_text
 
 INDEX_NAME = "index.json"
@@ -67,6 +79,7 @@ class ShardIndex:
     shard_tokens: int
     splits: dict[str, list[ShardInfo]]
     stats: dict[str, dict[str, int]] = field(default_factory=dict)  # per split: docs, chars, bytes, tokens
+    fim: dict[str, Any] = field(default_factory=dict)  # FimConfig.cache_key() of the train split ({}: no FIM)
     version: int = INDEX_VERSION
 
     def num_tokens(self, split: str) -> int:
@@ -158,15 +171,25 @@ def build_shards(
     batch_docs: int = 256,
     progress: bool = True,
     force: bool = False,
+    fim_rate: float = 0.0,
+    fim_spm_rate: float = DEFAULT_FIM_SPM_RATE,
+    fim_chunk_chars: int = DEFAULT_FIM_CHUNK_CHARS,
+    seed: int = 0,
 ) -> ShardIndex:
     """Tokenize each split into shards under ``out_dir`` and write ``index.json``; reuse them if up to date.
 
     ``fingerprint`` identifies the corpus; by default it is computed from the documents (which are then
     held in memory). Pass one (e.g. a hash of file names and sizes) to stream a corpus too large for that.
     ``force`` rebuilds even when the existing shards match.
+    ``fim_rate``, ``fim_spm_rate``, ``fim_chunk_chars`` and ``seed`` set fill-in-the-middle on the train split
+    (:class:`nanochat.data.fim.FimConfig`; ``chunk_chars_for(seq_len)`` sizes chunks for a context); the
+    tokenizer must have the FIM tokens when ``fim_rate > 0``.
     """
     if shard_tokens < 2:
         raise ValueError(f"shard_tokens must be >= 2, got {shard_tokens}")
+    fim = FimConfig(fim_rate, fim_spm_rate, fim_chunk_chars, seed)
+    if fim.enabled:
+        require_fim_ids(tokenizer)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if isinstance(docs_by_split, Corpus):
@@ -194,6 +217,7 @@ def build_shards(
             and old.tokenizer_hash == tok_hash
             and old.dtype == dtype.name
             and old.shard_tokens == shard_tokens
+            and old.fim == fim.cache_key()
             and sorted(old.splits) == sorted(splits)
             and old.files_ok()
         ):
@@ -224,6 +248,9 @@ def build_shards(
             fill = 0
             shards: list[ShardInfo] = []
             st = {"docs": 0, "chars": 0, "bytes": 0, "tokens": 0}
+            use_fim = fim.enabled and split == "train"
+            if use_fim:
+                st.update(fim_chunks=0, fim_psm=0, fim_spm=0)
 
             def flush(n: int, split: str = split, buf: np.ndarray = buf, shards: list[ShardInfo] = shards) -> None:
                 name = f"{split}_{len(shards):05d}.npy"
@@ -231,7 +258,16 @@ def build_shards(
                 shards.append(ShardInfo(name, n))
 
             for texts in _batches(splits[split], batch_docs):
-                for text, ids in zip(texts, tokenizer.encode_batch(texts), strict=True):
+                if use_fim:
+                    plans = [plan_document(t, fim) for t in texts]
+                    encoded = encode_plans(tokenizer, plans)
+                    for p in (p for plan in plans for p in plan):
+                        st["fim_chunks"] += p.chunks
+                        if p.mode != "plain":
+                            st[f"fim_{p.mode}"] += 1
+                else:
+                    encoded = tokenizer.encode_batch(texts)
+                for text, ids in zip(texts, encoded, strict=True):
                     arr = np.empty(len(ids) + 1, dtype=dtype)
                     arr[0] = bos
                     arr[1:] = ids
@@ -264,6 +300,7 @@ def build_shards(
         shard_tokens=shard_tokens,
         splits=new_splits,
         stats=stats,
+        fim=fim.cache_key(),
     )
     index.save()
     keep = {s.file for v in new_splits.values() for s in v}

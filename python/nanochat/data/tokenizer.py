@@ -6,7 +6,9 @@ Notable choices:
   so every string encodes without an unknown token. This is exactly what llama.cpp reproduces with
   ``tokenizer.ggml.model = "gpt2"`` and ``tokenizer.ggml.pre = "gpt-2"``, so GGUF exports tokenize the same.
 - Special tokens take the first ids, in the order of :data:`SPECIAL_TOKENS` (``<|bos|>`` is 0), then the
-  256 byte symbols, then the merges.
+  256 byte symbols, then the merges. The fill-in-the-middle sentinels (:data:`FIM_TOKENS`) come last among the
+  specials, so the older ids do not move; tokenizers saved before they existed still load, with
+  :meth:`Tokenizer.fim_ids` returning ``None`` (see :mod:`nanochat.data.fim`).
 - :meth:`Tokenizer.encode` treats special-token *text* in its input as ordinary text (a source file that
   contains the string ``"<|end|>"`` cannot inject a control token); special ids are only ever inserted
   by code (:meth:`Tokenizer.render_chat`, the shard builder). ``encode(..., allow_special=True)`` parses
@@ -29,15 +31,20 @@ import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
-SPECIAL_TOKENS: tuple[str, ...] = (
+# every tokenizer has these (a tokenizer.json without one of them is refused)
+REQUIRED_SPECIAL_TOKENS: tuple[str, ...] = (
     "<|bos|>",  # document separator: one before every document
-    "<|eos|>",
+    "<|eos|>",  # end of text; in FIM training also the end of the middle
     "<|pad|>",
     "<|system|>",
     "<|user|>",
     "<|assistant|>",
     "<|end|>",  # end of a chat message
 )
+# fill-in-the-middle sentinels (StarCoder's names); optional, so tokenizers trained before FIM still load
+FIM_TOKENS: tuple[str, ...] = ("<|fim_prefix|>", "<|fim_suffix|>", "<|fim_middle|>")
+# what Tokenizer.train puts first in the vocabulary, in this order
+SPECIAL_TOKENS: tuple[str, ...] = REQUIRED_SPECIAL_TOKENS + FIM_TOKENS
 CHAT_ROLES: tuple[str, ...] = ("system", "user", "assistant")
 # the smallest vocabulary that holds the special tokens and the 256 byte symbols
 MIN_VOCAB_SIZE = len(SPECIAL_TOKENS) + 256
@@ -64,14 +71,17 @@ class Tokenizer:
     """Byte-level BPE with nanochat's special tokens and chat template."""
 
     def __init__(self, raw: HFTokenizer) -> None:
-        missing = [t for t in SPECIAL_TOKENS if raw.token_to_id(t) is None]
+        missing = [t for t in REQUIRED_SPECIAL_TOKENS if raw.token_to_id(t) is None]
         if missing:
             raise ValueError(f"tokenizer lacks special tokens {missing}")
+        present_fim = [t for t in FIM_TOKENS if raw.token_to_id(t) is not None]
+        if present_fim and len(present_fim) != len(FIM_TOKENS):
+            raise ValueError(f"tokenizer has the FIM tokens {present_fim} but not all of {list(FIM_TOKENS)}")
         # `raw` parses special-token text (what exporters and llama.cpp see); `_plain` does not.
         self.raw: HFTokenizer = raw
         self._plain = HFTokenizer.from_str(raw.to_str())
         self._plain.encode_special_tokens = True
-        self.special_ids: dict[str, int] = {t: int(raw.token_to_id(t)) for t in SPECIAL_TOKENS}
+        self.special_ids: dict[str, int] = {t: int(i) for t in SPECIAL_TOKENS if (i := raw.token_to_id(t)) is not None}
         self._token_bytes: np.ndarray | None = None
 
     # ----------------------------------------------------------------- construction
@@ -143,6 +153,13 @@ class Tokenizer:
     @property
     def end_id(self) -> int:
         return self.special_ids["<|end|>"]
+
+    def fim_ids(self) -> tuple[int, int, int] | None:
+        """``(prefix, suffix, middle)`` sentinel ids, or ``None`` for a tokenizer trained before FIM support."""
+        if FIM_TOKENS[0] not in self.special_ids:
+            return None
+        pre, suf, mid = (self.special_ids[t] for t in FIM_TOKENS)
+        return pre, suf, mid
 
     def role_id(self, role: str) -> int:
         if role not in CHAT_ROLES:
