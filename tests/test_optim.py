@@ -74,8 +74,8 @@ def test_newton_schulz_singular_value_band_random(shape: tuple[int, int]) -> Non
     # that of the scalar map: [0.68, 1.14] (float32 adds ~1e-5)
     s_in = torch.linalg.svdvals(G.double()) / torch.linalg.norm(G.double())
     assert s_in.min() > 0.01
-    out = newton_schulz(G)
-    assert out.dtype == torch.float32  # float32 on CPU by default
+    out = newton_schulz(G, dtype=torch.float32)
+    assert out.dtype == torch.float32
     s = torch.linalg.svdvals(out.double())
     assert s.min() > 0.67 and s.max() < 1.15, (s.min().item(), s.max().item())
     # and every σ lands where the scalar map sends it
@@ -268,7 +268,9 @@ def test_muon_lion_step_matches_reference() -> None:
     steps = 4
     mults = [wsd(s, steps, 2, 0.5, 0.1) for s in range(steps)]
     ours, ref = make_model(), make_model()
-    opt = build_optimizers(ours, muon_lr=0.05, lion_lr=0.01, weight_decay=0.1, lion_weight_decay=0.2)
+    opt = build_optimizers(
+        ours, muon_lr=0.05, lion_lr=0.01, weight_decay=0.1, lion_weight_decay=0.2, ns_dtype=torch.float32
+    )
     assert set(opt.optimizers) == {"muon", "lion"}
     run_ours(ours, opt, range(steps), mults)
     reference_training(ref, steps, mults, muon_lr=0.05, lion_lr=0.01, wd=0.1, lion_wd=0.2)

@@ -12,6 +12,14 @@ Notable choices:
   ``load_state_dict`` invalidates it) and runs the Rust kernel (``ops.ternary_linear``). Other devices, and
   training, use the torch fake-quant math. :func:`torch_path_only` forces the torch path (tests compare both).
 - ``quant="fp"`` is a plain ``F.linear``: the full-precision baseline of the same architecture.
+- Training in bfloat16 (:func:`set_matmul_dtype`, chosen once by the trainer from what the CPU has). The QAT
+  operands are integers: activation codes in [-127, 127] and trits, both exact in bf16, so
+  ``(q_bf16 @ t_bf16ᵀ)·(step·s)`` on AMX (fp32 accumulation) is the fp32 result up to summation order and the
+  final bf16 rounding of the product. :class:`_BitLinearBF16` does that in one autograd Function that saves the
+  bf16 codes (half the bytes of the fp32 fake-quant tensors) and computes the backward as
+  ``dX = (dY @ t)·s`` (exact trits) and ``dW = (dY·step)ᵀ @ q`` (exact integers), with dY in bf16 as in any
+  mixed-precision training; the gradients stay straight-through. The fp32 master weight is quantized once per
+  call (no separate bf16 weight copy is kept).
 """
 
 from __future__ import annotations
@@ -26,10 +34,24 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from nanochat import ops
+from nanochat.ops.ternary import MIN_ACT_ABSMAX, MIN_WEIGHT_SCALE
 
 QK_K = 256
 
 _state = threading.local()
+_matmul_dtype: torch.dtype = torch.float32  # the QAT training matmul dtype (set_matmul_dtype)
+
+
+def set_matmul_dtype(dtype: torch.dtype) -> None:
+    """QAT training matmuls in ``dtype``: float32 (the fake-quant reference) or bfloat16 (exact operands)."""
+    global _matmul_dtype
+    if dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"BitLinear matmul dtype must be float32 or bfloat16, got {dtype}")
+    _matmul_dtype = dtype
+
+
+def get_matmul_dtype() -> torch.dtype:
+    return _matmul_dtype
 
 
 def _torch_forced() -> bool:
@@ -71,6 +93,37 @@ class _STEActs(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> Tensor:
         return grad
+
+
+class _BitLinearBF16(torch.autograd.Function):
+    """``y = (q @ tᵀ)·(step·s)`` with bf16 integer operands (see the module docstring); straight-through grads."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, out_dtype: torch.dtype) -> Tensor:
+        with torch.no_grad():
+            s = w.abs().mean().clamp(min=MIN_WEIGHT_SCALE)  # () fp32
+            t = (w / s).round_().clamp_(-1, 1).to(torch.bfloat16)  # (out, in) trits
+            x2 = x.reshape(-1, x.shape[-1])  # (N, in)
+            lo, hi = torch.aminmax(x2, dim=-1, keepdim=True)  # one pass, no |x| temporary
+            amax = torch.maximum(hi, -lo).float().clamp_(min=MIN_ACT_ABSMAX)  # (N, 1)
+            # the same arithmetic as ops.quantize_acts_int8 (|x·127/amax| <= 127, so no clamp is needed)
+            q = (x2.float() * (127.0 / amax)).round_().to(torch.bfloat16)  # (N, in) integer codes
+            step = amax / 127.0  # (N, 1)
+            y = (q @ t.mT).float().mul_(step * s)  # (N, out)
+        ctx.save_for_backward(q, t, step, s)
+        ctx.x_dtype = x.dtype
+        return y.to(out_dtype).view(*x.shape[:-1], w.shape[0])
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, Tensor | None, None]:
+        q, t, step, s = ctx.saved_tensors
+        g2 = gy.reshape(-1, gy.shape[-1])  # (N, out)
+        gx = gw = None
+        if ctx.needs_input_grad[0]:
+            gx = (g2.to(torch.bfloat16) @ t).float().mul_(s).to(ctx.x_dtype).view(*gy.shape[:-1], t.shape[1])
+        if ctx.needs_input_grad[1]:
+            gw = ((g2.float() * step).to(torch.bfloat16).mT @ q).float()  # (out, in)
+        return gx, gw, None
 
 
 def fake_quant_weight(w: Tensor) -> Tensor:
@@ -126,4 +179,9 @@ class BitLinear(nn.Module):
         if self._use_kernel(x):
             packed, scale = self.packed_weight()
             return ops.ternary_linear(x, packed, scale)
+        if _matmul_dtype == torch.bfloat16 and self.weight.dtype == torch.float32:
+            dev = x.device.type
+            autocast = dev in ("cpu", "cuda") and torch.is_autocast_enabled(dev)
+            out = torch.get_autocast_dtype(dev) if autocast else x.dtype
+            return _BitLinearBF16.apply(x, self.weight, out)
         return F.linear(fake_quant_acts(x), fake_quant_weight(self.weight).to(x.dtype))

@@ -32,7 +32,11 @@ NS_STEPS = 5
 
 
 def default_ns_dtype(device: torch.device) -> torch.dtype:
-    return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if device.type == "cuda":
+        return torch.bfloat16
+    from nanochat.hardware import has_amx_bf16
+
+    return torch.bfloat16 if device.type == "cpu" and has_amx_bf16() else torch.float32
 
 
 def newton_schulz(g: Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = None, eps: float = 1e-7) -> Tensor:
@@ -83,6 +87,7 @@ class Muon(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
+            by_shape: dict[tuple[int, ...], list[tuple[Tensor, Tensor]]] = {}
             for p in group["params"]:
                 if p.grad is None:
                     continue
@@ -93,9 +98,13 @@ class Muon(Optimizer):
                 buf = state["momentum_buffer"]
                 buf.mul_(beta).add_(g)  # m = β·m + g
                 u = g.add(buf, alpha=beta) if group["nesterov"] else buf  # g + β·m
-                o = newton_schulz(u, steps=group["ns_steps"], dtype=self.ns_dtype)
-                scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                if wd:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(o.to(p.dtype), alpha=-lr * scale)
+                by_shape.setdefault(tuple(p.shape), []).append((p, u))
+            for (rows, cols), items in by_shape.items():
+                us = torch.stack([u for _, u in items])  # (k, rows, cols)
+                os_ = newton_schulz(us, steps=group["ns_steps"], dtype=self.ns_dtype)
+                scale = max(1.0, rows / cols) ** 0.5
+                for (p, _), o in zip(items, os_, strict=True):
+                    if wd:
+                        p.mul_(1.0 - lr * wd)
+                    p.add_(o.to(p.dtype), alpha=-lr * scale)
         return loss

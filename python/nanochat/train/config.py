@@ -31,7 +31,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # global-norm clipping (0 disables)
     # --- runtime
     device: str = "auto"  # cpu | cuda | cuda:N | auto
-    dtype: str = "auto"  # float32 | bfloat16 | auto (bf16 autocast on CUDA, fp32 on CPU)
+    dtype: str = "auto"  # float32 | bfloat16 | auto (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32)
     compile: bool = False  # torch.compile the model
     threads: int = 0  # CPU threads for torch and the Rust kernels (0 = torch's default)
     numa_node: int | None = None  # pin to this NUMA node's CPUs

@@ -32,7 +32,9 @@ import torch.nn.functional as F
 
 from nanochat import ops
 from nanochat.data import TokenLoader, prepare_data
+from nanochat.hardware import choose_dtype
 from nanochat.model import GPT, GPTConfig, load_config
+from nanochat.model.bitlinear import set_matmul_dtype
 from nanochat.optim import build_optimizers, wsd
 from nanochat.train.checkpoint import CheckpointManager, find_checkpoint, load_checkpoint, write_json_atomic
 from nanochat.train.config import TrainConfig
@@ -45,6 +47,7 @@ from nanochat.train.metrics import MetricsLog, Throughput, console, make_progres
 class Runtime:
     device: torch.device
     autocast_dtype: torch.dtype | None
+    dtype_reason: str
     rank: int
     world_size: int
     local_rank: int
@@ -72,14 +75,38 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    dtype = cfg.dtype
-    if dtype == "auto":
-        dtype = "bfloat16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "float32"
-    autocast = torch.bfloat16 if dtype == "bfloat16" else None
+    dtype, why = choose_dtype(device, cfg.dtype)
+    autocast = torch.bfloat16 if dtype == torch.bfloat16 else None
+    set_matmul_dtype(dtype)  # BitLinear's QAT matmuls: bf16 integer operands on AMX, or the fp32 reference
     if cfg.threads > 0:
         torch.set_num_threads(cfg.threads)
     ops.set_num_threads(torch.get_num_threads())  # one thread budget for torch and Rust
-    return Runtime(device, autocast, rank, world, local)
+    if device.type == "cpu":
+        keep_freed_memory()
+    return Runtime(device, autocast, why, rank, world, local)
+
+
+def keep_freed_memory() -> None:
+    """Ask glibc to keep freed memory instead of returning it to the OS after every step.
+
+    A training step allocates and frees the same large activations every time; with glibc's defaults each one
+    larger than the mmap threshold is a fresh ``mmap`` whose pages fault in on first touch, so a CPU step spends
+    much of its elementwise time in page faults. Raising the mmap and trim thresholds (``mallopt``) lets the heap
+    reuse those pages. A no-op where glibc is not the allocator.
+    """
+    import ctypes
+    import ctypes.util
+
+    name = ctypes.util.find_library("c")
+    if not name:
+        return
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_threshold = -1, -3
+        libc.mallopt(m_mmap_threshold, 1 << 30)  # glibc caps this at its maximum (32 MiB on 64-bit)
+        libc.mallopt(m_trim_threshold, 1 << 62)
+    except (OSError, AttributeError):
+        pass
 
 
 def seed_everything(seed: int) -> None:
@@ -330,7 +357,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         console.print(
             f"[bold]nanochat-train[/] {cfg.config}: {counts['total'] / 1e6:.2f}M params "
             f"({counts['non_embedding'] / 1e6:.2f}M non-embedding), residual={model_cfg.residual}, "
-            f"quant={model_cfg.quant}, device={rt.device}, dtype={rt.autocast_dtype or torch.float32}, "
+            f"quant={model_cfg.quant}, device={rt.device}, dtype={rt.autocast_dtype or torch.float32} "
+            f"({rt.dtype_reason}), "
             f"world={rt.world_size}, threads={torch.get_num_threads()}, kernel={kernel} ({why})\n  run dir: {run_dir}"
         )
 
