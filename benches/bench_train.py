@@ -1,17 +1,22 @@
-"""Training-step benchmark: ternary QAT vs the fp twin vs a plain torch GPT of the same shape, in one run.
+"""Training-step throughput: today's fp32 default vs the new default (bf16 on the CPU's matrix unit), in one run.
 
-    python benches/bench_train.py [--configs tiny_cpu,d20] [--steps 6] [--batch 8] [--seq 256] [--json PATH]
-                                  [--extra]   # also QAT with torch.compile and with bf16 autocast
+    python benches/bench_train.py [--configs tiny_cpu,d20] [--steps 5] [--rounds 2] [--threads N] [--json PATH]
+                                  [--extra]   # also the plain-torch dense baseline and torch.compile
 
-Variants (same config, same batch, same optimizers — Muon + Lion):
-- ``qat``: the model as trained (ternary BitLinear with STE, the config's residual streams)
-- ``fp``: the same model with ``quant="fp"`` (plain linears, same residual streams)
-- ``plain``: a minimal torch GPT of the same width/depth/MLP (nn.Linear, standard residual, no sub-norms)
-- ``qat_standard``: QAT with ``residual="standard"`` (isolates the cost of mHC streams)
-- with ``--extra``: ``qat_compile`` (torch.compile) and ``qat_bf16`` (CPU bf16 autocast)
+Variants, each in a fresh subprocess (so the allocator settings and thread pools of one never leak into the next),
+interleaved A B A B over ``--rounds`` (the median is reported), all on the config's batch and sequence length with
+the real training step (forward, cross-entropy, backward, clipping, Muon + Lion):
+- ``qat_fp32``: ternary QAT as trained before this change (fp32 fake-quant matmuls, fp32 Newton–Schulz, glibc's
+  default allocator thresholds): "today's fp32 default"
+- ``qat``: the new default: the dtype ``nanochat.hardware.choose_dtype`` picks here (bf16 where the CPU has
+  AMX-BF16/AVX512-BF16) with BitLinear's exact-operand bf16 matmuls, bf16 batched Newton–Schulz, and freed pages kept
+- ``fp_fp32`` / ``fp``: the full-precision twin (``quant="fp"``) under the same two settings
+- with ``--extra``: ``plain`` (a minimal dense torch GPT of the same shape, fp32) and ``qat_compile``
 
-``--json PATH`` writes records with keys ``config, variant, step_s, tok_s, peak_rss_mb, ratio_vs_plain``.
-Step time is the median of the timed steps after warm-up steps.
+Achieved FLOP/s counts ``GPT.flops_per_token`` (6 per matmul weight plus ``12·L·C·T`` for attention) per token;
+``% peak`` is against the machine's best matrix unit (``nanochat.hardware.cpu_matrix_unit``: FLOP/cycle/core ×
+clock × threads; AMX-BF16 here). ``--json PATH`` writes records with keys ``config, variant, dtype, step_s,
+tok_s, tflops, pct_peak, peak_tflops, unit, speedup_vs_qat_fp32, qat_over_fp, batch, seq, threads, load_avg``.
 """
 
 from __future__ import annotations
@@ -19,8 +24,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import resource
 import statistics
+import subprocess
+import sys
 import time
 
 import torch
@@ -77,16 +85,48 @@ class PlainGPT(nn.Module):
         return F.linear(self.norm(x), self.wte.weight)
 
 
-def time_steps(
-    model: nn.Module, vocab: int, batch: int, seq: int, steps: int, warmup: int, autocast: torch.dtype | None = None
-) -> float:
-    opt = build_optimizers(model)
+VARIANTS = {
+    # name: (quant, new_default)
+    "qat_fp32": ("ternary", False),
+    "qat": ("ternary", True),
+    "fp_fp32": ("fp", False),
+    "fp": ("fp", True),
+}
+
+
+def worker(spec: dict) -> dict:
+    """One variant's timed steps in this (fresh) process; returns its record."""
+    from nanochat.hardware import choose_dtype
+    from nanochat.model.bitlinear import set_matmul_dtype
+    from nanochat.train.loop import keep_freed_memory
+
+    if spec["threads"]:
+        torch.set_num_threads(spec["threads"])
+    cfg, tr = load_config(spec["config"])
+    variant = spec["variant"]
+    compile_ = variant == "qat_compile"
+    if variant == "plain":
+        quant, new = "fp", False
+    else:
+        quant, new = VARIANTS["qat" if compile_ else variant]
+    dtype = choose_dtype(torch.device("cpu"))[0] if new else torch.float32
+    set_matmul_dtype(dtype)
+    if new:
+        keep_freed_memory()
+    torch.manual_seed(0)
+    model: nn.Module = PlainGPT(cfg) if variant == "plain" else GPT(cfg.replace(quant=quant))
+    flops_tok = GPT.flops_per_token(model, spec["seq"]) if isinstance(model, GPT) else None
+    opt = build_optimizers(model, ns_dtype=dtype if new else torch.float32)
+    if compile_:
+        model = torch.compile(model)
+    model.train()
     g = torch.Generator().manual_seed(0)
-    x = torch.randint(0, vocab, (batch, seq), generator=g)
-    y = torch.randint(0, vocab, (batch, seq), generator=g)
+    batch, seq = spec["batch"], spec["seq"]
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
     times = []
-    ctx = torch.autocast("cpu", dtype=autocast) if autocast else contextlib.nullcontext()
-    for i in range(warmup + steps):
+    for i in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
         with ctx:
             logits = model(x)
@@ -95,9 +135,26 @@ def time_steps(
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if i >= warmup:
+        if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    if flops_tok is None:  # the plain baseline: the same matmul shapes as the fp twin
+        flops_tok = GPT(cfg.replace(quant="fp")).flops_per_token(seq)
+    return {
+        "step_s": statistics.median(times),
+        "dtype": str(dtype).replace("torch.", ""),
+        "flops_per_token": flops_tok,
+        "threads": torch.get_num_threads(),
+        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    }
+
+
+def run_variant(spec: dict) -> dict:
+    out = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, check=False
+    )
+    if out.returncode != 0:
+        raise RuntimeError(f"{spec['config']}/{spec['variant']} failed:\n{out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def main() -> None:
@@ -105,63 +162,84 @@ def main() -> None:
     ap.add_argument("--configs", default="tiny_cpu,d20")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--rounds", type=int, default=2, help="interleaved repetitions of every variant (median)")
     ap.add_argument("--batch", type=int, default=None, help="default: the config's batch_size")
     ap.add_argument("--seq", type=int, default=None, help="default: the config's seq_len")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--extra", action="store_true", help="also torch.compile and bf16 variants")
+    ap.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    ap.add_argument("--extra", action="store_true", help="also the plain dense baseline and torch.compile")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    records = []
-    console = Console()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+
+    from nanochat.hardware import cpu_matrix_unit
+
+    console = Console(width=150)
+    threads = args.threads or torch.get_num_threads()
+    best = cpu_matrix_unit(torch.bfloat16, threads)
+    names = list(VARIANTS) + (["plain", "qat_compile"] if args.extra else [])
+    load0 = os.getloadavg()
+    console.print(
+        f"load average {load0[0]:.2f} {load0[1]:.2f} {load0[2]:.2f}; {threads} threads; machine peak "
+        f"{best.peak_flops / 1e12:.2f} TFLOP/s ({best.name}, {best.flop_per_cycle_core} FLOP/cycle/core "
+        f"at {best.mhz:.0f} MHz)"
+    )
+    samples: dict[tuple[str, str], list[dict]] = {}
+    specs = []
     for name in args.configs.split(","):
-        cfg, tr = load_config(name)
+        _, tr = load_config(name)
         batch = args.batch or int(tr.get("batch_size", 8))
-        seq = args.seq or int(tr.get("seq_len", cfg.seq_len))
-        variants: dict[str, tuple[nn.Module, torch.dtype | None]] = {}
-        torch.manual_seed(0)
-        variants["plain"] = (PlainGPT(cfg), None)
-        variants["fp"] = (GPT(cfg.replace(quant="fp")), None)
-        variants["qat"] = (GPT(cfg), None)
-        if cfg.residual != "standard":
-            variants["qat_standard"] = (GPT(cfg.replace(residual="standard")), None)
-        if args.extra:
-            variants["qat_bf16"] = (GPT(cfg), torch.bfloat16)
-            variants["qat_compile"] = (torch.compile(GPT(cfg)), None)
-        base = None
-        for vname, (model, ac) in variants.items():
-            model.train()
-            step_s = time_steps(model, cfg.vocab_size, batch, seq, args.steps, args.warmup, ac)
-            rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-            base = base or step_s
-            rec = {
-                "config": name,
-                "variant": vname,
-                "step_s": step_s,
-                "tok_s": batch * seq / step_s,
-                "peak_rss_mb": rss,
-                "ratio_vs_plain": step_s / base,
-                "batch": batch,
-                "seq": seq,
-                "threads": torch.get_num_threads(),
-            }
-            records.append(rec)
-            console.print(f"{name:>9} {vname:>13}: {step_s * 1000:8.1f} ms/step  {rec['tok_s']:8.0f} tok/s")
-    table = Table(title=f"training step (Muon+Lion, {torch.get_num_threads()} threads; ratio = step time / plain)")
-    for col in ["config", "variant", "batch×seq", "ms/step", "tok/s", "× plain", "peak RSS MB"]:
+        seq = args.seq or int(tr.get("seq_len", 256))
+        specs += [
+            {"config": name, "variant": v, "batch": batch, "seq": seq, "steps": args.steps,
+             "warmup": args.warmup, "threads": args.threads}
+            for v in names
+        ]  # fmt: skip
+    for r in range(args.rounds):
+        for spec in specs:
+            res = run_variant(spec)
+            samples.setdefault((spec["config"], spec["variant"]), []).append({**spec, **res})
+            console.print(
+                f"round {r + 1}/{args.rounds} {spec['config']:>9} {spec['variant']:>12}: "
+                f"{res['step_s'] * 1000:8.1f} ms/step"
+            )
+    records = []
+    for (cfg_name, variant), runs in samples.items():
+        step_s = statistics.median(x["step_s"] for x in runs)
+        first = runs[0]
+        tokens = first["batch"] * first["seq"]
+        tflops = first["flops_per_token"] * tokens / step_s / 1e12
+        records.append({
+            "config": cfg_name, "variant": variant, "dtype": first["dtype"], "step_s": step_s,
+            "tok_s": tokens / step_s, "tflops": tflops, "pct_peak": 100 * tflops * 1e12 / best.peak_flops,
+            "peak_tflops": best.peak_flops / 1e12, "unit": best.name, "batch": first["batch"],
+            "seq": first["seq"], "threads": first["threads"], "rounds": len(runs),
+            "step_s_all": [x["step_s"] for x in runs], "peak_rss_mb": max(x["peak_rss_mb"] for x in runs),
+        })  # fmt: skip
+    by = {(r["config"], r["variant"]): r for r in records}
+    for r in records:
+        base = by.get((r["config"], "qat_fp32"))
+        r["speedup_vs_qat_fp32"] = base["step_s"] / r["step_s"] if base else None
+        twin = {"qat": "fp", "qat_fp32": "fp_fp32"}.get(r["variant"])
+        r["qat_over_fp"] = (
+            r["step_s"] / by[(r["config"], twin)]["step_s"] if twin and (r["config"], twin) in by else None
+        )
+        r["load_avg"] = list(os.getloadavg())
+    table = Table(title=f"training step, {threads} threads (median of {args.rounds} interleaved rounds)")
+    for col in ["config", "variant", "dtype", "ms/step", "tok/s", "TFLOP/s", "% peak", "× qat_fp32", "qat/fp"]:
         table.add_column(col, justify="right")
     for r in records:
         table.add_row(
-            r["config"],
-            r["variant"],
-            f"{r['batch']}×{r['seq']}",
-            f"{r['step_s'] * 1000:.1f}",
-            f"{r['tok_s']:.0f}",
-            f"{r['ratio_vs_plain']:.2f}",
-            f"{r['peak_rss_mb']:.0f}",
-        )
+            r["config"], r["variant"], r["dtype"], f"{r['step_s'] * 1000:.0f}", f"{r['tok_s']:,.0f}",
+            f"{r['tflops']:.3f}", f"{r['pct_peak']:.1f}",
+            f"{r['speedup_vs_qat_fp32']:.2f}" if r["speedup_vs_qat_fp32"] else "-",
+            f"{r['qat_over_fp']:.2f}" if r["qat_over_fp"] else "-",
+        )  # fmt: skip
     console.print(table)
+    load1 = os.getloadavg()
+    console.print(f"load average at the end {load1[0]:.2f} {load1[1]:.2f} {load1[2]:.2f}")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(records, f, indent=2)
