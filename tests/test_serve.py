@@ -33,6 +33,7 @@ import openai
 import pytest
 import torch
 
+from nanochat.engine.sampling import sample
 from nanochat.serve import EngineBackend, FakeBackend, SamplingParams, Settings, create_app
 from nanochat.serve.app import SlotPool
 from nanochat.serve.backend import (
@@ -41,7 +42,6 @@ from nanochat.serve.backend import (
     StopMatcher,
     deltas_from_tokens,
     model_id_for,
-    sample_token,
 )
 from nanochat.serve.cli import exposure_warning
 from nanochat.serve.settings import find_latest_run, is_loopback_host
@@ -145,19 +145,20 @@ def test_deltas_finish_reasons() -> None:
 
 
 def test_sample_token() -> None:
+    """The sampler the reference loop shares with the engine, called the way the server calls it."""
     torch.manual_seed(0)
     logits = torch.randn(100)
     best = int(torch.argmax(logits))
-    assert sample_token(logits, 0.0, 0, 1.0, None) == best
-    assert sample_token(logits, 1.0, 1, 1.0, torch.Generator().manual_seed(1)) == best
-    assert sample_token(logits, 1.0, 0, 1e-6, torch.Generator().manual_seed(1)) == best
+    assert sample(logits, 0.0, None, 1.0, None) == best
+    assert sample(logits, 1.0, 1, 1.0, torch.Generator().manual_seed(1)) == best
+    assert sample(logits, 1.0, None, 1e-6, torch.Generator().manual_seed(1)) == best
     g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-    draws1 = [sample_token(logits, 1.0, 0, 1.0, g1) for _ in range(20)]
-    draws2 = [sample_token(logits, 1.0, 0, 1.0, g2) for _ in range(20)]
+    draws1 = [sample(logits, 1.0, None, 1.0, g1) for _ in range(20)]
+    draws2 = [sample(logits, 1.0, None, 1.0, g2) for _ in range(20)]
     assert draws1 == draws2 and len(set(draws1)) > 1
     top5 = set(torch.topk(logits, 5).indices.tolist())
     g = torch.Generator().manual_seed(3)
-    assert {sample_token(logits, 2.0, 5, 1.0, g) for _ in range(200)} <= top5
+    assert {sample(logits, 2.0, 5, 1.0, g) for _ in range(200)} <= top5
 
 
 def test_slot_pool_is_fifo_and_survives_cancellation() -> None:

@@ -1,28 +1,39 @@
 """The HTTP app: ``create_app(backend, settings)`` builds a FastAPI app serving one model in OpenAI's API shape.
 
 Endpoints: ``GET /`` (the chat page), ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/models``,
-``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream: true`` = server-sent events).
+``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream: true`` = server-sent events),
+``GET /openapi.json`` (and Swagger UI at ``/docs`` with ``Settings.docs``).
 
 Notable choices (after llama-cpp-python's server, minus its event-loop-blocking generation):
-- Generation never runs on the event loop: each request gets a worker thread (a pool of ``max_concurrent``) that
-  iterates the backend's blocking stream and hands deltas to the loop through an ``asyncio.Queue``. ``/health``
-  and every other request keep answering while tokens are being generated.
-- Slots: at most ``max_concurrent`` generations run; later requests wait in a FIFO queue (:class:`SlotPool`). A
-  slot is given back when the worker thread has *finished*, not when the response ends, so a cancelled generation
-  still holds its slot until it has actually stopped (checked before every token). With
-  :class:`~nanochat.serve.backend.EngineBackend` the running generations share one batched decode step per token
-  (continuous batching), so ``max_concurrent`` is also the largest batch.
+- Nothing proportional to the input runs on the event loop: tokenization (a 1 MiB prompt takes seconds) runs in a
+  small thread pool, after a free check that rejects prompts that cannot fit the context whatever they tokenize to
+  (a token holds at most ``max_token_bytes`` bytes). Generation runs in worker threads (a pool of
+  ``max_concurrent``) that hand deltas to the loop through an ``asyncio.Queue``. ``/health`` and every running
+  stream keep answering meanwhile.
+- Slots: at most ``max_concurrent`` generations run; up to ``max_queue`` more wait in a FIFO queue
+  (:class:`SlotPool`), and beyond that a request gets a 503 with ``Retry-After`` at once (an unbounded queue only
+  turns a burst into minutes of waiting). A slot is given back when the worker thread has *finished*, not when the
+  response ends, so a cancelled generation still holds its slot until it has actually stopped (checked before every
+  token). With :class:`~nanochat.serve.backend.EngineBackend` the running generations share one batched decode step
+  per token (continuous batching), so ``max_concurrent`` is also the largest batch.
 - The first delta is read before a stream's response starts, so an error up to the first token (prefill) is a
   proper HTTP error, not a 200 with a broken stream.
 - A client that goes away stops its generation: while waiting (queue, prefill, a non-streamed reply) the request
   polls ``request.is_disconnected()``; during a stream Starlette cancels the response, and the response's
   ``finally`` sets the cancel event unless the stream was delivered in full. The worker checks it before every
   token; with the batching backend the sequence leaves the batch at the next step.
+- Shutdown (``app.state.begin_shutdown()``, called by :mod:`nanochat.serve.server` on SIGTERM before uvicorn stops):
+  queued and new requests get an OpenAI-shaped 503 at once; running generations get ``shutdown_grace`` seconds, then
+  a stream ends with an error event and ``[DONE]`` (a non-streamed request with a 503), so no client sees a cut.
 - Errors are OpenAI's shape ``{"error": {"message", "type", "param", "code"}}`` with 4xx codes: FastAPI's 422
-  validation errors become 400, unknown paths 404, bad keys 401, large bodies 413. An unexpected exception is a
-  500 in the same shape, logged with its traceback; the server keeps serving.
+  validation errors become 400 (and the OpenAPI spec says so), unknown paths 404, bad keys 401, large bodies 413,
+  slow bodies 408. An unexpected exception is a 500 in the same shape, logged with its traceback; the server keeps
+  serving.
 - Pure ASGI middlewares (no BaseHTTPMiddleware, which buffers streams): request log + request metrics (outermost),
-  API key check for ``/v1/*``, body size limit (by Content-Length, then by bytes actually received).
+  API key check (everything but ``/``, ``/health`` and ``/metrics``; several Authorization headers are a 400),
+  body size and time limits (by Content-Length, then by bytes actually received, within ``body_timeout``).
+- The chat page's Content-Security-Policy allows only its own inline script and style, by a per-response nonce:
+  a second barrier behind the page's escaping (it inserts model text with ``textContent`` only).
 """
 
 from __future__ import annotations
@@ -31,6 +42,7 @@ import asyncio
 import hmac
 import json
 import logging
+import secrets
 import threading
 import time
 import uuid
@@ -43,6 +55,7 @@ from typing import Any, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -58,6 +71,7 @@ from nanochat.serve.schemas import (
     Completion,
     CompletionChoice,
     CompletionRequest,
+    ErrorResponse,
     ModelCard,
     ModelList,
     SamplingRequest,
@@ -75,10 +89,13 @@ SCOPE_NOTE = "nanochat.note"  # e.g. "client gone", for the log line
 DISCONNECT_POLL_S = 0.2  # how often a waiting request checks whether its client is still there
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged for requests whose client left before a response
 CSP = (
-    "default-src 'none'; script-src 'unsafe-inline'; style-src 'unsafe-inline'; connect-src 'self'; "
+    "default-src 'none'; script-src 'nonce-{nonce}'; style-src 'nonce-{nonce}'; connect-src 'self'; "
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+OPEN_PATHS = frozenset({"/", "/health", "/metrics"})  # never behind the API key: the page, probes, scrapers
+RETRY_AFTER_S = 2  # what a 503 "queue full" asks clients to wait before retrying
+TOKENIZER_THREADS = 2  # tokenization off the event loop (the tokenizer releases the GIL)
 
 
 # --------------------------------------------------------------------------- errors
@@ -94,13 +111,38 @@ class APIError(Exception):
         type_: str = "invalid_request_error",
         param: str | None = None,
         code: str | None = None,
+        headers: dict[str, str] | None = None,
     ) -> None:
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
 
+        self.headers: dict[str, str] = dict(headers or {})
+        if status == 401:
+            self.headers.setdefault("WWW-Authenticate", "Bearer")
+
     def response(self) -> JSONResponse:
-        headers = {"WWW-Authenticate": "Bearer"} if self.status == 401 else None
-        return JSONResponse(error_json(self.message, self.type, self.param, self.code), self.status, headers=headers)
+        return JSONResponse(error_json(self.message, self.type, self.param, self.code), self.status, self.headers)
+
+
+def shutting_down_error() -> APIError:
+    return APIError(
+        503,
+        "The server is shutting down; retry on another instance or once it is back.",
+        type_="server_error",
+        code="server_shutting_down",
+        headers={"Connection": "close"},
+    )
+
+
+def queue_full_error(max_concurrent: int, max_queue: int) -> APIError:
+    return APIError(
+        503,
+        f"The server is overloaded: {max_concurrent} generations are running and {max_queue} requests are waiting. "
+        f"Retry after {RETRY_AFTER_S} seconds.",
+        type_="server_error",
+        code="server_overloaded",
+        headers={"Retry-After": str(RETRY_AFTER_S)},
+    )
 
 
 class ClientDisconnected(Exception):
@@ -188,29 +230,30 @@ class RequestLogMiddleware:
 
 
 class ApiKeyMiddleware:
-    """``/v1/*`` needs ``Authorization: Bearer <key>`` (checked before the body is read)."""
+    """With a key, everything but :data:`OPEN_PATHS` needs ``Authorization: Bearer <key>`` (checked before the body
+    is read; the key is compared in constant time). Several Authorization headers are a 400, not "the last wins"."""
 
     def __init__(self, app: ASGIApp, api_key: str | None) -> None:
         self.app = app
-        self.key = api_key.encode() if api_key else None
+        self.key = api_key.encode("ascii") if api_key else None  # Settings refuses non-ASCII keys
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        path = scope.get("path", "")
-        if self.key is None or scope["type"] != "http" or not (path == "/v1" or path.startswith("/v1/")):
+        if self.key is None or scope["type"] != "http" or scope.get("path", "") in OPEN_PATHS:
             await self.app(scope, receive, send)
             return
-        auth = ""
-        for name, value in scope.get("headers", []):
-            if name == b"authorization":
-                auth = value.decode("latin-1")
-        scheme, _, token = auth.partition(" ")
-        if not auth:
+        values = [value for name, value in scope.get("headers", []) if name == b"authorization"]
+        scheme, _, token = (values[0] if values else b"").partition(b" ")
+        if len(values) > 1:
+            err = APIError(
+                400, f"{len(values)} Authorization headers were sent; send exactly one.", code="invalid_request"
+            )
+        elif not values:
             err = APIError(
                 401,
                 "You didn't provide an API key. Send it in the Authorization header as 'Bearer YOUR_KEY'.",
                 code="invalid_api_key",
             )
-        elif scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self.key):
+        elif scheme.lower() != b"bearer" or not hmac.compare_digest(token.strip(), self.key):
             err = APIError(401, "Incorrect API key provided.", code="invalid_api_key")
         else:
             await self.app(scope, receive, send)
@@ -219,14 +262,15 @@ class ApiKeyMiddleware:
 
 
 class BodyLimitMiddleware:
-    """413 for bodies over ``max_bytes``: at once by Content-Length, else while receiving (chunked uploads).
+    """413 for bodies over ``max_bytes``: at once by Content-Length, else while receiving (chunked uploads); 408
+    (and the connection closed) for a body not received in full within ``timeout`` seconds (a slow-body client).
 
     The body is buffered here (it is at most ``max_bytes``) and replayed to the app; later ``receive`` calls go to
     the server, so disconnect detection still works.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout: float = 30.0) -> None:
+        self.app, self.max_bytes, self.timeout = app, max_bytes, timeout
 
     def _too_large(self, size: int | None) -> APIError:
         got = f" ({size} bytes)" if size is not None else ""
@@ -252,8 +296,20 @@ class BodyLimitMiddleware:
                     return
         chunks: list[bytes] = []
         size = 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                err = APIError(
+                    408,
+                    f"The request body was not received within {self.timeout:g} seconds.",
+                    code="request_timeout",
+                    headers={"Connection": "close"},
+                )
+                await err.response()(scope, receive, send)
+                return
             if message["type"] == "http.disconnect":
                 return  # the client left before sending its body: nothing to answer
             body = message.get("body", b"")
@@ -279,16 +335,29 @@ class BodyLimitMiddleware:
 # --------------------------------------------------------------------------- generation plumbing
 
 
-class SlotPool:
-    """``n`` generation slots handed out in arrival order (an exact FIFO, unlike a bare lock)."""
+class QueueFull(Exception):
+    """Every slot is taken and ``max_queue`` requests are already waiting."""
 
-    def __init__(self, n: int) -> None:
+
+class SlotPool:
+    """``n`` generation slots handed out in arrival order (an exact FIFO, unlike a bare lock), with at most
+    ``max_queue`` waiters (``None``: unbounded); :meth:`acquire` raises :class:`QueueFull` beyond that."""
+
+    def __init__(self, n: int, max_queue: int | None = None) -> None:
         self.free = n
+        self.max_queue = max_queue
         self._waiters: deque[asyncio.Future[None]] = deque()
 
     @property
     def waiting(self) -> int:
         return sum(1 for f in self._waiters if not f.done())
+
+    @property
+    def full(self) -> bool:
+        """A request arriving now would be refused."""
+        return (
+            not (self.free > 0 and not self.waiting) and self.max_queue is not None and self.waiting >= self.max_queue
+        )
 
     def try_acquire(self) -> bool:
         if self.free > 0 and not self.waiting:
@@ -296,9 +365,18 @@ class SlotPool:
             return True
         return False
 
+    def fail_waiters(self, exc: BaseException) -> None:
+        """Every waiting :meth:`acquire` raises ``exc`` (shutdown); later callers are not affected."""
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(exc)
+
     async def acquire(self) -> None:
         if self.try_acquire():
             return
+        if self.full:
+            raise QueueFull()
         fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._waiters.append(fut)
         try:
@@ -357,6 +435,12 @@ class Generation:
         except RuntimeError:
             self.cancel.set()  # the loop is closed: the server is shutting down
 
+    def abort(self, err: BaseException) -> None:
+        """End this generation now, from the loop: the reader gets ``err`` next, without waiting for the worker
+        (which may be inside a long prefill); the worker stops before its next token."""
+        self.cancel.set()
+        self.queue.put_nowait(err)
+
     async def next(self) -> Delta:
         item = await self.queue.get()
         if isinstance(item, BaseException):
@@ -391,6 +475,8 @@ async def _unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
 
 
 def _backend_error(e: BaseException) -> APIError:
+    if isinstance(e, APIError):  # e.g. the server is shutting down
+        return e
     if isinstance(e, ValueError):  # the backend refused the request's values
         return APIError(400, str(e), code="invalid_value")
     log.error("generation failed", exc_info=(type(e), e, e.__traceback__))
@@ -409,16 +495,54 @@ def _chat_page() -> str:
     return resources.files("nanochat.serve").joinpath("static/chat.html").read_text(encoding="utf-8")
 
 
+def _with_nonce(page: str, nonce: str) -> str:
+    """The page with ``nonce`` on its (only) ``<script>`` and ``<style>`` elements, for a CSP without
+    'unsafe-inline'."""
+    return page.replace("<script>", f'<script nonce="{nonce}">', 1).replace("<style>", f'<style nonce="{nonce}">', 1)
+
+
+def _max_token_bytes(tokenizer: Any) -> int | None:
+    """The most UTF-8 bytes one token decodes to, if the tokenizer can say (``token_bytes()``), else ``None``.
+
+    Every character is at least one byte, so a text of ``n`` characters is at least ``n / max_token_bytes`` tokens:
+    a bound checked before tokenizing, for free."""
+    table = getattr(tokenizer, "token_bytes", None)
+    if table is None:
+        return None
+    try:
+        return max(1, int(max(table())))
+    except Exception:  # an unusual tokenizer: no bound, just tokenize
+        log.warning("cannot read the tokenizer's token lengths: prompts are tokenized before the size check")
+        return None
+
+
+def _error_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` entries in OpenAI's error shape for ``codes``."""
+    what = {
+        400: "Invalid request (OpenAI's error shape; `param` names the field)",
+        401: "Missing or wrong API key (only when the server has one)",
+        404: "Unknown model (`code`: `model_not_found`)",
+        408: "The request body did not arrive in time",
+        413: "Request body too large",
+        500: "Unexpected server error",
+        503: "Overloaded (queue full, with `Retry-After`) or shutting down",
+    }
+    return {c: {"model": ErrorResponse, "description": what[c]} for c in codes}
+
+
 def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     """A FastAPI app serving ``backend`` (see the module docstring)."""
     settings = settings or Settings()
-    metrics = Metrics(backend.model_id, backend.context_length)
-    slots = SlotPool(settings.max_concurrent)
+    metrics = Metrics(backend.model_id, backend.context_length, settings.max_concurrent, settings.max_queue)
+    slots = SlotPool(settings.max_concurrent, settings.max_queue)
     executor = ThreadPoolExecutor(max_workers=settings.max_concurrent, thread_name_prefix="nanochat-gen")
+    tokenizer_pool = ThreadPoolExecutor(max_workers=TOKENIZER_THREADS, thread_name_prefix="nanochat-tok")
     active: set[Generation] = set()
     created = int(time.time())
     page = _chat_page()
     tokens_limit = min(settings.max_tokens_limit or backend.context_length, backend.context_length)
+    max_token_bytes = _max_token_bytes(backend.tokenizer)
+    stopping = False  # set once by begin_shutdown
 
     @asynccontextmanager
     async def lifespan(_: FastAPI) -> AsyncIterator[None]:
@@ -426,11 +550,43 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         for g in list(active):
             g.cancel.set()
         executor.shutdown(wait=False, cancel_futures=True)
+        tokenizer_pool.shutdown(wait=False, cancel_futures=True)
 
-    app = FastAPI(title="nanochat", version=__version__, lifespan=lifespan, redoc_url=None)
+    app = FastAPI(
+        title="nanochat",
+        version=__version__,
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url=None,
+        swagger_ui_oauth2_redirect_url=None,
+    )
     app.state.backend = backend
     app.state.settings = settings
     app.state.metrics = metrics
+
+    def begin_shutdown() -> None:
+        """Stop taking work (called on the loop when the server begins to stop, before it waits for connections):
+        queued requests get a 503 now, running ones after ``shutdown_grace`` seconds."""
+        nonlocal stopping
+        if stopping:
+            return
+        stopping = True
+        log.info(
+            "shutting down: %d queued requests refused, %d running get %gs",
+            slots.waiting,
+            len(active),
+            settings.shutdown_grace,
+        )
+        metrics.rejected.labels(reason="shutting_down").inc(slots.waiting)
+        slots.fail_waiters(shutting_down_error())
+
+        def cut() -> None:
+            for g in list(active):
+                g.abort(shutting_down_error())
+
+        asyncio.get_running_loop().call_later(settings.shutdown_grace, cut)
+
+    app.state.begin_shutdown = begin_shutdown
 
     # ---------------------------------------------------------------- error handlers
     async def on_api_error(_: Request, exc: Exception) -> Response:
@@ -461,7 +617,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(Exception, on_unexpected)
 
     # last added = outermost: log -> api key -> body limit -> app
-    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_body_bytes, timeout=settings.body_timeout)
     app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key)
     app.add_middleware(RequestLogMiddleware, metrics=metrics, enabled=settings.log_requests)
 
@@ -475,18 +631,45 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
                 code="model_not_found",
             )
 
+    def admit() -> None:
+        """Refuse at once what would be refused later anyway (before any tokenizing)."""
+        if stopping:
+            metrics.rejected.labels(reason="shutting_down").inc()
+            raise shutting_down_error()
+        if slots.full:
+            metrics.rejected.labels(reason="queue_full").inc()
+            raise queue_full_error(settings.max_concurrent, settings.max_queue)
+
+    def too_long(tokens: int, what: str, at_least: bool = False) -> APIError:
+        ctx = backend.context_length
+        return APIError(
+            400,
+            f"This model's maximum context length is {ctx} tokens. However, your {what} is "
+            f"{'at least ' if at_least else ''}{tokens} tokens (at least one token must be left for the completion). "
+            "Please shorten it.",
+            param="messages" if what == "messages" else "prompt",
+            code="context_length_exceeded",
+        )
+
+    def check_chars(chars: int, specials: int, what: str) -> None:
+        """A prompt of ``chars`` characters (plus ``specials`` special tokens) that cannot fit, whatever it
+        tokenizes to, is refused before tokenizing (see :func:`_max_token_bytes`)."""
+        if max_token_bytes is None:
+            return
+        lower = -(-chars // max_token_bytes) + specials
+        if lower >= backend.context_length:
+            raise too_long(lower, what, at_least=True)
+
+    async def off_loop(fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` (tokenization: time proportional to the input) in the tokenizer threads."""
+        return await asyncio.get_running_loop().run_in_executor(tokenizer_pool, fn, *args)
+
     def sampling_params(
         req: SamplingRequest, asked: int | None, prompt_len: int, default: int, what: str
     ) -> SamplingParams:
         ctx = backend.context_length
         if prompt_len >= ctx:
-            raise APIError(
-                400,
-                f"This model's maximum context length is {ctx} tokens. However, your {what} is {prompt_len} tokens "
-                "(at least one token must be left for the completion). Please shorten it.",
-                param="messages" if what == "messages" else "prompt",
-                code="context_length_exceeded",
-            )
+            raise too_long(prompt_len, what)
         if asked is None:
             max_tokens = max(1, min(default, tokens_limit, ctx - prompt_len))
         elif asked > tokens_limit:
@@ -518,12 +701,18 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         )
 
     async def start(request: Request, prompt_ids: list[int], params: SamplingParams) -> Generation:
-        """Wait for a slot (FIFO), then start the worker; the slot is given back when the worker is done."""
+        """Wait for a slot (FIFO, bounded), then start the worker; the slot is given back when the worker is done."""
+        if stopping:
+            metrics.rejected.labels(reason="shutting_down").inc()
+            raise shutting_down_error()
         gen = Generation(backend, prompt_ids, params, metrics, request.scope.get(SCOPE_T0, time.perf_counter()))
         if not slots.try_acquire():
             metrics.queued.inc()
             try:
                 await _unless_disconnected(request, slots.acquire())
+            except QueueFull:
+                metrics.rejected.labels(reason="queue_full").inc()
+                raise queue_full_error(settings.max_concurrent, settings.max_queue) from None
             finally:
                 metrics.queued.dec()
         metrics.in_flight.inc()
@@ -535,7 +724,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             metrics.in_flight.dec()
             active.discard(gen)
             slots.release()
-            raise APIError(503, "The server is shutting down.", type_="server_error", code="unavailable") from None
+            raise shutting_down_error() from None
 
         def done(_: object) -> None:
             metrics.in_flight.dec()
@@ -582,7 +771,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             raise _backend_error(e) from e
         request.scope[SCOPE_TOKENS] = (len(prompt_ids), gen.completion_tokens)
         if last.finish_reason == "cancelled":
-            raise APIError(503, "The generation was cancelled: the server is shutting down.", type_="server_error")
+            raise shutting_down_error()
         if not req.stream:
             return JSONResponse(whole(text, last.finish_reason or "stop", usage(gen)))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
@@ -605,14 +794,14 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
                 if d.finish_reason is not None:
                     break
                 d = await gen.next()
-            if d.finish_reason == "cancelled":
-                return  # cancelled from our side (shutdown): nothing more to say
+            if d.finish_reason == "cancelled":  # cancelled from our side, without an abort: shutting down
+                raise shutting_down_error()
             yield _sse(chunk(None, d.finish_reason))
             if include_usage:
                 yield _sse({**chunk(None, None), "choices": [], "usage": usage(gen).model_dump()})
             yield _sse("[DONE]")
             gen.delivered = True
-        except Exception as e:  # a backend failure mid-stream: report it in-band, then end the stream
+        except Exception as e:  # a backend failure or shutdown mid-stream: report it in-band, then end the stream
             err = _backend_error(e)
             yield _sse(error_json(err.message, err.type, err.param, err.code))
             yield _sse("[DONE]")
@@ -640,18 +829,29 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     # ---------------------------------------------------------------- routes
     @app.get("/", include_in_schema=False)
     async def chat_page() -> HTMLResponse:
-        return HTMLResponse(page, headers={"Content-Security-Policy": CSP, "Cache-Control": "no-cache"})
+        nonce = secrets.token_urlsafe(18)
+        return HTMLResponse(
+            _with_nonce(page, nonce),
+            headers={
+                "Content-Security-Policy": CSP.format(nonce=nonce),
+                "Cache-Control": "no-store",  # a nonce is good for one response only
+                "X-Content-Type-Options": "nosniff",
+                "Referrer-Policy": "no-referrer",
+            },
+        )
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        return {
-            "status": "ok",
+    @app.get("/health", responses={503: {"description": "Shutting down"}})
+    async def health() -> JSONResponse:
+        body = {
+            "status": "shutting_down" if stopping else "ok",
             "model": backend.model_id,
             "engine": str(getattr(backend, "mode", type(backend).__name__)),
             "in_flight": len(active),
             "queued": slots.waiting,
             "max_concurrent": settings.max_concurrent,
+            "max_queue": settings.max_queue,
         }
+        return JSONResponse(body, status_code=503 if stopping else 200)
 
     @app.get("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
@@ -666,20 +866,33 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             max_completion_tokens=tokens_limit,
         )
 
-    @app.get("/v1/models", response_model=ModelList)
+    key_errors = (401,) if settings.api_key else ()
+
+    @app.get("/v1/models", response_model=ModelList, responses=_error_responses(*key_errors))
     async def list_models() -> ModelList:
         return ModelList(data=[card()])
 
-    @app.get("/v1/models/{model}", response_model=ModelCard)
+    @app.get("/v1/models/{model}", response_model=ModelCard, responses=_error_responses(*key_errors, 404))
     async def get_model(model: str) -> ModelCard:
         check_model(model)
         return card()
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletion)
+    generation_responses: dict[int | str, dict[str, Any]] = {
+        200: {
+            "description": "The completion (`stream: false`), or server-sent events: `data: {chunk}` lines, then "
+            '`data: [DONE]`; an error after the first event is sent as `data: {"error": ...}` before `[DONE]`',
+            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+        },
+        **_error_responses(400, *key_errors, 404, 408, 413, 500, 503),
+    }
+
+    @app.post("/v1/chat/completions", response_model=ChatCompletion, responses=generation_responses)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response:
         check_model(body.model)
+        admit()
         messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
-        prompt_ids = list(backend.tokenizer.render_chat(messages))
+        check_chars(sum(len(m["content"]) for m in messages), 2 * len(messages) + 2, "messages")
+        prompt_ids = list(await off_loop(backend.tokenizer.render_chat, messages))
         params = sampling_params(body, body.requested_max_tokens(), len(prompt_ids), backend.context_length, "messages")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -696,11 +909,12 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         opening = chunk(None, None, {"role": "assistant", "content": ""})
         return await generate(request, body, prompt_ids, params, chunk, whole, opening)
 
-    @app.post("/v1/completions", response_model=Completion)
+    @app.post("/v1/completions", response_model=Completion, responses=generation_responses)
     async def completions(body: CompletionRequest, request: Request) -> Response:
         check_model(body.model)
+        admit()
         prompt = body.prompt
-        if isinstance(prompt, list) and prompt and isinstance(prompt[0], int):
+        if isinstance(prompt, list) and isinstance(prompt[0], int):
             vocab = backend.tokenizer.vocab_size
             bad = [t for t in prompt if not 0 <= int(t) < vocab]
             if bad:
@@ -709,7 +923,9 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             prompt_ids = [int(t) for t in prompt]
         else:
             text = prompt if isinstance(prompt, str) else str(prompt[0])
-            prompt_ids = [backend.tokenizer.bos_id, *backend.tokenizer.encode(text)]  # documents start with <|bos|>
+            check_chars(len(text), 1, "prompt")
+            # documents start with <|bos|>
+            prompt_ids = [backend.tokenizer.bos_id, *await off_loop(backend.tokenizer.encode, text)]
         params = sampling_params(body, body.requested_max_tokens(), len(prompt_ids), 16, "prompt")
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
@@ -724,4 +940,25 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
 
         return await generate(request, body, prompt_ids, params, chunk, whole)
 
+    # ---------------------------------------------------------------- the spec says what the server answers
+    def openapi() -> dict[str, Any]:
+        """FastAPI's spec, minus its 422 (validation errors are 400 here) and the schemas only that 422 used."""
+        if app.openapi_schema is None:
+            spec = get_openapi(title=app.title, version=app.version, routes=app.routes)
+            for ops in spec.get("paths", {}).values():
+                for op in ops.values():
+                    op.get("responses", {}).pop("422", None)
+            schemas = spec.get("components", {}).get("schemas", {})
+            for name in ("HTTPValidationError", "ValidationError"):
+                schemas.pop(name, None)
+            if settings.api_key:
+                spec.setdefault("components", {})["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+                for path, ops in spec.get("paths", {}).items():
+                    if path not in OPEN_PATHS:
+                        for op in ops.values():
+                            op["security"] = [{"bearer": []}]
+            app.openapi_schema = spec
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
     return app

@@ -33,8 +33,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
 if TYPE_CHECKING:
-    import torch
-
     from nanochat.export.load import LoadedModel
 
 log = logging.getLogger("nanochat.serve")
@@ -193,28 +191,6 @@ def deltas_from_tokens(
         yield Delta(text, tok, None)
 
 
-def sample_token(
-    logits: torch.Tensor, temperature: float, top_k: int, top_p: float, generator: torch.Generator | None
-) -> int:
-    """One token id from ``logits`` (V,): argmax at temperature 0, else top-k, then nucleus, then a draw."""
-    import torch
-
-    if temperature <= 0.0:
-        return int(torch.argmax(logits))
-    logits = logits.float() / temperature
-    if 0 < top_k < logits.numel():
-        kth = torch.topk(logits, top_k).values[-1]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
-        # drop a token when the tokens before it already reach top_p (the first token always stays)
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
-        logits = logits.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
-    probs = torch.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
 def new_seed() -> int:
     return random.SystemRandom().randrange(1 << 62)
 
@@ -295,13 +271,14 @@ class EngineBackend:
     def _reference_tokens(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
         import torch
 
-        gen = torch.Generator(device="cpu")
-        gen.manual_seed(params.seed if params.seed is not None else new_seed())
+        from nanochat.engine.sampling import make_generator, sample
+
+        gen = make_generator(params.seed)
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)  # (1, T)
         while ids.shape[1] < self.context_length:
             with torch.inference_mode():
                 logits = self._model(ids)[0, -1].float().cpu()  # (V,) at the last position
-            tok = sample_token(logits, params.temperature, params.top_k, params.top_p, gen)
+            tok = sample(logits, params.temperature, params.top_k or None, params.top_p, gen)
             yield tok
             ids = torch.cat([ids, torch.tensor([[tok]], dtype=torch.long, device=self.device)], dim=1)
 
@@ -328,6 +305,19 @@ class _Request:
     out: queue.SimpleQueue[Delta | BaseException]
 
 
+def _unsampleable(seq: Any) -> RuntimeError | None:
+    """Why ``seq``'s next token cannot be sampled (its logits hold no finite value), or ``None``.
+
+    Sampling is total for every accepted parameter value (``nanochat.engine.sampling``); a logits row with no finite
+    value is the one input it refuses. Checked before the batched step, so that sequence fails alone."""
+    import torch
+
+    logits = getattr(seq, "logits", None)
+    if logits is None or getattr(seq, "finish_reason", None) is not None or bool(torch.isfinite(logits).any()):
+        return None
+    return RuntimeError("the model produced no finite logit for the next token (NaN or -inf only)")
+
+
 class Batcher:
     """Continuous batching over ``nanochat.engine.Engine``: one scheduler thread owns every live sequence.
 
@@ -336,6 +326,12 @@ class Batcher:
     one batched forward, and each request's delta goes to its own queue. A request's ``stream`` iterator (run in a
     server worker thread) just reads that queue. The engine's per-sequence generators make a batched sequence sample
     exactly what it would alone.
+
+    Isolation: what one request brings ends that request alone. Its prompt and parameters are checked by
+    ``Engine.start`` (a failure there goes to its queue only); sampling is numerically safe for every accepted value
+    (a temperature of 1e-40 is greedy, a top_p of 1e-46 keeps the top token); a sequence whose logits hold no finite
+    value is failed before the step that would raise for everyone. Only an engine-wide failure (the batched forward
+    itself) fails every request of that batch.
     """
 
     def __init__(self, engine: Any) -> None:
@@ -401,6 +397,9 @@ class Batcher:
                 for seq, req in live:
                     if req.cancel.is_set():
                         req.out.put(Delta("", None, "cancelled"))
+                    elif (err := _unsampleable(seq)) is not None:
+                        log.error("generation failed: %s", err)
+                        req.out.put(err)  # this sequence alone: the step below would raise for the whole batch
                     else:
                         kept.append((seq, req))
                 live = kept
@@ -418,7 +417,7 @@ class Batcher:
                     if seq.finish_reason is None:
                         kept.append((seq, req))
                 live = kept
-            except Exception as e:  # an engine failure fails the requests it was running, not the server
+            except Exception as e:  # an engine-wide failure (the batched forward) fails the batch, not the server
                 log.error("batched generation failed", exc_info=True)
                 for _, req in live:
                     req.out.put(e)

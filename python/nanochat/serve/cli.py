@@ -24,7 +24,7 @@ from typing import Annotated
 
 import typer
 
-from nanochat.serve.settings import DEFAULT_MAX_BODY_BYTES, Settings, find_latest_run
+from nanochat.serve.settings import DEFAULT_MAX_BODY_BYTES, DEFAULT_MAX_QUEUE, Settings, find_latest_run
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
 
@@ -73,8 +73,24 @@ def serve(
     port: Annotated[int, typer.Option(help="TCP port", rich_help_panel=NET)] = 8000,
     api_key: Annotated[
         str | None,
-        typer.Option(help="require `Authorization: Bearer KEY` on /v1/* (env NANOCHAT_API_KEY)", rich_help_panel=NET),
+        typer.Option(
+            help="require `Authorization: Bearer KEY` on everything but /, /health and /metrics (env "
+            "NANOCHAT_API_KEY; printable ASCII)",
+            rich_help_panel=NET,
+        ),
     ] = None,
+    docs: Annotated[
+        bool, typer.Option(help="Swagger UI at /docs (loads its JS/CSS from a CDN)", rich_help_panel=NET)
+    ] = False,
+    header_timeout: Annotated[
+        float, typer.Option(help="seconds a client has to send its request headers", rich_help_panel=NET)
+    ] = 10.0,
+    body_timeout: Annotated[
+        float, typer.Option(help="seconds a client has to send its request body", rich_help_panel=NET)
+    ] = 30.0,
+    keep_alive_timeout: Annotated[
+        float, typer.Option(help="seconds an idle keep-alive connection stays open", rich_help_panel=NET)
+    ] = 5.0,
     max_body_bytes: Annotated[
         int, typer.Option(help="largest accepted request body", rich_help_panel=LIMITS)
     ] = DEFAULT_MAX_BODY_BYTES,
@@ -84,12 +100,22 @@ def serve(
             help="generations at once (one batched decode); more wait in a FIFO queue", rich_help_panel=LIMITS
         ),
     ] = 4,
+    max_queue: Annotated[
+        int,
+        typer.Option(help="requests that may wait for a slot; more get a 503 with Retry-After", rich_help_panel=LIMITS),
+    ] = DEFAULT_MAX_QUEUE,
     max_tokens_limit: Annotated[
         int | None, typer.Option(help="cap on max_tokens per request (default: the context)", rich_help_panel=LIMITS)
     ] = None,
     threads: Annotated[
         int | None, typer.Option(help="CPU threads for torch and the Rust kernels", rich_help_panel=RUN)
     ] = None,
+    shutdown_grace: Annotated[
+        float,
+        typer.Option(
+            help="seconds running generations get on SIGTERM before they end with an error", rich_help_panel=RUN
+        ),
+    ] = 5.0,
     log_level: Annotated[str, typer.Option(help="debug | info | warning | error", rich_help_panel=RUN)] = "info",
 ) -> None:
     """Serve a nanochat model: chat page at /, OpenAI-compatible API at /v1.
@@ -106,8 +132,14 @@ def serve(
             api_key=api_key,
             max_body_bytes=max_body_bytes,
             max_concurrent=max_concurrent,
+            max_queue=max_queue,
             max_tokens_limit=max_tokens_limit,
             threads=threads,
+            docs=docs,
+            header_timeout=header_timeout,
+            body_timeout=body_timeout,
+            keep_alive_timeout=keep_alive_timeout,
+            shutdown_grace=shutdown_grace,
         )
     except ValueError as e:
         _fail(str(e))
@@ -143,17 +175,10 @@ def serve(
         err=True,
     )
 
-    import uvicorn
+    from nanochat.serve.server import make_server
 
-    uvicorn.run(
-        create_app(backend, settings),
-        host=settings.host,
-        port=settings.port,
-        log_level=log_level.lower(),
-        log_config=None,  # uvicorn's own lines go through the logging set up above, in one format
-        access_log=False,  # the app logs one line per request itself (with tokens and timing)
-        timeout_graceful_shutdown=5,
-    )
+    # uvicorn's own lines go through the logging set up above, in one format; the app logs one line per request
+    make_server(create_app(backend, settings), settings, log_level=log_level).run()
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -18,6 +18,8 @@ ENDPOINTS = frozenset(
         "/v1/models",
         "/v1/chat/completions",
         "/v1/completions",
+        "/openapi.json",
+        "/docs",
     }
 )
 
@@ -35,7 +37,9 @@ def endpoint_label(path: str) -> str:
 
 
 class Metrics:
-    def __init__(self, model_id: str = "", context_length: int = 0) -> None:
+    def __init__(
+        self, model_id: str = "", context_length: int = 0, max_concurrent: int = 0, max_queue: int = 0
+    ) -> None:
         self.registry = CollectorRegistry(auto_describe=True)
         r = self.registry
         self.requests = Counter(
@@ -64,6 +68,14 @@ class Metrics:
         )
         self.in_flight = Gauge("nanochat_requests_in_flight", "generations running now", registry=r)
         self.queued = Gauge("nanochat_requests_queued", "requests waiting for a generation slot", registry=r)
+        self.max_concurrent = Gauge("nanochat_slots", "generation slots (--max-concurrent)", registry=r)
+        self.max_queue = Gauge("nanochat_queue_capacity", "requests that may wait for a slot (--max-queue)", registry=r)
+        self.rejected = Counter(
+            "nanochat_requests_rejected",
+            "requests answered 503 before generating: queue_full (Retry-After sent) or shutting_down",
+            ["reason"],
+            registry=r,
+        )
         self.cancelled = Counter(
             "nanochat_requests_cancelled", "generations stopped because the client went away", registry=r
         )
@@ -71,6 +83,10 @@ class Metrics:
             "nanochat_model_info", "the served model (value 1)", ["model", "context_length"], registry=r
         )
         self.model_info.labels(model=model_id, context_length=str(context_length)).set(1)
+        self.max_concurrent.set(max_concurrent)
+        self.max_queue.set(max_queue)
+        for reason in ("queue_full", "shutting_down"):
+            self.rejected.labels(reason=reason)  # exported at 0 from the start
 
     def render(self) -> tuple[bytes, str]:
         """``(body, content type)`` of the Prometheus text exposition."""

@@ -7,15 +7,33 @@ Notable choices:
   stop strings); checks that need the model (context length, model name) live in the app.
 - Extensions beyond OpenAI's schema, as vLLM names them: ``top_k`` and ``ignore_eos`` (generate through
   end-of-text tokens: for benchmarks).
+- Every string is valid Unicode: JSON can carry a lone surrogate (``"\\ud800"``), which no tokenizer (and no UTF-8
+  encoder) accepts, so it is a 400 here rather than a 500 deep inside.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, StrictInt, StrictStr, field_validator
 
 StrictFloat = Annotated[float, Field(strict=True)]  # JSON integers are accepted, strings and booleans are not
+_SURROGATE = re.compile("[\ud800-\udfff]")
+INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+
+
+def _valid_unicode(v: str) -> str:
+    m = _SURROGATE.search(v)
+    if m is not None:
+        raise ValueError(
+            f"the text holds a lone surrogate (U+{ord(m.group()):04X}) at index {m.start()}, which is not valid "
+            "Unicode; send UTF-8 text (a character outside the BMP as one escaped surrogate pair)"
+        )
+    return v
+
+
+Text = Annotated[StrictStr, AfterValidator(_valid_unicode)]  # a string that is valid Unicode
 
 
 class _Request(BaseModel):
@@ -29,13 +47,13 @@ class StreamOptions(_Request):
 class SamplingRequest(_Request):
     """Fields shared by chat completions and completions."""
 
-    model: StrictStr | None = None  # must name the served model when given
+    model: Text | None = None  # must name the served model when given
     max_tokens: Annotated[StrictInt, Field(ge=1)] | None = None
     temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] | None = None  # 0 = greedy
     top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[StrictInt, Field(ge=0)] | None = None  # extension; 0 = off
-    stop: StrictStr | list[StrictStr] | None = None
-    seed: StrictInt | None = None
+    stop: Text | list[Text] | None = None
+    seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
     n: StrictInt = 1
@@ -66,13 +84,13 @@ class SamplingRequest(_Request):
 
 class TextPart(_Request):
     type: Literal["text"]
-    text: StrictStr
+    text: Text
 
 
 class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant"]
-    content: StrictStr | list[TextPart]
-    name: StrictStr | None = None
+    content: Text | list[TextPart]
+    name: Text | None = None
 
     def text(self) -> str:
         return self.content if isinstance(self.content, str) else "".join(p.text for p in self.content)
@@ -90,9 +108,20 @@ class ChatCompletionRequest(SamplingRequest):
 
 
 class CompletionRequest(SamplingRequest):
-    # a string, a list holding one string, or a list of token ids
-    prompt: StrictStr | Annotated[list[StrictStr], Field(min_length=1, max_length=1)] | list[StrictInt]
+    # a string, a list holding one string, or a non-empty list of token ids
+    prompt: (
+        Text
+        | Annotated[list[Text], Field(min_length=1, max_length=1)]
+        | Annotated[list[StrictInt], Field(min_length=1)]
+    )
     echo: StrictBool = False
+
+    @field_validator("prompt", mode="before")
+    @classmethod
+    def _prompt_not_empty(cls, v: Any) -> Any:
+        if isinstance(v, list) and not v:
+            raise ValueError("the prompt is an empty list: send a string, a list holding one string, or token ids")
+        return v
 
     @field_validator("echo")
     @classmethod

@@ -11,6 +11,7 @@ depends on the seed: good enough to test serving, and nothing to read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import socket
 import subprocess
@@ -84,15 +85,20 @@ def free_port() -> int:
 
 
 class ServerThread:
-    """An ASGI app under uvicorn in a daemon thread on 127.0.0.1 (context manager); ``.url`` is its base URL."""
+    """An app under uvicorn in a daemon thread on 127.0.0.1 (context manager); ``.url`` is its base URL.
+
+    It runs :func:`nanochat.serve.server.make_server` with the app's own settings (timeouts, shutdown grace), so
+    leaving the context is the server's graceful shutdown."""
 
     def __init__(self, app: Any, port: int | None = None, startup_timeout: float = 30.0) -> None:
-        import uvicorn
+        from nanochat.serve.server import make_server
+        from nanochat.serve.settings import Settings
 
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        config = uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning", access_log=False)
-        self.server = uvicorn.Server(config)
+        settings = getattr(getattr(app, "state", None), "settings", None) or Settings()
+        settings = dataclasses.replace(settings, host="127.0.0.1", port=self.port)
+        self.server = make_server(app, settings, log_level="warning")  # the CLI's server: timeouts, shutdown
         self._thread = threading.Thread(target=self.server.run, name="uvicorn-test", daemon=True)
         self._timeout = startup_timeout
 
