@@ -21,10 +21,12 @@ Notable choices:
   at line boundaries into chunks of at most ``chunk_chars`` characters (:func:`chunk_lines`; a longer line is cut
   where it must) and each chunk independently becomes a FIM example with probability ``rate``. The loader's windows
   sit at fixed offsets, so a chunk of ``L`` tokens lies whole in a window of ``T`` with probability about
-  ``1 - L/T``: :func:`chunk_chars_for` therefore sizes chunks to about half a window (1.5 characters per token of
-  context at our ~3 characters per token), and half of the FIM chunks are seen whole while the rest still have
-  their sentinels and the middle in view. Consecutive plain chunks are merged back and tokenized as one text, so
-  with ``rate = 0`` a document tokenizes exactly as without FIM.
+  ``1 - L/T``: :func:`chunk_chars_for` therefore sizes chunks to under half a window, 1.5 characters per token of
+  context. Measured on 5 MB of the standard library with an 8k vocabulary (3.65 characters per token): at
+  ``seq_len = 512`` (768-character chunks) a FIM example is 200 tokens at the median, 262 at the 90th percentile,
+  so more than half are seen whole and the rest still show their sentinels and much of both sides. Consecutive
+  plain chunks are merged back and tokenized as one text, so with ``rate = 0`` a document tokenizes exactly as
+  without FIM.
 - **Deterministic**: the random draws come from a generator seeded with ``(seed, sha256(text))``, so a document
   gets the same examples in every build, whatever its position or the other documents.
 - Only the *train* split is transformed (see :func:`nanochat.data.shards.build_shards`): validation stays plain
@@ -49,7 +51,7 @@ from nanochat.data.tokenizer import FIM_TOKENS, Tokenizer
 
 DEFAULT_FIM_RATE = 0.5  # fraction of train chunks that become FIM examples (Bavarian et al.: 0.5 costs no L2R skill)
 DEFAULT_FIM_SPM_RATE = 0.5  # fraction of FIM examples written SPM rather than PSM (StarCoder: 0.5)
-CHUNK_CHARS_PER_TOKEN = 1.5  # chunk characters per token of context: ~half a window at ~3 characters per token
+CHUNK_CHARS_PER_TOKEN = 1.5  # chunk characters per token of context: under half a window at ~3.6 chars/token
 DEFAULT_FIM_CHUNK_CHARS = 768  # chunk_chars_for(512), the d20 context
 FIM_FORMAT = 1  # bump when the layout of FIM examples changes: it is part of the shard cache key
 

@@ -1,4 +1,5 @@
-"""``nanochat-sample``: generate a completion from a model file and print it as it streams.
+"""``nanochat-sample``: generate a completion (or, with ``--prefix``/``--suffix``, fill in the middle) from a model file
+and print it as it streams.
 
 Examples::
 
@@ -6,10 +7,16 @@ Examples::
     nanochat-sample --model model.gguf --prompt "def fib(n):" --max-tokens 128 --temperature 0.8 --top-p 0.95 --seed 1
     nanochat-sample --model model.gguf --prompt "import os" --temperature 0 --stop $'\\n\\n' --threads 2
     nanochat-sample --model model.gguf --prompt "x = " --backend torch --device cuda
+    nanochat-sample --model runs/d20 --prefix $'def add(a, b):\\n    ' --suffix $'\\n    return c\\n' --temperature 0
 
 ``--model`` is anything ``nanochat.export.load.load`` reads: a GGUF file (ternary tensors go straight to the Rust
 engine, memory-mapped), a training run or checkpoint directory, or a safetensors export. Timing (load, prefill,
 ms/token) goes to stderr with ``--stats``, so stdout is only the prompt and the completion.
+
+Infilling (``--prefix``/``--suffix``, either may be empty) sends the PSM prompt ``<|bos|><|fim_prefix|>prefix
+<|fim_suffix|>suffix<|fim_middle|>`` (:func:`nanochat.data.fim.infill_prompt`) and prints only the generated middle,
+which ends at ``<|eos|>`` (the end-of-middle marker FIM training writes), ``<|bos|>`` or a FIM sentinel. A model whose
+tokenizer has no FIM tokens is refused with exit code 2.
 """
 
 from __future__ import annotations
@@ -47,7 +54,16 @@ def _unescape(s: str) -> str:
 @app.command()
 def main(
     model: Annotated[Path, typer.Option("--model", "-m", help="Model file or run directory.", rich_help_panel="Model")],
-    prompt: Annotated[str, typer.Option("--prompt", "-p", help="Text to continue.", rich_help_panel="Model")],
+    prompt: Annotated[
+        str | None, typer.Option("--prompt", "-p", help="Text to continue.", rich_help_panel="Model")
+    ] = None,
+    prefix: Annotated[
+        str | None,
+        typer.Option(help="Infilling: the text before the gap (needs a FIM-trained model).", rich_help_panel="Infill"),
+    ] = None,
+    suffix: Annotated[
+        str | None, typer.Option(help="Infilling: the text after the gap.", rich_help_panel="Infill")
+    ] = None,
     max_tokens: Annotated[int, typer.Option(help="Tokens to generate at most.", rich_help_panel="Sampling")] = 256,
     temperature: Annotated[float, typer.Option(help="0 = greedy.", rich_help_panel="Sampling")] = 0.8,
     top_k: Annotated[
@@ -76,11 +92,21 @@ def main(
 
         nanochat-sample -m model.gguf -p "import os" --temperature 0 --stop "\\n\\n" --threads 2 --stats
 
-    --model is a GGUF file, a training run or checkpoint directory, or a safetensors export.
+        nanochat-sample -m runs/d20 --prefix $'def add(a, b):\\n    ' --suffix $'\\n    return c\\n' --temperature 0
+
+    --model is a GGUF file, a training run or checkpoint directory, or a safetensors export. With --prefix and/or
+    --suffix the model fills in the middle, which is all that is printed (the texts are taken as they are, like
+    --prompt: a shell's $'...' quoting writes newlines).
     """
     import torch
 
     from nanochat.engine import Engine
+
+    infill = prefix is not None or suffix is not None
+    if infill and prompt is not None:
+        raise typer.BadParameter("give either --prompt or --prefix/--suffix, not both", param_hint="--prompt")
+    if not infill and prompt is None:
+        raise typer.BadParameter("give --prompt TEXT, or --prefix/--suffix for infilling", param_hint="--prompt")
 
     if threads > 0:
         torch.set_num_threads(threads)
@@ -91,17 +117,33 @@ def main(
     else:
         engine = Engine(loaded, backend=backend, device=device, threads=threads or None, head=head, kv=kv)
     t_load = time.perf_counter() - t0
-    sys.stdout.write(prompt)
-    sys.stdout.flush()
+    source: str | list[int]
+    stop_ids = None
+    if infill:
+        from nanochat.data.fim import FimUnavailableError, infill_prompt, middle_stop_ids
+
+        tok = engine.tokenizer
+        try:
+            source = infill_prompt(tok, prefix or "", suffix or "")
+            stop_ids = middle_stop_ids(tok)
+        except (FimUnavailableError, AttributeError) as e:
+            typer.secho(f"error: {model} cannot fill in the middle: {e}", err=True, fg="red")
+            raise typer.Exit(2) from None
+    else:
+        assert prompt is not None
+        source = prompt
+        sys.stdout.write(prompt)
+        sys.stdout.flush()
     t1 = time.perf_counter()
     gen = engine.stream(
-        prompt,
+        source,
         max_new_tokens=max_tokens,
         temperature=temperature,
         top_k=top_k or None,
         top_p=top_p if top_p < 1.0 else None,
         seed=seed,
         stop=[_unescape(s) for s in stop] if stop else None,
+        stop_token_ids=stop_ids,
     )
     t_first = None
     for delta in gen:

@@ -98,6 +98,11 @@ def write_hparams(w: Any, cfg: GPTConfig) -> None:
     w.add_vocab_size(cfg.vocab_size)
 
 
+# tokenizer.ggml.fim_{pre,suf,mid}_token_id: gguf.Keys.Tokenizer.FIM_PRE_ID/FIM_SUF_ID/FIM_MID_ID, the keys
+# llama.cpp's vocabulary loader reads for /infill (spelled out so the loader need not import gguf)
+FIM_KEYS = ("tokenizer.ggml.fim_pre_token_id", "tokenizer.ggml.fim_suf_token_id", "tokenizer.ggml.fim_mid_token_id")
+
+
 def write_tokenizer(w: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
     """``tokenizer.ggml.*``: GPT-2 byte-level BPE; embedding rows beyond the tokenizer become unused tokens."""
     tf = _tokenizer_fields(tokenizer)
@@ -111,6 +116,10 @@ def write_tokenizer(w: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
     w.add_eos_token_id(tokenizer.eos_id)
     w.add_pad_token_id(tokenizer.pad_id)
     w.add_add_bos_token(False)
+    fim = tokenizer.fim_ids()
+    if fim is not None:  # what llama.cpp's /infill needs (its PSM prompt is the layout we train)
+        for key, i in zip(FIM_KEYS, fim, strict=True):
+            w.add_uint32(key, i)
 
 
 def export_gguf(
@@ -237,7 +246,20 @@ def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
     for i, t in specials:
         if raw.token_to_id(t) != i:
             raise GGUFError(f"special token {t!r} has id {i} in the file but {raw.token_to_id(t)} when rebuilt")
-    return Tokenizer(raw)
+    try:
+        tok = Tokenizer(raw)
+    except ValueError as e:
+        raise GGUFError(f"{reader.path}: {e}") from None
+    # FIM ids: we find the sentinels by name; the keys llama.cpp reads must name the same tokens
+    keyed = [_field(reader, k, required=False) for k in FIM_KEYS]
+    if any(k is not None for k in keyed):
+        found = tok.fim_ids()
+        if found is None or tuple(None if k is None else int(k) for k in keyed) != found:
+            raise GGUFError(
+                f"{reader.path}: FIM token ids {dict(zip(FIM_KEYS, keyed, strict=True))} do not match the "
+                f"tokenizer's FIM tokens {found}"
+            )
+    return tok
 
 
 def _config_from_gguf(reader: Any, arch: str) -> GPTConfig:
