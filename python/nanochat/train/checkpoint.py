@@ -21,6 +21,7 @@ Notable choices:
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import warnings
@@ -43,13 +44,29 @@ def free_bytes(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def finite_json(obj: Any) -> Any:
+    """``obj`` with every non-finite float (NaN, ±inf) replaced by None: strict JSON has no NaN."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: finite_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [finite_json(v) for v in obj]
+    return obj
+
+
 def write_json_atomic(path: Path, obj: Any) -> None:
+    """Strict JSON (non-finite floats become null) via a temp file, fsync and rename; the temp never outlives us."""
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "w") as f:
-        json.dump(obj, f, indent=2)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "w") as f:
+            json.dump(finite_json(obj), f, indent=2, allow_nan=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _flatten_optim(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[dict]]:

@@ -40,8 +40,12 @@ def _fail(msg: str) -> None:
 @app.command()
 def main(
     config: Annotated[
-        str, typer.Option(help="config name (tiny_cpu, d20, nano_125m, nano_1b) or a .toml path", rich_help_panel=MODEL)
-    ] = "d20",
+        str | None,
+        typer.Option(
+            help="config name (tiny_cpu, d20, nano_125m, nano_1b) or a .toml path [default: d20; on --resume, the run's]",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
     quant: Annotated[
         str | None, typer.Option(help="ternary | fp (full-precision baseline)", rich_help_panel=MODEL)
     ] = None,
@@ -118,9 +122,14 @@ def main(
     from nanochat.train.loop import train
 
     try:
-        train(cfg)
+        summary = train(cfg)
     except (ValueError, FileNotFoundError) as e:
         _fail(str(e))
+    stopped = summary.get("stopped_by")
+    if stopped:  # a stopped run is not a finished one: 128 + signal number, as shells report it
+        import signal
+
+        raise typer.Exit(128 + int(signal.Signals[stopped]))
 
 
 def resolve_config(
@@ -136,6 +145,15 @@ def resolve_config(
             raise FileNotFoundError(f"--resume {cli['resume']}: no config.json there (is it a run directory?)")
         cfg.update(json.loads(saved.read_text())["train"], f"{saved}")
         cfg.stop_after = None  # an interruption point is not a setting to inherit
+        # the model is the run's: a flag that would build a different one cannot apply to its checkpoint
+        for key in ("config", "vocab_size"):
+            if key in cli and cli[key] != getattr(cfg, key):
+                raise ValueError(
+                    f"--resume {cli['resume']}: the run was trained with {key} = {getattr(cfg, key)!r}; "
+                    f"--{key.replace('_', '-')} {cli[key]!r} would build a different model (leave it out)"
+                )
+        if quant is not None or residual is not None:
+            raise ValueError(f"--resume {cli['resume']}: --quant/--residual cannot change a run's model")
     else:
         _, train_defaults = load_config(cli.get("config", cfg.config))
         cfg.update(
@@ -152,6 +170,9 @@ def resolve_config(
     if lr_scale is not None:
         cfg.lr_muon *= lr_scale
         cfg.lr_lion *= lr_scale
+    for k in sorted(set(cli) - {"resume", "config"}):
+        if cli.get("resume") and k not in ("threads", "numa_node", "device", "resume", "out"):
+            print(f"note: --{k.replace('_', '-')} {cli[k]!r} overrides the resumed run's setting", file=sys.stderr)
     # validate the model part now so a bad value is a one-line error, not a traceback mid-setup
     model_cfg, _ = load_config(cfg.config)
     model_cfg.replace(vocab_size=cfg.vocab_size, **cfg.model_overrides)

@@ -65,7 +65,7 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
-        positive = ["steps", "batch_size", "seq_len", "grad_accum", "vocab_size", "eval_batches"]
+        positive = ["steps", "batch_size", "seq_len", "grad_accum", "vocab_size", "eval_batches", "keep_last"]
         for k in positive:
             if int(getattr(self, k)) < 1:
                 raise ValueError(f"{k} must be ≥ 1, got {getattr(self, k)}")

@@ -326,6 +326,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     # --- model and optimizers
     torch.manual_seed(cfg.seed)  # identical init on every rank
     model, model_cfg, _ = build_model(cfg, tok.vocab_size)
+    if resume_dir is not None and (resume_dir / "config.json").exists():
+        # resume builds the model the run was trained with, not what the TOML says today
+        saved_cfg = GPTConfig.from_dict(json.loads((resume_dir / "config.json").read_text())["model"])
+        if saved_cfg != model_cfg:
+            changed = sorted(k for k, v in saved_cfg.to_dict().items() if model_cfg.to_dict().get(k) != v)
+            if rt.is_main:
+                console.print(
+                    f"[yellow]note[/]: {cfg.config} now differs from the run in {changed}; resuming the run's model"
+                )
+            model, model_cfg = GPT(saved_cfg), saved_cfg
     model.to(rt.device)
     opt = build_optimizers(model, muon_lr=cfg.lr_muon, lion_lr=cfg.lr_lion, weight_decay=cfg.weight_decay)
     optimizers = list(opt)
@@ -341,11 +351,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             raise FileNotFoundError(f"--resume {resume_dir}: no checkpoint in {ckpts.ckpt_dir}")
         state, extra = load_checkpoint(ckpt, model, optimizers)
         start_step = state["step"]
+        if start_step >= cfg.steps:
+            raise ValueError(
+                f"--resume {resume_dir}: the checkpoint is at step {start_step}, and --steps {cfg.steps} leaves "
+                f"nothing to train; pass --steps larger than {start_step} (the schedule then stretches to it)"
+            )
         train_loader.load_state_dict(
             state["loader"][str(rt.rank)] if str(rt.rank) in state["loader"] else state["loader"]["0"]
         )
         restore_rng(state["rng"], extra)
-        best_val = state.get("best_val", math.inf)
+        best_val = math.inf if state.get("best_val") is None else float(state["best_val"])
         if rt.is_main:
             console.print(f"resumed from {ckpt} at step {start_step}")
     counts = model.param_counts()
@@ -371,6 +386,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         train_model = DDP(train_model, device_ids=[rt.local_rank] if rt.device.type == "cuda" else None)
 
     log = MetricsLog(run_dir / "metrics.jsonl", resume_step=start_step) if rt.is_main else None
+    # wall time already spent by earlier segments of this run, so `time` (and elapsed_s) cover the whole run
+    time_before = log.last_time() if log is not None and resume_dir is not None else 0.0
     tokens_per_step = cfg.batch_size * cfg.seq_len * cfg.grad_accum * rt.world_size
     end_step = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
     warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
@@ -397,7 +414,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     model.train()
     step = start_step
     last_loss = math.nan
-    t_start = time.perf_counter()
+    t_start = time.perf_counter() - time_before
     meter = Throughput()
     val: dict[str, Any] = {}
     with StopFlag() as stop, make_progress(rt.is_main) as progress:
@@ -472,14 +489,14 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             if (cfg.save_every and step % cfg.save_every == 0) or is_last or stop_now:
                 save(step, val_loss)
             if stop_now:
-                if rt.is_main:
-                    console.print(f"[yellow]stopped at step {step}; resume with: nanochat-train --resume {run_dir}")
                 break
 
     summary: dict[str, Any] = {}
     in_sync = check_replicas_in_sync(model, rt)
     if rt.is_main:
         log.close()
+        finished = step >= cfg.steps
+        evals = final_evaluations(model, tok, run_dir, cfg, rt) if finished and not stop.signal else {}
         records = MetricsLog.read(run_dir / "metrics.jsonl")
         train_recs = [r for r in records if "loss" in r]
         elapsed = sum(1 for _ in train_recs) and train_recs[-1].get("time", 0.0)
@@ -488,28 +505,67 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "run_dir": str(run_dir),
             "steps": step,
             "planned_steps": cfg.steps,
-            "finished": step >= cfg.steps,
+            "finished": finished,
+            "stopped_by": signal.Signals(stop.signal).name if stop.signal else None,
             "params": counts,
             "model_config": model_cfg.to_dict(),
+            "dtype": str(rt.autocast_dtype or torch.float32).replace("torch.", ""),
+            "dtype_reason": rt.dtype_reason,
             "first_loss": train_recs[0]["loss"] if train_recs else None,
-            "final_loss": last_loss,
+            "final_loss": last_loss if math.isfinite(last_loss) else None,
             "final_val_loss": val.get("val_loss"),
             "final_val_bpb": val.get("val_bpb"),
+            "val_tokens": val.get("val_tokens"),
             "best_val_loss": None if math.isinf(best_val) else best_val,
             "tokens": step * tokens_per_step,
-            "mean_tok_s": (np.mean([r["tok_s"] for r in train_recs[1:]]) if len(train_recs) > 1 else None),
+            "mean_tok_s": (float(np.mean([r["tok_s"] for r in train_recs[1:]])) if len(train_recs) > 1 else None),
             "world_size": rt.world_size,
             "replicas_in_sync": in_sync,
             "elapsed_s": elapsed,
+            **evals,
         }
         write_json_atomic(run_dir / "summary.json", summary)
         plot_losses(records, run_dir / "loss.png", f"{Path(cfg.config).stem} ({model_cfg.quant}, {model_cfg.residual})")
-        console.print(
-            f"[green]done[/]: {step} steps, final loss {last_loss:.4f}; summary, loss.png and checkpoints in {run_dir}"
-        )
+        print_outcome(summary, run_dir)
     if rt.ddp:
         dist.barrier()
     return summary
+
+
+def final_evaluations(model: GPT, tok: Any, run_dir: Path, cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
+    """End-of-run metrics that move at small scale: HumanEval bits-per-byte and line completion (placeholder)."""
+    return {}
+
+
+def print_outcome(summary: dict[str, Any], run_dir: Path) -> None:
+    """The last lines a user reads: what happened, the metrics, and the next commands with this run's path."""
+    step, planned = summary["steps"], summary["planned_steps"]
+    if not summary["finished"]:
+        why = f" ({summary['stopped_by']})" if summary.get("stopped_by") else ""
+        console.print(
+            f"[yellow]stopped at step {step} of {planned}{why}[/]; checkpoint and logs in {run_dir}", soft_wrap=True
+        )
+        console.print(f"resume with: nanochat-train --resume {run_dir}", soft_wrap=True)
+        return
+    loss = summary.get("final_loss")
+    parts = [f"{step} steps", f"{summary['tokens']:,} tokens", f"{summary['elapsed_s'] / 60:.1f} min"]
+    if loss is not None:
+        parts.append(f"final loss {loss:.4f}")
+    for key, label, fmt in (
+        ("final_val_bpb", "val bpb", "{:.4f}"),
+        ("humaneval_bpb", "HumanEval bpb", "{:.4f}"),
+        ("lines_pass_rate", "line completion", "{:.1%}"),
+        ("lines_fim_pass_rate", "line completion (FIM)", "{:.1%}"),
+    ):
+        if summary.get(key) is not None:
+            parts.append(f"{label} {fmt.format(summary[key])}")
+    console.print("[green]done[/]: " + ", ".join(parts))
+    console.print(f"summary.json, metrics.jsonl, loss.png and checkpoints in {run_dir}\nnext:")
+    console.print(
+        f"  nanochat-export {run_dir} --format gguf --out {run_dir}/model.gguf   # for llama.cpp / the server"
+    )
+    console.print(f'  nanochat-sample --model {run_dir} --prompt "def fibonacci(n):"', soft_wrap=True)
+    console.print(f"  python -m nanochat.serve --model {run_dir}   # API + chat page", soft_wrap=True)
 
 
 def check_replicas_in_sync(model: torch.nn.Module, rt: Runtime) -> bool:

@@ -12,6 +12,8 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
+from nanochat.train.checkpoint import finite_json
+
 console = Console(stderr=True)
 
 
@@ -28,8 +30,13 @@ class MetricsLog:
         self._f = open(path, "a")
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(record) + "\n")
+        self._f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
         self._f.flush()
+
+    def last_time(self) -> float:
+        """The ``time`` of the last record kept (0 when none): where a resumed run's clock continues."""
+        times = [r["time"] for r in self.read(self.path) if isinstance(r.get("time"), (int, float))]
+        return float(times[-1]) if times else 0.0
 
     def close(self) -> None:
         self._f.close()
