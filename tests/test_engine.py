@@ -227,13 +227,14 @@ def reference_greedy(m: GPT, ids: list[int], n: int) -> tuple[list[int], list[to
     return out, logits
 
 
-def assert_same_greedy(got: list[int], want: list[int], logits: list[torch.Tensor]) -> None:
-    """Equal tokens; a divergence is only accepted at a near-tie of the reference's top two logits."""
+def assert_same_greedy(got: list[int], want: list[int], logits: list[torch.Tensor], rel_tie: float = 1e-3) -> None:
+    """Equal tokens; a divergence is only accepted at a near-tie (``rel_tie`` of the largest |logit|) of the
+    reference's top two logits."""
     for i, (a, b) in enumerate(zip(got, want, strict=False)):
         if a != b:
             top2 = logits[i].topk(2).values
             gap = (top2[0] - top2[1]).item()
-            assert gap <= 1e-3 * logits[i].abs().max().item(), f"step {i}: {a} != {b} with top-2 gap {gap}"
+            assert gap <= rel_tie * logits[i].abs().max().item(), f"step {i}: {a} != {b} with top-2 gap {gap}"
             return
     assert len(got) == len(want)
 
@@ -247,7 +248,11 @@ def test_greedy_generation_matches_uncached_argmax(tokenizer, backend: str, resi
     eng = Engine(m, tokenizer, backend=backend)
     assert eng.backend_name == backend
     res = eng.generate(prompt, max_new_tokens=16, temperature=0, stop_token_ids=[])
-    assert_same_greedy(res.token_ids, want, logits)
+    # The Rust engine reproduces the full forward to ~1e-7, so only float near-ties may split. The torch engine's
+    # cached attention sums in another order than the full causal SDPA; a 1-ulp difference can flip one int8
+    # activation code (a step of max|x|/127), which moves the logits by up to ~2% of their scale (measured
+    # 1.7e-2 on this model): ties within that may split.
+    assert_same_greedy(res.token_ids, want, logits, rel_tie=1e-3 if backend == "rust" else 3e-2)
     assert res.finish_reason == "length"
     assert res.prompt_tokens == len(prompt)
 
