@@ -18,6 +18,8 @@ class TrainConfig:
     vocab_size: int = 8192  # BPE vocabulary size
     synthetic_ratio: float = 0.2  # fraction of synthetic code-task documents mixed into the default corpus
     val_fraction: float = 0.02  # fraction of documents held out for validation (stable path hash)
+    fim_rate: float = 0.5  # fill-in-the-middle: share of train chunks rewritten as FIM (StarCoder); 0 = off
+    fim_spm_rate: float = 0.5  # share of FIM examples in SPM order (the rest PSM)
     # --- optimisation
     steps: int = 1000  # optimizer steps
     batch_size: int = 8  # sequences per micro-batch (per process)
@@ -74,6 +76,9 @@ class TrainConfig:
                 raise ValueError(f"{k} must be ≥ 0, got {getattr(self, k)}")
         if not 0 <= self.decay_frac <= 1:
             raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        for k in ("fim_rate", "fim_spm_rate"):
+            if not 0 <= float(getattr(self, k)) <= 1:
+                raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)}")
         if not 0 <= self.synthetic_ratio <= 1:
             raise ValueError(f"synthetic_ratio must be in [0, 1], got {self.synthetic_ratio}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

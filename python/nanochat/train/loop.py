@@ -32,6 +32,7 @@ import torch.nn.functional as F
 
 from nanochat import ops
 from nanochat.data import TokenLoader, prepare_data
+from nanochat.data.fim import chunk_chars_for
 from nanochat.hardware import choose_dtype
 from nanochat.model import GPT, GPTConfig, load_config
 from nanochat.model.bitlinear import set_matmul_dtype
@@ -294,27 +295,27 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if cfg.data_dir
         else Path(os.environ.get("NANOCHAT_CACHE", Path.home() / ".cache/nanochat")) / "data"
     )
-    if rt.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        tok, index = prepare_data(
+
+    def data() -> tuple[Any, Any]:
+        return prepare_data(
             data_dir,
             cfg.vocab_size,
             data_path=cfg.data,
             synthetic_ratio=cfg.synthetic_ratio,
             val_fraction=cfg.val_fraction,
             seed=0,
+            fim_rate=cfg.fim_rate,
+            fim_spm_rate=cfg.fim_spm_rate,
+            fim_chunk_chars=chunk_chars_for(cfg.seq_len),
         )
+
+    if rt.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        tok, index = data()
     if rt.ddp:
         dist.barrier()
     if not rt.is_main:
-        tok, index = prepare_data(
-            data_dir,
-            cfg.vocab_size,
-            data_path=cfg.data,
-            synthetic_ratio=cfg.synthetic_ratio,
-            val_fraction=cfg.val_fraction,
-            seed=0,
-        )
+        tok, index = data()
     if rt.is_main:
         tok.save(run_dir / "tokenizer.json")
     token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.long)
