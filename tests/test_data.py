@@ -491,25 +491,32 @@ def test_prepare_data_trains_then_reuses(tmp_path: Path) -> None:
     for i in range(30):
         write(data / f"mod{i:02d}.py", f"def func_{i}(value):\n    return value + {i}\n" * 10)
     out = tmp_path / "prepared"
-    tok, index = prepare_data(out, 300, data_path=data, synthetic_ratio=0.2, val_fraction=0.1, progress=False)
-    assert tok.vocab_size == 300 and (out / "tokenizer.json").exists()
+    kw = dict(data_path=data, synthetic_ratio=0.2, val_fraction=0.1, progress=False)
+    tok, index = prepare_data(out, 300, **kw)
+    cache = index.root  # one directory per (corpus, vocab, settings) under the root
+    assert cache.parent == out and cache.name.startswith(f"{index.corpus_fingerprint[:12]}-v300-")
+    assert tok.vocab_size == 300 and (cache / "tokenizer.json").exists() and (cache / "data.json").exists()
     assert index.tokenizer_hash == tok.hash and index.num_tokens("train") > 0 and index.num_tokens("val") > 0
-    stamp = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
-    tok2, index2 = prepare_data(out, 300, data_path=data, synthetic_ratio=0.2, val_fraction=0.1, progress=False)
-    assert tok2.hash == tok.hash and index2.corpus_fingerprint == index.corpus_fingerprint
-    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamp
-    tok3, _ = prepare_data(out, 320, data_path=data, synthetic_ratio=0.2, val_fraction=0.1, progress=False)
-    assert tok3.vocab_size == 320 and Tokenizer.load(out).hash == tok3.hash
-    assert ShardIndex.load(out).tokenizer_hash == tok3.hash
+    stamp = {p: p.stat().st_mtime_ns for p in out.rglob("*")}
+    tok2, index2 = prepare_data(out, 300, **kw)
+    assert tok2.hash == tok.hash and index2.corpus_fingerprint == index.corpus_fingerprint and index2.root == cache
+    assert {p: p.stat().st_mtime_ns for p in out.rglob("*")} == stamp
+    tok3, index3 = prepare_data(out, 320, **kw)
+    assert tok3.vocab_size == 320 and index3.root != cache and Tokenizer.load(index3.root).hash == tok3.hash
+    assert ShardIndex.load(index3.root).tokenizer_hash == tok3.hash
+    # switching back to 300 reuses the first directory: nothing was overwritten
+    tok4, index4 = prepare_data(out, 300, **kw)
+    assert tok4.hash == tok.hash and index4.root == cache
+    assert {p: p.stat().st_mtime_ns for p in cache.rglob("*")} == {p: m for p, m in stamp.items() if cache in p.parents}
 
 
 @pytest.mark.slow
 def test_prepare_data_stdlib(tmp_path: Path) -> None:
-    tok, index = prepare_data(tmp_path, 4096, max_train_chars=2_000_000, progress=False)
+    tok, index = prepare_data(tmp_path, 4096, data_path="stdlib", max_train_chars=2_000_000, progress=False)
     assert index.stats["train"]["chars"] >= 2_000_000 and index.num_tokens("val") > 10_000
     chars_per_token = index.stats["train"]["chars"] / index.num_tokens("train")
     assert 2.5 < chars_per_token < 6  # a trained code BPE, not bytes
     loader = TokenLoader(index, "train", batch_size=4, seq_len=256)
     x, _ = loader.next_batch()
     assert x.max() < tok.vocab_size
-    assert os.path.exists(tmp_path / "tokenizer.meta.json")
+    assert os.path.exists(index.root / "tokenizer.meta.json")
