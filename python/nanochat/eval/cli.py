@@ -6,8 +6,14 @@ Examples::
     python -m nanochat.eval humaneval --samples samples.jsonl -k 1,10 --workers 2 --out he.json
     # Generate with a model (needs the engine) and evaluate, 10 samples per problem:
     python -m nanochat.eval humaneval --model runs/d20/model.safetensors -n 10 -k 1,10 --temperature 0.8
+    # Line completion: each canonical-solution line written by the model and run against the tests
+    # (a run directory gets RUN/lines.json; --fim also gives the lines after; --span masks whole blocks):
+    nanochat-eval lines --model runs/d20 --limit 20
+    nanochat-eval lines --model model.gguf --fim -n 10 -k 1,10 --temperature 0.8 --out lines_fim.json
+    # Bits per byte of the HumanEval canonical solutions given their prompts (RUN/bpb_humaneval.json for a run):
+    nanochat-eval bpb --model runs/d20 --humaneval
     # Side by side, with a bar chart:
-    python -m nanochat.eval compare he_a.json he_b.json --png compare.png
+    python -m nanochat.eval compare he_a.json he_b.json runs/d20/lines.json --png compare.png
 
 Exit codes: 0 ok, 2 bad usage / missing prerequisite (sandbox, engine, files).
 """
@@ -194,6 +200,90 @@ def humaneval_cmd(
     console.print(f"results written to [bold]{out}[/]")
 
 
+@app.command("lines")
+def lines_cmd(
+    model: Path = typer.Option(
+        ..., "--model", help="Any model nanochat.load reads: GGUF, run directory, safetensors.", rich_help_panel="Input"
+    ),
+    fim: bool = typer.Option(
+        False, "--fim", help="Also give the lines after, as a fill-in-the-middle suffix.", rich_help_panel="Task"
+    ),
+    span: bool = typer.Option(
+        False, "--span", help="Mask the line's whole indented block, not one line.", rich_help_panel="Task"
+    ),
+    limit: int | None = typer.Option(
+        None, "--limit", min=1, help="Only the lines of the first N problems.", rich_help_panel="Task"
+    ),
+    n: int = typer.Option(1, "-n", "--n", min=1, help="Samples per line.", rich_help_panel="Generation"),
+    k: str = typer.Option(
+        "1", "-k", "--k", help="pass@k values, comma-separated, e.g. 1,10.", rich_help_panel="Generation"
+    ),
+    temperature: float = typer.Option(0.0, "--temperature", min=0.0, rich_help_panel="Generation"),
+    max_new_tokens: int | None = typer.Option(
+        None, "--max-new-tokens", min=1, help="Default: 64 for a line, 192 for a span.", rich_help_panel="Generation"
+    ),
+    seed: int = typer.Option(0, "--seed", rich_help_panel="Generation"),
+    batch_size: int = typer.Option(
+        16, "--batch-size", min=1, help="Sequences decoded together.", rich_help_panel="Generation"
+    ),
+    workers: int = typer.Option(2, "--workers", min=1, help="Programs run in parallel.", rich_help_panel="Execution"),
+    timeout: float = typer.Option(
+        10.0, "--timeout", min=0.1, help="Wall-clock seconds per program.", rich_help_panel="Execution"
+    ),
+    sandbox: SandboxBackend = typer.Option(SandboxBackend.bwrap, "--sandbox", rich_help_panel="Execution"),
+    unsafe_no_sandbox: bool = typer.Option(
+        False,
+        "--unsafe-no-sandbox",
+        help="Run programs with resource limits only, NO isolation. Trusted code only.",
+        rich_help_panel="Execution",
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Results JSON (atomic). Default: RUN/lines[_span][_fim].json for a run directory, else "
+        "./lines[_span][_fim]_results.json.",
+        rich_help_panel="Output",
+    ),
+) -> None:
+    """Line-level HumanEval: the model writes each canonical-solution line (or block), the tests run; pass rate."""
+    from .lines import default_out, print_summary, run_lines
+
+    ks = _parse_ks(k)
+    if not model.exists():
+        raise _fail(f"model {model} does not exist")
+    out_path = out if out is not None else default_out(model, fim=fim, span=span)
+    try:
+        generate, info = _load_generate(model)
+        generate.batch_size = batch_size
+        info.setdefault("path", str(model))
+        info.setdefault("name", model.stem if model.is_file() else model.name)
+        result = run_lines(
+            generate,
+            fim=fim,
+            span=span,
+            n=n,
+            ks=ks,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            limit=limit,
+            workers=workers,
+            timeout=timeout,
+            seed=seed,
+            batch_size=batch_size,
+            model_info=info,
+            out=out_path,
+            backend=sandbox.value,
+            unsafe_no_sandbox=unsafe_no_sandbox,
+            console=console,
+        )
+    except SandboxUnavailable as e:
+        raise _fail(str(e)) from e
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise _fail(str(e)) from e
+    print_summary(result, console)
+    console.print(f"results written to [bold]{out_path}[/]")
+
+
 @app.command("compare")
 def compare_cmd(
     results: list[Path] = typer.Argument(..., help="Results JSON files (HumanEval, bpb, ...)."),
@@ -222,22 +312,50 @@ def bpb_cmd(
     max_tokens: int = typer.Option(131_072, help="Score at most this many validation tokens."),
     batch_size: int = typer.Option(4, help="Windows per forward pass."),
     seq_len: int | None = typer.Option(None, help="Window length (default: the model's context)."),
+    humaneval: bool = typer.Option(
+        False,
+        "--humaneval",
+        help="Score the HumanEval canonical solutions given their prompts instead of held-out text "
+        "(written to RUN/bpb_humaneval.json for a run directory when --out is not given).",
+    ),
+    limit: int | None = typer.Option(None, "--limit", min=1, help="With --humaneval: only the first N problems."),
     out: Path | None = typer.Option(None, "--out", help="Write the result JSON here."),
 ) -> None:
-    """Validation loss and bits-per-byte on held-out text."""
+    """Validation loss and bits-per-byte on held-out text (or, with --humaneval, on HumanEval's solutions)."""
     import json
 
     from .bpb import evaluate_bpb
 
     if not model.exists():
         raise _fail(f"no such model: {model}")
+    if humaneval:
+        from .humaneval import write_json_atomic
+        from .lines import humaneval_bpb
+
+        try:
+            res = humaneval_bpb(model, limit=limit, batch_size=batch_size)
+        except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+            raise _fail(str(e)) from e
+        console.print(
+            f"HumanEval bpb [bold]{res['bpb']:.4f}[/]  ({res['problems']} problems, {res['tokens']:,} tokens, "
+            f"{res['bytes']:,} bytes, {res['seconds']:.1f} s)"
+        )
+        if out is None and model.is_dir() and (model / "config.json").is_file():
+            out = model / "bpb_humaneval.json"
+        if out is not None:
+            write_json_atomic(out, res)
+            console.print(f"written to [bold]{out}[/]")
+        return
     try:
-        res = evaluate_bpb(model, data=data, val_fraction=val_fraction, max_tokens=max_tokens,
-                           batch_size=batch_size, seq_len=seq_len)
+        res = evaluate_bpb(
+            model, data=data, val_fraction=val_fraction, max_tokens=max_tokens, batch_size=batch_size, seq_len=seq_len
+        )
     except (ValueError, FileNotFoundError) as e:
         raise _fail(str(e)) from e
-    console.print(f"bpb [bold]{res['bpb']:.4f}[/]  val loss {res['val_loss']:.4f}  ({res['tokens']:,} tokens, "
-                  f"{res['bytes']:,} bytes, {res['seconds']:.1f} s)")
+    console.print(
+        f"bpb [bold]{res['bpb']:.4f}[/]  val loss {res['val_loss']:.4f}  ({res['tokens']:,} tokens, "
+        f"{res['bytes']:,} bytes, {res['seconds']:.1f} s)"
+    )
     if out is not None:
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(res, indent=2))

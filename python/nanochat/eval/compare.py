@@ -4,8 +4,12 @@ One row per results file. The keys read (each optional, so HumanEval, bits-per-b
 
 - name: ``model.name``, else the stem of ``model.path``, else the file's stem
 - params: ``model.params``, else top-level ``params``
-- pass@k: every ``pass@K`` key in ``pass_at_k``
-- bpb: top-level ``bpb`` (a number, or a dict with ``bpb``/``val_bpb``), else ``metrics.bpb``
+- pass@k: every ``pass@K`` key in ``pass_at_k``; line-completion results (``benchmark: humaneval_lines``, see
+  :mod:`nanochat.eval.lines`) name theirs after the variant, ``lines pass@1``, ``span+fim pass@1``..., so they never
+  share a column with HumanEval's own pass@k
+- bpb: top-level ``bpb`` (a number, or a dict with ``bpb``/``val_bpb``), else ``metrics.bpb``; a
+  ``benchmark: humaneval_bpb`` result's ``bpb`` (or any top-level ``humaneval_bpb``) goes to the "HumanEval bpb"
+  column instead, shown when some row has one
 - tokens/s: ``timing.tokens_per_s``, else ``model.tokens_per_s``, else top-level ``tokens_per_s``
 
 The chart is drawn with matplotlib's object API on an Agg canvas: no global backend switch, no display needed.
@@ -36,6 +40,7 @@ class Row:
     pass_at_k: dict[str, float] = field(default_factory=dict)
     bpb: float | None = None
     tokens_per_s: float | None = None
+    humaneval_bpb: float | None = None  # bits per byte of the HumanEval canonical solutions
 
 
 def _number(x: Any) -> float | None:
@@ -48,6 +53,11 @@ def row_from_result(result: Mapping[str, Any], path: str | os.PathLike[str] = ""
     name = model.get("name") or (Path(str(model["path"])).stem if model.get("path") else "") or Path(path).stem
     params = _number(model.get("params", result.get("params")))
     pass_at_k = {k: float(v) for k, v in (result.get("pass_at_k") or {}).items() if _number(v) is not None}
+    if result.get("benchmark") == "humaneval_lines":
+        from .lines import variant_label
+
+        label = variant_label(result)
+        pass_at_k = {f"{label} {k}": v for k, v in pass_at_k.items()}
     bpb_field = result.get("bpb")
     if isinstance(bpb_field, Mapping):
         bpb = _number(bpb_field.get("bpb", bpb_field.get("val_bpb")))
@@ -55,9 +65,12 @@ def row_from_result(result: Mapping[str, Any], path: str | os.PathLike[str] = ""
         bpb = _number(bpb_field)
     if bpb is None and isinstance(result.get("metrics"), Mapping):
         bpb = _number(result["metrics"].get("bpb"))
+    he_bpb = _number(result.get("humaneval_bpb"))
+    if result.get("benchmark") == "humaneval_bpb":
+        he_bpb, bpb = bpb, None
     timing = result.get("timing") if isinstance(result.get("timing"), Mapping) else {}
     tps = _number(timing.get("tokens_per_s", model.get("tokens_per_s", result.get("tokens_per_s"))))
-    return Row(str(name), str(path), int(params) if params is not None else None, pass_at_k, bpb, tps)
+    return Row(str(name), str(path), int(params) if params is not None else None, pass_at_k, bpb, tps, he_bpb)
 
 
 def load_rows(paths: Sequence[str | os.PathLike[str]]) -> list[Row]:
@@ -78,9 +91,10 @@ def load_rows(paths: Sequence[str | os.PathLike[str]]) -> list[Row]:
     return rows
 
 
-def _k_order(key: str) -> int:
-    m = re.fullmatch(r"pass@(\d+)", key)
-    return int(m.group(1)) if m else 1 << 30
+def _k_order(key: str) -> tuple[str, int, str]:
+    """HumanEval's ``pass@K`` first, then each line-completion variant's, by K within each."""
+    m = re.fullmatch(r"(?:(.+) )?pass@(\d+)", key)
+    return (m.group(1) or "", int(m.group(2)), "") if m else ("~", 1 << 30, key)
 
 
 def _human(n: int) -> str:
@@ -103,13 +117,18 @@ def compare_table(rows: Sequence[Row]) -> Table:
     for k in keys:
         table.add_column(k, justify="right")
     table.add_column("bpb", justify="right")
+    he = any(r.humaneval_bpb is not None for r in rows)
+    if he:
+        table.add_column("HumanEval bpb", justify="right")
     table.add_column("tokens/s", justify="right")
     for r in rows:
+        he_cell = [f"{r.humaneval_bpb:.4f}" if r.humaneval_bpb is not None else _MISSING] if he else []
         table.add_row(
             r.name,
             _human(r.params) if r.params is not None else _MISSING,
             *[f"{100 * r.pass_at_k[k]:.2f}%" if k in r.pass_at_k else _MISSING for k in keys],
             f"{r.bpb:.4f}" if r.bpb is not None else _MISSING,
+            *he_cell,
             f"{r.tokens_per_s:.1f}" if r.tokens_per_s is not None else _MISSING,
         )
     return table
@@ -122,7 +141,7 @@ def bar_chart(rows: Sequence[Row], png: str | os.PathLike[str]) -> Path:
 
     with_pass = [r for r in rows if r.pass_at_k]
     keys = pass_keys(with_pass)
-    with_bpb = [r for r in rows if r.bpb is not None]
+    with_bpb = [r for r in rows if r.bpb is not None or r.humaneval_bpb is not None]
     panels = int(bool(keys)) + int(bool(with_bpb))
     if panels == 0:
         raise ValueError("nothing to plot: no pass@k or bpb in the results")
@@ -141,11 +160,24 @@ def bar_chart(rows: Sequence[Row], png: str | os.PathLike[str]) -> Path:
         ax.set_xticks(range(len(with_pass)), [r.name for r in with_pass], rotation=20, ha="right")
         ax.set_ylabel("pass@k (%)")
         ax.set_ylim(0, 100)
-        ax.set_title("HumanEval")
+        ax.set_title("HumanEval" if all(" " not in k for k in keys) else "HumanEval and line completion")
         ax.legend()
     if with_bpb:
         ax = axes[i]
-        ax.bar(range(len(with_bpb)), [r.bpb for r in with_bpb], 0.6, color="tab:gray")
+        series = [
+            (label, color, vals)
+            for label, color, vals in (
+                ("held-out", "tab:gray", [r.bpb for r in with_bpb]),
+                ("HumanEval", "tab:olive", [r.humaneval_bpb for r in with_bpb]),
+            )
+            if any(v is not None for v in vals)
+        ]
+        bar = 0.6 / len(series)
+        for j, (label, color, vals) in enumerate(series):
+            xs = [m + (j - (len(series) - 1) / 2) * bar for m in range(len(with_bpb))]
+            ax.bar(xs, [v if v is not None else 0.0 for v in vals], bar, color=color, label=label)
+        if len(series) > 1:
+            ax.legend()
         ax.set_xticks(range(len(with_bpb)), [r.name for r in with_bpb], rotation=20, ha="right")
         ax.set_ylabel("bits per byte (lower is better)")
         ax.set_title("bits per byte")

@@ -10,9 +10,14 @@ engine on CPU for ternary models). With temperature 0 the ``n`` samples are iden
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from nanochat.engine.generate import GenerationResult
 
 
 class EngineGenerate:
@@ -48,6 +53,65 @@ class EngineGenerate:
             )
             for (j, _), r in zip(chunk, results, strict=True):
                 out[j].append(r.text)
+                self.tokens_generated += len(r.token_ids)
+        return [o * n if reps == 1 else o for o in out]
+
+    @classmethod
+    def from_model(cls, model: Any, tokenizer: Any, batch_size: int = 16) -> EngineGenerate:
+        """The same backend over an in-memory torch ``GPT`` (the training loop's model) and its tokenizer."""
+        from nanochat.engine import Engine
+
+        self = cls.__new__(cls)
+        self.loaded = None
+        self.engine = Engine(model, tokenizer)
+        self.tok = tokenizer
+        self.batch_size = batch_size
+        self.tokens_generated = 0
+        self.stop_ids = {tokenizer.eos_id, tokenizer.bos_id}
+        return self
+
+    def generate_ids(
+        self,
+        prompts: Sequence[Sequence[int]],
+        n: int,
+        temperature: float,
+        max_new_tokens: int,
+        seed: int,
+        until: Sequence[Callable[[str], int | None]] | None = None,
+        stop_ids: Iterable[int] | None = None,
+    ) -> list[list[GenerationResult]]:
+        """``n`` continuations of each token-id prompt (used as given: no ``<|bos|>`` is added), seeded as
+        :meth:`__call__` seeds them. ``until[j](text)`` says where prompt ``j``'s text is complete (a cut position)
+        or ``None`` while it is not known yet; a sequence stops as soon as it is known, and its text is cut there
+        (``token_ids`` keeps every generated token). ``stop_ids`` (default: eos and bos) end a sequence as well."""
+        stops = set(self.stop_ids if stop_ids is None else stop_ids)
+        reps = 1 if temperature <= 0 else n
+        jobs = [(j, i) for j in range(len(prompts)) for i in range(reps)]
+        out: list[list[GenerationResult]] = [[] for _ in prompts]
+        for b in range(0, len(jobs), self.batch_size):
+            chunk = jobs[b : b + self.batch_size]
+            seqs = self.engine.start(
+                [prompts[j] for j, _ in chunk],
+                max_new_tokens=max_new_tokens,
+                temperature=temperature,
+                seed=[(seed + j) * 100_003 + i for j, i in chunk],
+                stop_token_ids=stops,
+            )
+            cuts: list[int | None] = [None] * len(chunk)
+            while not all(q.done for q in seqs):
+                self.engine.step(seqs)
+                if until is None:
+                    continue
+                for c, ((j, _), q) in enumerate(zip(chunk, seqs, strict=True)):
+                    if cuts[c] is None and q.stream.text:
+                        cuts[c] = until[j](q.stream.text)
+                        if cuts[c] is not None and not q.done:
+                            q.finish_reason, q.stream.stopped = "stop", True  # as Generation.close() stops one
+            for (j, _), q, cut in zip(chunk, seqs, cuts, strict=True):
+                r = q.result()
+                if cut is not None:
+                    r = dataclasses.replace(r, text=r.text[:cut], finish_reason="stop")
+                out[j].append(r)
                 self.tokens_generated += len(r.token_ids)
         return [o * n if reps == 1 else o for o in out]
 

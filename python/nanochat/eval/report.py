@@ -2,8 +2,9 @@
 
 Collects what the run directory holds — config, parameter counts, the training curve (``loss.png``, redrawn from
 ``metrics.jsonl`` if missing), final loss/bpb, mHC diagnostics — plus HumanEval results (``humaneval*.json``),
-bpb results (``bpb*.json``) and benchmark records (``bench*.json``) found in the run directory, into
-``RUN_DIR/report.md``.
+line-completion results (``lines*.json``, one row per variant), bpb results (``bpb*.json``, HumanEval bpb from
+``nanochat-eval bpb --humaneval`` included) and benchmark records (``bench*.json``) found in the run directory,
+into ``RUN_DIR/report.md``.
 """
 
 from __future__ import annotations
@@ -24,6 +25,41 @@ def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.4g}"
     return str(v)
+
+
+def _lines_section(run: Path) -> list[str]:
+    """One table row per line-completion results file (``lines*.json``): variant, pass rate, pass@k, counts."""
+    docs = [(f, d) for f in sorted(run.glob("lines*.json")) if isinstance(d := _load_json(f), dict)]
+    docs = [(f, d) for f, d in docs if d.get("benchmark") == "humaneval_lines"]
+    if not docs:
+        return []
+    from .lines import variant_label
+
+    ks = sorted({k for _, d in docs for k in d.get("pass_at_k") or {} if k != "pass@1"}, key=lambda k: int(k[5:]))
+    out = ["", "## Line completion (HumanEval lines)", ""]
+    out.append(
+        "| file | variant | pass rate | "
+        + " | ".join(ks)
+        + (" | " if ks else "")
+        + "passed / samples | tasks | problems with a pass | tokens/s |"
+    )
+    out.append("|" + " --- |" * (7 + len(ks)))
+    for f, d in docs:
+        solved = sum(1 for e in (d.get("per_problem") or {}).values() if e.get("passed"))
+        tps = (d.get("timing") or {}).get("tokens_per_s")
+        cells = [
+            f"`{f.name}`",
+            variant_label(d)
+            + (f", T={d['settings'].get('temperature')}" if d.get("settings", {}).get("temperature") else ""),
+            f"{100 * float(d.get('pass_rate', 0.0)):.2f}%",
+            *[f"{100 * d['pass_at_k'][k]:.2f}%" if k in (d.get("pass_at_k") or {}) else "—" for k in ks],
+            f"{d.get('passed')} / {d.get('samples')}",
+            str(d.get("tasks")),
+            f"{solved} / {len(d.get('per_problem') or {})}",
+            _fmt(tps) if tps is not None else "—",
+        ]
+        out.append("| " + " | ".join(cells) + " |")
+    return out
 
 
 def build_report(run_dir: str | Path) -> Path:
@@ -92,6 +128,7 @@ def build_report(run_dir: str | Path) -> Path:
                 f"mHC diagnostics at step {last['step']}: "
                 + ", ".join(f"{k[4:]} = {_fmt(v)}" for k, v in last.items() if k.startswith("mhc_")),
             ]
+    lines += _lines_section(run)
     for title, pattern in (
         ("Bits per byte", "bpb*.json"),
         ("HumanEval", "humaneval*.json"),
