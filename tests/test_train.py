@@ -46,6 +46,7 @@ eval_batches = 1
 save_every = 2
 keep_last = 1
 log_every = 0
+final_eval = false
 """
 
 
@@ -253,6 +254,18 @@ def test_resume_command_verbatim_on_a_non_default_config(tmp_path, corpus, data_
     assert r.exit_code == 2 and "different model" in r.output, r.output
     r = CliRunner().invoke(app, ["--config", str(toml), "--keep-last", "0", "--dry-run"])
     assert r.exit_code == 2 and "keep_last" in r.output
+
+
+def test_final_evaluation_lands_in_summary_and_run_dir(tmp_path, corpus, data_dir):
+    """A finished run ends with HumanEval bpb and line completion (left to right, and FIM when trained with FIM)."""
+    out = tmp_path / "ev"
+    s = train(make_cfg(tmp_path, corpus, data_dir, out=str(out), final_eval=True, eval_lines_problems=2))
+    assert s["finished"] and s["humaneval_bpb"] > 0
+    lines = json.loads((out / "lines.json").read_text())
+    assert s["lines_tasks"] == lines["tasks"] > 0 and 0 <= s["lines_pass_rate"] <= 1
+    assert s["lines_passed"] == round(s["lines_pass_rate"] * s["lines_tasks"])
+    assert (out / "lines_fim.json").exists() and "lines_fim_pass_rate" in s
+    assert s["val_tokens"] > 0 and s["final_val_bpb"] > 0
 
 
 def test_json_outputs_are_strict(tmp_path):

@@ -45,6 +45,8 @@ class TrainConfig:
     eval_every: int = 100  # validation loss/bpb every N steps (0 = only at the end)
     eval_batches: int = 8  # validation batches per evaluation
     mhc_diag_every: int = 50  # mHC diagnostics every N steps
+    final_eval: bool = True  # at the end: HumanEval bpb and line completion (lines.json, summary.json)
+    eval_lines_problems: int = 164  # HumanEval problems whose solution lines are completed at the end (0 = skip)
     save_every: int = 200  # checkpoint every N steps (0 = only at the end)
     keep_last: int = 2  # checkpoints kept besides the best
     stop_after: int | None = None  # stop (with a checkpoint) after this step, keeping the schedule of `steps`
@@ -67,6 +69,8 @@ class TrainConfig:
         self.validate()
 
     def validate(self) -> None:
+        if int(self.eval_lines_problems) < 0:
+            raise ValueError(f"eval_lines_problems must be >= 0, got {self.eval_lines_problems}")
         positive = ["steps", "batch_size", "seq_len", "grad_accum", "vocab_size", "eval_batches", "keep_last"]
         for k in positive:
             if int(getattr(self, k)) < 1:

@@ -31,7 +31,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from nanochat import ops
-from nanochat.data import TokenLoader, prepare_data
+from nanochat.data import TokenLoader, bits_per_byte, bpb_sums, prepare_data
 from nanochat.data.fim import chunk_chars_for
 from nanochat.hardware import choose_dtype
 from nanochat.model import GPT, GPTConfig, load_config
@@ -201,10 +201,11 @@ def compute_loss(
 
 @torch.no_grad()
 def evaluate(model: GPT, loader: TokenLoader, token_bytes: torch.Tensor, rt: Runtime, max_batches: int) -> dict:
-    """Validation loss (nats/token) and bits per byte over the first ``max_batches`` val batches."""
+    """Validation loss (nats/token over all targets) and bits per byte (the one definition, ``data.bpb``: targets
+    that decode to no byte, the special tokens, are left out) over the first ``max_batches`` val batches."""
     was_training = model.training
     model.train()  # the same fake-quant math as training, so val loss is comparable to train loss
-    nats, tokens, nbytes = 0.0, 0, 0
+    nats, tokens, bpb_nats, nbytes = 0.0, 0, 0.0, 0
     for x, y in loader.iter_eval(max_batches):
         x, y = x.to(rt.device), y.to(rt.device)
         with _autocast(rt):
@@ -212,10 +213,15 @@ def evaluate(model: GPT, loader: TokenLoader, token_bytes: torch.Tensor, rt: Run
         loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), reduction="none")
         nats += loss.sum().item()
         tokens += y.numel()
-        nbytes += int(token_bytes[y.view(-1).cpu()].sum().item())
+        s, b = bpb_sums(loss.cpu(), y.view(-1).cpu(), token_bytes)
+        bpb_nats, nbytes = bpb_nats + s, nbytes + b
     model.train(was_training)
-    val_loss = nats / max(tokens, 1)
-    return {"val_loss": val_loss, "val_bpb": nats / (math.log(2) * max(nbytes, 1)), "val_tokens": tokens}
+    return {
+        "val_loss": nats / max(tokens, 1),
+        "val_bpb": bits_per_byte(bpb_nats, nbytes),
+        "val_tokens": tokens,
+        "val_bytes": nbytes,
+    }
 
 
 def _autocast(rt: Runtime):
@@ -534,8 +540,31 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def final_evaluations(model: GPT, tok: Any, run_dir: Path, cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
-    """End-of-run metrics that move at small scale: HumanEval bits-per-byte and line completion (placeholder)."""
-    return {}
+    """End-of-run metrics that move at small scale (issue: HumanEval pass@1 stays 0 below ~50M parameters):
+    bits-per-byte of HumanEval's canonical solutions given their prompts, and single-line completion of those
+    solutions run against the problems' tests (greedy, left to right; and with FIM when the run trained it).
+    Results land in the run directory (``lines.json``, ``lines_fim.json``) where ``nanochat-eval report`` looks."""
+    if not cfg.final_eval:
+        return {}
+    from nanochat.eval.lines import evaluate_lines, humaneval_bpb
+
+    out: dict[str, Any] = {}
+    t0 = time.perf_counter()
+    console.print("final evaluation: HumanEval bits-per-byte ...")
+    hb = humaneval_bpb(model, tok)
+    out["humaneval_bpb"] = hb["bpb"]
+    limit = cfg.eval_lines_problems
+    max_new = max(1, min(64, model.config.seq_len // 2))  # nanochat-eval lines uses 64
+    if limit > 0:
+        res = evaluate_lines(model, tok, limit=limit, max_new_tokens=max_new, out=run_dir / "lines.json")
+        out.update(lines_pass_rate=res["pass_rate"], lines_passed=res["passed"], lines_tasks=res["tasks"])
+        if cfg.fim_rate > 0 and tok.fim_ids() is not None:
+            res = evaluate_lines(
+                model, tok, fim=True, limit=limit, max_new_tokens=max_new, out=run_dir / "lines_fim.json"
+            )
+            out.update(lines_fim_pass_rate=res["pass_rate"], lines_fim_passed=res["passed"])
+    out["final_eval_s"] = time.perf_counter() - t0
+    return out
 
 
 def print_outcome(summary: dict[str, Any], run_dir: Path) -> None:
