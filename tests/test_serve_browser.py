@@ -7,7 +7,11 @@
   an API key is asked for on a 401 and kept in localStorage. Screenshot (dark scheme):
   ``artifacts/serve_chat_code.png``.
 
-The page must make no request outside the server and raise no JavaScript error. Skipped only when no
+- A 64-token model: the default max tokens ("auto") fits the reply into the context left by the prompt.
+
+The page must make no request outside the server, raise no JavaScript error and trip no Content-Security-Policy
+rule (its script and style carry the server's nonce). Code is checked to be monospace by measuring glyphs. Skipped
+only when no
 ``chromium`` executable is installed (``apt-get install chromium``).
 """
 
@@ -73,6 +77,8 @@ class Watched:
         self.errors: list[str] = []
         self.page.on("request", lambda r: self.requests.append(r.url))
         self.page.on("pageerror", lambda e: self.errors.append(str(e)))
+        # a CSP violation (an inline script or style without the nonce) is a console error, not a page error
+        self.page.on("console", lambda m: self.errors.append(m.text) if "Content Security Policy" in m.text else None)
         self.base_url = base_url
 
     def check_clean(self) -> None:
@@ -136,7 +142,7 @@ def test_code_blocks_escaping_errors_new_chat_and_api_key(browser: Browser) -> N
         w = Watched(browser, srv.url, color_scheme="dark")
         page = w.page
         page.goto(srv.url + "/")
-        expect(page.locator("#max-tokens")).to_have_value("256")
+        expect(page.locator("#max-tokens")).to_have_value("")  # auto: the server fits the reply to the context
         # /v1/models answered 401: the page asks for the key
         expect(page.locator("#keybar")).to_be_visible()
         page.fill("#api-key", "k3y")
@@ -160,7 +166,13 @@ def test_code_blocks_escaping_errors_new_chat_and_api_key(browser: Browser) -> N
         code = reply.locator("pre code")
         expect(code).to_have_text("print(1 < 2)  # <b>not bold</b>")  # shown as text, not markup
         assert reply.locator("b").count() == 0
-        assert code.evaluate("e => getComputedStyle(e).fontFamily").lower().find("mono") >= 0
+        # monospace for real: narrow and wide glyphs take the same width in code
+        widths = code.evaluate(
+            """e => ['iiiiiiiiii', 'MMMMMMMMMM'].map(t => {
+                const s = document.createElement('span'); s.textContent = t; e.appendChild(s);
+                const w = s.getBoundingClientRect().width; s.remove(); return w; })"""
+        )
+        assert widths[0] > 0 and abs(widths[0] - widths[1]) < 0.5, widths
         expect(reply.locator("pre .lang")).to_have_text("python")
         expect(reply.locator(":not(pre) > code")).to_have_text("add")
         expect(reply.locator(".note")).to_contain_text("tokens")
@@ -183,5 +195,27 @@ def test_code_blocks_escaping_errors_new_chat_and_api_key(browser: Browser) -> N
         assert page.input_value("#max-tokens") == "100"
         expect(page.locator(".msg.assistant").last.locator("pre code")).to_have_text("print(1 < 2)  # <b>not bold</b>")
         page.screenshot(path=str(ARTIFACTS / "serve_chat_code.png"))
+        w.check_clean()
+        w.close()
+
+
+def test_the_default_max_tokens_fits_a_small_context(browser: Browser) -> None:
+    """A 64-token model: the first message must not ask for more tokens than the context has room for."""
+    backend = FakeBackend(reply="x" * 500, context_length=64)  # would run past any context
+    with ServerThread(create_app(backend)) as srv:
+        w = Watched(browser, srv.url)
+        page = w.page
+        page.goto(srv.url + "/")
+        expect(page.locator("#model")).to_contain_text("context 64")
+        expect(page.locator("#max-tokens")).to_have_attribute("placeholder", "auto (≤ 64)")
+        page.fill("#temperature", "0")
+        page.fill("#prompt", "hello there")
+        page.press("#prompt", "Enter")
+        reply = page.locator(".msg.assistant").last
+        expect(reply).to_have_attribute("data-state", "done")
+        expect(reply.locator(".note")).to_contain_text("stopped at max tokens")
+        prompt_tokens = len(backend.tokenizer.render_chat([{"role": "user", "content": "hello there"}]))
+        assert len(reply.locator(".body").inner_text()) == 64 - prompt_tokens  # one byte per token: the rest
+        assert page.locator(".msg.error").count() == 0
         w.check_clean()
         w.close()

@@ -42,6 +42,7 @@ import asyncio
 import hmac
 import json
 import logging
+import re
 import secrets
 import threading
 import time
@@ -93,6 +94,7 @@ CSP = (
     "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
 )
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+_OPEN_TAG = re.compile(r"^<(script|style)>$", re.MULTILINE)  # the page's own elements, each on a line of its own
 OPEN_PATHS = frozenset({"/", "/health", "/metrics"})  # never behind the API key: the page, probes, scrapers
 RETRY_AFTER_S = 2  # what a 503 "queue full" asks clients to wait before retrying
 TOKENIZER_THREADS = 2  # tokenization off the event loop (the tokenizer releases the GIL)
@@ -498,7 +500,7 @@ def _chat_page() -> str:
 def _with_nonce(page: str, nonce: str) -> str:
     """The page with ``nonce`` on its (only) ``<script>`` and ``<style>`` elements, for a CSP without
     'unsafe-inline'."""
-    return page.replace("<script>", f'<script nonce="{nonce}">', 1).replace("<style>", f'<style nonce="{nonce}">', 1)
+    return _OPEN_TAG.sub(lambda m: f'<{m.group(1)} nonce="{nonce}">', page)
 
 
 def _max_token_bytes(tokenizer: Any) -> int | None:
