@@ -587,6 +587,8 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str | None]] = [
     ("completion-token-outside-vocab", COMP, {"prompt": [1, 10**6]}, 400, "prompt", None),
     ("completion-two-prompts", COMP, {"prompt": ["a", "b"]}, 400, "prompt", None),
     ("completion-prompt-beyond-context", COMP, {"prompt": LONG}, 400, "prompt", "context_length_exceeded"),
+    ("completion-ids-beyond-context", COMP, {"prompt": [50] * CTX}, 400, "prompt", "context_length_exceeded"),
+    ("completion-empty-ids", COMP, {"prompt": []}, 400, "prompt", None),
     ("completion-echo", COMP, {"prompt": "a", "echo": True}, 400, "echo", None),
     ("completion-unknown-model", COMP, {"model": "nope", "prompt": "a"}, 404, "model", "model_not_found"),
 ]

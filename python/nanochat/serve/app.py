@@ -917,6 +917,8 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         admit()
         prompt = body.prompt
         if isinstance(prompt, list) and isinstance(prompt[0], int):
+            if len(prompt) >= backend.context_length:  # before the scan below: its time grows with the body
+                raise too_long(len(prompt), "prompt")
             vocab = backend.tokenizer.vocab_size
             bad = [t for t in prompt if not 0 <= int(t) < vocab]
             if bad:
