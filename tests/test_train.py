@@ -266,6 +266,8 @@ def test_final_evaluation_lands_in_summary_and_run_dir(tmp_path, corpus, data_di
     assert s["lines_passed"] == round(s["lines_pass_rate"] * s["lines_tasks"])
     assert (out / "lines_fim.json").exists() and "lines_fim_pass_rate" in s
     assert s["val_tokens"] > 0 and s["final_val_bpb"] > 0
+    seen = json.loads((out / "data.json").read_text())  # what the run saw, copied from the data cache
+    assert seen and "fingerprint" in json.dumps(seen)
 
 
 def test_json_outputs_are_strict(tmp_path):

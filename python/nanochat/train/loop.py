@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import shutil
 import signal
 import time
 from dataclasses import dataclass
@@ -260,23 +261,6 @@ class StopFlag:
 MHC_LOG_KEYS = ("max_row_err", "max_col_err", "composite_gain_fwd", "composite_gain_bwd", "composite_identity_weight")
 
 
-def data_cache_dir(cfg: TrainConfig) -> Path:
-    """Tokenizer + shards cache, one directory per (corpus, vocab size) so runs with different configs coexist."""
-    import hashlib
-
-    root = (
-        Path(cfg.data_dir)
-        if cfg.data_dir
-        else Path(os.environ.get("NANOCHAT_CACHE", Path.home() / ".cache" / "nanochat"))
-    )
-    corpus = (
-        "stdlib"
-        if cfg.data is None
-        else "user-" + hashlib.sha1(str(Path(cfg.data).resolve()).encode()).hexdigest()[:10]
-    )
-    return root / "data" / f"{corpus}-syn{cfg.synthetic_ratio:g}-val{cfg.val_fraction:g}-v{cfg.vocab_size}"
-
-
 def default_run_dir(cfg: TrainConfig) -> Path:
     name = Path(cfg.config).stem
     return Path("runs") / f"{name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -324,6 +308,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         tok, index = data()
     if rt.is_main:
         tok.save(run_dir / "tokenizer.json")
+        seen = Path(index.root) / "data.json"  # sources, files, bytes, dropped, tokens and the corpus fingerprint
+        if seen.exists():
+            shutil.copyfile(seen, run_dir / "data.json")
     token_bytes = torch.as_tensor(tok.token_bytes(), dtype=torch.long)
     train_loader = TokenLoader(
         index, "train", cfg.batch_size, cfg.seq_len, rank=rt.rank, world_size=rt.world_size, seed=cfg.seed
