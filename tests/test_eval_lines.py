@@ -35,6 +35,7 @@ from nanochat.eval.lines import (
     evaluate_written,
     generation_cut,
     humaneval_bpb,
+    indentation,
     make_tasks,
     span_end,
 )
@@ -159,6 +160,7 @@ def test_original_lines_pass_in_the_sandbox(tasks, span_tasks, sandbox) -> None:
 
 
 @needs_bwrap
+@pytest.mark.slow
 def test_empty_line_fails_where_the_line_matters(tasks, sandbox) -> None:  # type: ignore[no-untyped-def]
     judge = _Judge()
     decided = {t.task_id: judge(t, "") for t in tasks}
@@ -203,6 +205,90 @@ def test_known_wrong_lines_fail(problems, sandbox) -> None:  # type: ignore[no-u
     )
     assert [r["passed"] for r in records] == [False] * len(cases) + [True] * len(good)
     assert [r["decided_by"] for r in records] == ["sandbox", "compile"] + ["sandbox"] * 4 + ["same_as_original"] * 2
+
+
+class ScriptedGenerator:
+    """A test double for the engine's ``generate_ids``: returns scripted texts for the tasks in order, applying the
+    ``until`` cut points the way the engine does."""
+
+    def __init__(self, tok, tasks: list[LineTask], script) -> None:  # type: ignore[no-untyped-def]
+        self.tok, self.tasks, self.script = tok, tasks, script
+        self.tokens_generated = 0
+        self.calls: list[tuple[int, int]] = []  # (batch size, max_new_tokens)
+        self._next = 0
+
+    def generate_ids(self, prompts, n, temperature, max_new_tokens, seed, until=None, stop_ids=None):  # type: ignore[no-untyped-def]
+        self.calls.append((len(prompts), max_new_tokens))
+        out = []
+        for j in range(len(prompts)):
+            task = self.tasks[self._next]
+            self._next += 1
+            results = []
+            for i in range(n):
+                text = self.script(task, i)
+                cut = until[j](text) if until is not None else None
+                ids = list(range(len(text) // 4 + 1))
+                self.tokens_generated += len(ids)
+                results.append(
+                    types.SimpleNamespace(
+                        text=text if cut is None else text[:cut],
+                        token_ids=ids,
+                        finish_reason="stop" if cut is not None else "length",
+                    )
+                )
+            out.append(results)
+        return out
+
+
+@needs_bwrap
+def test_run_lines_with_scripted_generations(fim_tok, problems, sandbox, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The whole pipeline on known generations: cut points, judging, the exit-before-tests rule, pass rate,
+    per-problem counts and pass@k (against the binomial formula), the results file."""
+    from nanochat.eval.lines import run_lines
+
+    tasks = make_tasks(problems, limit=3)
+
+    def script(t: LineTask, i: int) -> str:
+        if i == 0:  # the canonical text, and the model goes on: cut at the end of the line
+            return t.expected + t.suffix + "\n\ndef check(x):\n    pass\n"
+        if i == 1:  # nothing: no line in these problems can be left out
+            return ""
+        if tasks.index(t) % 2 == 0:  # the line, trailing spaces, no newline yet: passes, spaces dropped
+            return t.expected + "   "
+        # exits with status 0 before the tests finish (a block header stays a block header)
+        stmt = "if __import__('os')._exit(0):" if t.original.rstrip().endswith(":") else "import os; os._exit(0)"
+        return "\n" + " " * indentation(t.original) + stmt
+
+    gen = ScriptedGenerator(fim_tok, tasks, script)
+    out = tmp_path / "lines.json"
+    res = run_lines(
+        gen, n=3, ks=(1, 2, 5), limit=3, sandbox=sandbox, out=out, batch_size=4, progress=False, max_seq=100_000
+    )
+    assert json.loads(out.read_text()) == json.loads(json.dumps(res))
+    assert gen.calls[0] == (4, 64) and sum(b for b, _ in gen.calls) == len(tasks)
+    recs = {(r["task_id"], r["sample_index"]): r for r in res["records"]}
+    c_of = {}
+    for k, t in enumerate(tasks):
+        r0, r1, r2 = (recs[(t.task_id, i)] for i in range(3))
+        assert r0["passed"] and r0["written"] == t.expected and r0["decided_by"] == "same_as_original"
+        assert not r1["passed"] and r1["written"] == ""
+        if k % 2 == 0:
+            assert r2["passed"] and r2["written"] == t.expected.rstrip()
+        else:
+            assert not r2["passed"] and r2["reason"] == "exited before the tests finished", r2
+        c_of[t.task_id] = 1 + (k % 2 == 0)
+    passed = sum(c_of.values())
+    assert (res["passed"], res["samples"], res["tasks"]) == (passed, 3 * len(tasks), len(tasks))
+    assert math.isclose(res["pass_rate"], passed / (3 * len(tasks)))
+    for k in (1, 2):
+        want = sum(1 - math.comb(3 - c, k) / math.comb(3, k) for c in c_of.values()) / len(tasks)
+        assert math.isclose(res["pass_at_k"][f"pass@{k}"], want)
+    assert "pass@5" not in res["pass_at_k"] and any("dropped k > n=3: 5" in note for note in res["notes"])
+    for pid in ("HumanEval/0", "HumanEval/1", "HumanEval/2"):
+        mine = [t for t in tasks if t.problem.task_id == pid]
+        e = res["per_problem"][pid]
+        assert (e["tasks"], e["samples"], e["passed"]) == (len(mine), 3 * len(mine), sum(c_of[t.task_id] for t in mine))
+    assert res["timing"]["tokens_generated"] == gen.tokens_generated and res["truncated_prompts"] == 0
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -345,6 +431,7 @@ eval_every = 2
 eval_batches = 1
 save_every = 2
 log_every = 0
+final_eval = false  # the end-of-run evaluations are what these tests call themselves
 """
 
 
@@ -437,6 +524,47 @@ def test_cli_lines_end_to_end(run_dir, tmp_path, monkeypatch) -> None:  # type: 
     # bad input: a clear error
     r = runner.invoke(eval_app, ["lines", "--model", str(tmp_path / "missing.gguf")])
     assert r.exit_code == 2 and "does not exist" in " ".join(r.output.split())
+
+
+@needs_bwrap
+def test_evaluate_lines_from_a_path_and_in_memory(run_dir) -> None:  # type: ignore[no-untyped-def]
+    """The training loop's entry point: a path, or the in-memory model with its tokenizer; greedy decoding gives
+    the same lines either way, and the model's train/eval mode is left as it was."""
+    from nanochat.eval.lines import evaluate_lines
+    from nanochat.export import load
+
+    a = evaluate_lines(run_dir, limit=1, max_new_tokens=6, progress=False)
+    assert {"pass_rate", "passed", "tasks"} <= set(a) and a["tasks"] == len(make_tasks(limit=1))
+    m = load(run_dir)
+    model = m.torch_model().train()
+    b = evaluate_lines(model, m.tokenizer, limit=1, max_new_tokens=6, progress=False)
+    assert model.training
+    assert [r["written"] for r in a["records"]] == [r["written"] for r in b["records"]]
+    assert (a["pass_rate"], a["passed"]) == (b["pass_rate"], b["passed"])
+    with pytest.raises(ValueError, match="tokenizer"):
+        evaluate_lines(model)
+
+
+def test_generate_ids_twin_of_text_generation(run_dir) -> None:  # type: ignore[no-untyped-def]
+    """``EngineGenerate.generate_ids`` (token-id prompts) gives what the text interface gives for the same ids and
+    seeds, and an ``until`` cut stops a sequence early with its text cut there."""
+    from nanochat.eval.generation import EngineGenerate
+
+    gen = EngineGenerate(run_dir, batch_size=3)
+    texts = ["def f(x):", "class A:", "import os"]
+    ids = [[gen.tok.bos_id, *gen.tok.encode(t)] for t in texts]
+    for temperature, n in ((0.0, 1), (0.9, 2)):
+        by_text = gen(texts, n, temperature, 10, [], 7)
+        by_ids = gen.generate_ids(ids, n, temperature, 10, 7)
+        assert [[r.text for r in rs] for rs in by_ids] == by_text
+    full = gen.generate_ids(ids, 1, 0.0, 10, 7)
+    before = gen.tokens_generated
+    cut = gen.generate_ids(ids, 1, 0.0, 10, 7, until=[lambda t: 2 if len(t) >= 3 else None] * 3)
+    for (f,), (c,) in zip(full, cut, strict=True):
+        assert len(f.text) >= 3 and c.text == f.text[:2] and c.finish_reason == "stop"
+        assert c.token_ids == f.token_ids[: len(c.token_ids)]
+    assert sum(len(c.token_ids) for (c,) in cut) < sum(len(f.token_ids) for (f,) in full)  # stopped early
+    assert gen.tokens_generated - before == sum(len(c.token_ids) for (c,) in cut)
 
 
 def _brute_force_bpb(model, tok, problems, window: int | None = None) -> float:  # type: ignore[no-untyped-def]

@@ -16,12 +16,12 @@ Notable choices:
 - **The prompt ends at the last non-whitespace character before the line, and the model writes the line break
   and the indentation itself.** Byte-level BPE with the GPT-2 regex (our tokenizer) tokenizes ``"\\n    return"``
   as ``"\\n   "`` + ``" return"``: a whitespace run gives its last space to the word after it. A prompt ending in
-  ``"\\n"`` would end in a lone newline token, which in training is only ever followed by a line at column 0; a
-  prompt ending in ``"\\n    "`` ends in a whitespace token that in training is never followed by a word. Both
-  push a small model off its training distribution exactly where the task starts. The end of a line's content is
+  ``"\\n"`` would end in a lone newline token, which in training mostly precedes a line at column 0; a prompt
+  ending in ``"\\n    "`` would need a word token without its leading space next, which training never shows.
+  Both push a small model off its training distribution exactly where the task starts. The end of a line's content is
   always a pre-token boundary, so cutting there tokenizes the prompt exactly as the whole file is tokenized. The
-  whitespace between the cut and the line (``LineTask.gap``: the newline, any blank lines, the indentation) is
-  part of what the model writes, and its indentation is graded like the rest of the line.
+  newline(s) between the cut and the line (``LineTask.gap``) and the line's indentation are part of what the
+  model writes, and the indentation is graded like the rest of the line.
 - **Where a generation ends** (:func:`generation_cut`): a line ends at the first newline after its first
   non-whitespace character; a span ends before the first later line that starts at an indentation at or left of
   the span's first line. Generation stops as soon as that is known, or at ``<|eos|>``/``<|bos|>``/a FIM sentinel,
@@ -34,6 +34,10 @@ Notable choices:
   version), and a program whose syntax tree equals the canonical program's (so the line was written exactly, up
   to spacing and comments) passes without one: the canonical programs pass (the tests prove it). Everything else
   runs against the problem's tests in :class:`~nanochat.eval.sandbox.Sandbox`, as in :mod:`.humaneval`.
+- **The floor.** Writing nothing passes 27 of the 1,033 line tasks (2.6%): one comment line, and 26 lines whose
+  deletion the problems' tests cannot detect (redundant initialisations, early exits the general code covers,
+  untested branches; listed in ``tests/test_eval_lines.py``). A model appending junk to the previous line and then
+  nothing scores the same way.
 - Results follow :mod:`.humaneval`'s conventions (``benchmark``, ``schema_version``, settings, model, sandbox,
   per-task records, written atomically), with the pass rate overall and per problem, and pass@k over tasks
   (``pass@1`` always; larger k when ``n >= k``).
@@ -116,8 +120,8 @@ class LineTask:
     line: int  # 0-based index of the first masked line in the solution's lines
     end: int  # index after the last masked line
     prefix: str  # prompt + solution lines before, up to the last non-whitespace character
-    gap: str  # the whitespace cut from the end of the prefix (newline(s), indentation of the masked line)
-    original: str  # the masked lines, without their final newline
+    gap: str  # the whitespace cut from the end of the prefix: the previous line's newline, blank lines
+    original: str  # the masked lines (indentation included), without their final newline
     after: str  # the solution lines after the masked ones
     span: bool = False  # the task masks the block starting at `line` (which may be one line long)
 
