@@ -15,7 +15,9 @@ server's answer.
   exits on SIGTERM;
 - the OpenAPI spec documents 400 (not 422) and 404 ``model_not_found``; /docs is off by default and behind the key;
   several Authorization headers are a 400; a non-ASCII key is refused at start; the chat page's CSP has no
-  'unsafe-inline'.
+  'unsafe-inline';
+- logprobs (chat ``logprobs``/``top_logprobs``, completions ``logprobs: N``) against the KV-cache-free reference
+  loop, token bytes against the text they spell, streamed chunks against the whole answer.
 
 Every loop is bounded in count and time; nothing asserts on durations.
 """
@@ -47,7 +49,7 @@ from hypothesis.errors import Unsatisfiable
 
 from nanochat.engine.sampling import MIN_TEMPERATURE, filter_logits, sample
 from nanochat.serve import EngineBackend, FakeBackend, SamplingParams, Settings, create_app
-from nanochat.serve.backend import FakeTokenizer
+from nanochat.serve.backend import FakeTokenizer, TokenTexts
 from nanochat.serve.testing import ServerThread, build_tiny_model, free_port, iter_sse, parse_metrics
 
 CTX = 256
@@ -325,7 +327,7 @@ def test_a_real_surrogate_pair_is_fine(tiny_backend: EngineBackend) -> None:
 
 def test_schemathesis_finds_no_server_error_and_nothing_undocumented(tiny_backend: EngineBackend) -> None:
     """Generated requests (valid and invalid) against /openapi.json: no 500, every status and body as documented.
-    Bounded: a few dozen examples per operation and mode, replies of at most 4 tokens."""
+    Bounded: 50 examples per operation and mode, replies of at most 4 tokens."""
     schemathesis = pytest.importorskip("schemathesis")
     from schemathesis import GenerationMode
     from schemathesis.checks import not_a_server_error
@@ -341,7 +343,7 @@ def test_schemathesis_finds_no_server_error_and_nothing_undocumented(tiny_backen
             for mode in (GenerationMode.POSITIVE, GenerationMode.NEGATIVE):
 
                 @settings(
-                    max_examples=25,
+                    max_examples=50,
                     deadline=None,
                     database=None,
                     derandomize=True,
@@ -710,3 +712,108 @@ def test_the_chat_page_csp_allows_only_its_own_nonced_script_and_style() -> None
         assert page.headers["cache-control"] == "no-store"
         nonces.append(nonce)
     assert nonces[0] != nonces[1]  # a fresh nonce per response
+
+
+# ============================================================================ logprobs (issue 12, "must be built")
+
+
+def test_token_texts_and_bytes_spell_the_text(tiny_backend: EngineBackend) -> None:
+    tok = tiny_backend.tokenizer
+    texts = TokenTexts(tok)
+    for i in range(tok.vocab_size):
+        text, raw = texts(i)
+        if i in tok.special_ids.values():
+            assert (text, raw) == ("", [])
+        else:
+            assert bytes(raw).decode("utf-8", errors="replace") == text == tok.decode([i])
+    s = "héllo wörld ✓ def f(x):\n    return x  # 🙂"
+    assert b"".join(bytes(texts(i)[1]) for i in tok.encode(s)) == s.encode()  # characters split across tokens too
+    fake = TokenTexts(FakeTokenizer())
+    assert b"".join(bytes(fake(i)[1]) for i in FakeTokenizer().encode(s)) == s.encode()
+
+
+def _reference_logprobs(backend: EngineBackend, messages: Any, n: int, k: int) -> list[Any]:
+    """Token logprobs of a greedy reply from the KV-cache-free reference loop (a full torch forward per token)."""
+    reference = EngineBackend(backend.loaded, reference=True)
+    prompt = backend.tokenizer.render_chat(messages)
+    params = SamplingParams(max_tokens=n, temperature=0.0, logprobs=k)
+    return [d.logprob for d in reference.stream(prompt, params, threading.Event()) if d.logprob is not None]
+
+
+def test_chat_logprobs_match_the_reference_model(tiny_backend: EngineBackend) -> None:
+    body = {"messages": MSG, "max_tokens": 12, "temperature": 0, "logprobs": True, "top_logprobs": 3,
+            "ignore_eos": True}  # fmt: skip
+    texts = TokenTexts(tiny_backend.tokenizer)
+    want = _reference_logprobs(tiny_backend, MSG, 12, 3)
+    assert len(want) == 12
+    with ServerThread(create_app(tiny_backend)) as srv, httpx.Client(timeout=60) as c:
+        r = c.post(srv.url + CHAT, json=body).json()
+        content = r["choices"][0]["logprobs"]["content"]
+        assert r["choices"][0]["logprobs"]["refusal"] is None
+        assert "".join(e["token"] for e in content) == r["choices"][0]["message"]["content"]
+        assert len(content) == r["usage"]["completion_tokens"] == 12
+        for e, w in zip(content, want, strict=True):
+            assert (e["token"], e["bytes"]) == (texts(w.token_id)[0], texts(w.token_id)[1])
+            assert abs(e["logprob"] - w.logprob) < 1e-3
+            assert [t["token"] for t in e["top_logprobs"]] == [texts(i)[0] for i, _ in w.top]
+            assert all(abs(t["logprob"] - v) < 1e-3 for t, (_, v) in zip(e["top_logprobs"], w.top, strict=True))
+            assert e["top_logprobs"][0]["logprob"] == e["logprob"]  # greedy: the chosen token is the likeliest
+            values = [t["logprob"] for t in e["top_logprobs"]]
+            assert values == sorted(values, reverse=True) and sum(math.exp(v) for v in values) <= 1 + 1e-6
+        with c.stream("POST", srv.url + CHAT, json={**body, "stream": True}) as s:
+            chunks = [json.loads(p) for p in sse_payloads(s)[:-1]]
+        streamed = [e for ch in chunks if ch["choices"] and ch["choices"][0]["logprobs"]
+                    for e in ch["choices"][0]["logprobs"]["content"]]  # fmt: skip
+        assert streamed == content
+        assert chunks[0]["choices"][0]["logprobs"] is None  # the role chunk
+        plain = c.post(srv.url + CHAT, json={"messages": MSG, "max_tokens": 5}).json()
+        assert plain["choices"][0]["logprobs"] is None  # not asked, not sent
+
+
+def test_logprobs_do_not_change_what_is_sampled(tiny_backend: EngineBackend) -> None:
+    body = {"messages": MSG, "max_tokens": 16, "temperature": 0.9, "seed": 5, "ignore_eos": True}
+    with ServerThread(create_app(tiny_backend)) as srv, httpx.Client(timeout=60) as c:
+        plain = c.post(srv.url + CHAT, json=body).json()["choices"][0]
+        with_lp = c.post(srv.url + CHAT, json={**body, "logprobs": True, "top_logprobs": 1}).json()["choices"][0]
+    assert with_lp["message"]["content"] == plain["message"]["content"]
+    assert len(with_lp["logprobs"]["content"]) == 16
+    for e in with_lp["logprobs"]["content"]:  # sampled, not always the likeliest, never likelier than it
+        assert e["logprob"] <= e["top_logprobs"][0]["logprob"] + 1e-6 and len(e["top_logprobs"]) == 1
+
+
+def test_completion_logprobs_in_the_legacy_shape(tiny_backend: EngineBackend) -> None:
+    body = {"prompt": "def add(a, b):", "max_tokens": 10, "temperature": 0, "logprobs": 2, "ignore_eos": True}
+    with ServerThread(create_app(tiny_backend)) as srv, httpx.Client(timeout=60) as c:
+        choice = c.post(srv.url + COMP, json=body).json()["choices"][0]
+        with c.stream("POST", srv.url + COMP, json={**body, "stream": True}) as s:
+            chunks = [json.loads(p)["choices"][0] for p in sse_payloads(s)[:-1]]
+        zero = c.post(srv.url + COMP, json={**body, "logprobs": 0}).json()["choices"][0]["logprobs"]
+    lp = choice["logprobs"]
+    assert set(lp) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    assert "".join(lp["tokens"]) == choice["text"] and len(lp["tokens"]) == 10
+    assert lp["text_offset"] == [sum(len(t) for t in lp["tokens"][:i]) for i in range(10)]
+    for value, top in zip(lp["token_logprobs"], lp["top_logprobs"], strict=True):
+        assert 1 <= len(top) <= 2 and value == max(top.values())  # greedy
+    merged: dict[str, list[Any]] = {k: [] for k in lp}
+    for ch in chunks:
+        if ch["logprobs"]:
+            for k in merged:
+                merged[k] += ch["logprobs"][k]
+    assert merged == lp  # the stream's chunks add up to the whole, offsets included
+    assert zero["token_logprobs"] == lp["token_logprobs"] and all(t == {} for t in zero["top_logprobs"])
+
+
+BAD_LOGPROBS: list[tuple[str, str, dict[str, Any], str]] = [
+    ("top-without-logprobs", CHAT, {"messages": MSG, "top_logprobs": 2}, "top_logprobs"),
+    ("top-too-many", CHAT, {"messages": MSG, "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
+    ("chat-logprobs-number", CHAT, {"messages": MSG, "logprobs": 3}, "logprobs"),
+    ("completion-too-many", COMP, {"prompt": "x", "logprobs": 6}, "logprobs"),
+    ("completion-logprobs-bool", COMP, {"prompt": "x", "logprobs": True}, "logprobs"),
+]
+
+
+@pytest.mark.parametrize("case", BAD_LOGPROBS, ids=[c[0] for c in BAD_LOGPROBS])
+def test_bad_logprobs_values_are_400(case: tuple[str, str, dict[str, Any], str]) -> None:
+    _, path, body, param = case
+    with ServerThread(create_app(FakeBackend(), Settings(log_requests=False))) as srv:
+        assert_error(httpx.post(srv.url + path, json=body, timeout=30), 400, param=param)

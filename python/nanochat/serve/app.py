@@ -52,7 +52,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from importlib import resources
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -62,20 +62,24 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from nanochat import __version__
-from nanochat.serve.backend import Backend, Delta, SamplingParams
+from nanochat.serve.backend import Backend, Delta, SamplingParams, TokenLogprob, TokenTexts
 from nanochat.serve.metrics import Metrics, endpoint_label
 from nanochat.serve.schemas import (
     AssistantMessage,
     ChatChoice,
     ChatCompletion,
     ChatCompletionRequest,
+    ChoiceLogprobs,
     Completion,
     CompletionChoice,
+    CompletionLogprobs,
     CompletionRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
     SamplingRequest,
+    TokenLogprobEntry,
+    TopLogprob,
     Usage,
     error_json,
 )
@@ -95,6 +99,16 @@ CSP = (
 )
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 _OPEN_TAG = re.compile(r"^<(script|style)>$", re.MULTILINE)  # the page's own elements, each on a line of its own
+SSE_EVENT_SCHEMA = {  # one server-sent event, as OpenAPI 3.2's itemSchema describes the items of a stream
+    "type": "object",
+    "required": ["data"],
+    "properties": {
+        "data": {"type": "string", "description": "a JSON chunk, a JSON error object, or [DONE]"},
+        "event": {"type": "string"},
+        "id": {"type": "string"},
+        "retry": {"type": "integer"},
+    },
+}
 OPEN_PATHS = frozenset({"/", "/health", "/metrics"})  # never behind the API key: the page, probes, scrapers
 RETRY_AFTER_S = 2  # what a 503 "queue full" asks clients to wait before retrying
 TOKENIZER_THREADS = 2  # tokenization off the event loop (the tokenizer releases the GIL)
@@ -409,6 +423,7 @@ class Generation:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         self.completion_tokens = 0  # counted on the loop side, from the deltas consumed
+        self.logprobs: list[TokenLogprob] = []  # of the deltas consumed, when the request asked for them
         self.delivered = False  # the response reached its end (last event sent, or the error reported)
 
     def run(self) -> None:
@@ -449,6 +464,8 @@ class Generation:
             raise item
         if item.token_id is not None:
             self.completion_tokens += 1
+        if item.logprob is not None:
+            self.logprobs.append(item.logprob)
         return item
 
     async def collect(self) -> tuple[str, Delta]:
@@ -491,6 +508,12 @@ def _sse(obj: dict[str, Any] | str) -> bytes:
 
 
 # --------------------------------------------------------------------------- the app
+
+
+class Chunk(Protocol):
+    """Builds one SSE chunk: ``chunk(text, finish_reason, logprobs)``."""
+
+    def __call__(self, text: str | None, finish: str | None, lps: list[TokenLogprob], /) -> dict[str, Any]: ...
 
 
 def _chat_page() -> str:
@@ -544,6 +567,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
     page = _chat_page()
     tokens_limit = min(settings.max_tokens_limit or backend.context_length, backend.context_length)
     max_token_bytes = _max_token_bytes(backend.tokenizer)
+    token_texts = TokenTexts(backend.tokenizer)
     stopping = False  # set once by begin_shutdown
 
     @asynccontextmanager
@@ -700,6 +724,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             stop=req.stop_list(),
             stop_token_ids=frozenset() if req.ignore_eos else backend.stop_token_ids,
             seed=req.seed,
+            logprobs=req.logprobs_k() if isinstance(req, ChatCompletionRequest | CompletionRequest) else None,
         )
 
     async def start(request: Request, prompt_ids: list[int], params: SamplingParams) -> Generation:
@@ -736,6 +761,35 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         fut.add_done_callback(done)
         return gen
 
+    def chat_logprobs(lps: list[TokenLogprob]) -> ChoiceLogprobs:
+        """OpenAI's chat shape: one entry per token, with its text, bytes and the most likely alternatives."""
+
+        def top(i: int, v: float) -> TopLogprob:
+            text, raw = token_texts(i)
+            return TopLogprob(token=text, logprob=v, bytes=raw)
+
+        entries = []
+        for lp in lps:
+            text, raw = token_texts(lp.token_id)
+            alternatives = [top(i, v) for i, v in lp.top]
+            entries.append(TokenLogprobEntry(token=text, logprob=lp.logprob, bytes=raw, top_logprobs=alternatives))
+        return ChoiceLogprobs(content=entries)
+
+    def completion_logprobs(lps: list[TokenLogprob], offset: int) -> tuple[CompletionLogprobs, int]:
+        """OpenAI's legacy completions shape, its text offsets starting at ``offset``; also the next offset."""
+        tokens, offsets = [], []
+        for lp in lps:
+            offsets.append(offset)
+            text = token_texts(lp.token_id)[0]
+            tokens.append(text)
+            offset += len(text)
+        tops = [{token_texts(i)[0]: v for i, v in reversed(lp.top)} for lp in lps]  # the likeliest wins a tie
+        tops = [dict(sorted(t.items(), key=lambda kv: -kv[1])) for t in tops]
+        out = CompletionLogprobs(
+            tokens=tokens, token_logprobs=[lp.logprob for lp in lps], top_logprobs=tops, text_offset=offsets
+        )
+        return out, offset
+
     def client_gone(request: Request, gen: Generation | None) -> Response:
         if gen is not None:
             gen.cancel.set()
@@ -752,12 +806,13 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         req: SamplingRequest,
         prompt_ids: list[int],
         params: SamplingParams,
-        chunk: Callable[[str | None, str | None], dict[str, Any]],
-        whole: Callable[[str, str, Usage], dict[str, Any]],
+        chunk: Chunk,
+        whole: Callable[[str, str, Usage, list[TokenLogprob]], dict[str, Any]],
         opening: dict[str, Any] | None = None,
     ) -> Response:
-        """Run a generation and answer it whole (``whole(text, finish_reason, usage)``) or as SSE events:
-        ``opening`` (if any), ``chunk(text, None)`` per delta, ``chunk(None, finish_reason)``, [DONE]."""
+        """Run a generation and answer it whole (``whole(text, finish_reason, usage, logprobs)``) or as SSE events:
+        ``opening`` (if any), ``chunk(text, None, logprobs)`` per delta with text, ``chunk(None, finish_reason,
+        logprobs)``, [DONE]; each chunk carries the logprobs of the tokens consumed since the previous one."""
         gen: Generation | None = None
         try:
             gen = await start(request, prompt_ids, params)
@@ -775,14 +830,14 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         if last.finish_reason == "cancelled":
             raise shutting_down_error()
         if not req.stream:
-            return JSONResponse(whole(text, last.finish_reason or "stop", usage(gen)))
+            return JSONResponse(whole(text, last.finish_reason or "stop", usage(gen), gen.logprobs))
         include_usage = bool(req.stream_options and req.stream_options.include_usage)
         return GenerationStream(gen, stream_events(gen, last, chunk, opening, include_usage))
 
     async def stream_events(
         gen: Generation,
         first: Delta,
-        chunk: Callable[[str | None, str | None], dict[str, Any]],
+        chunk: Chunk,
         opening: dict[str, Any] | None,
         include_usage: bool,
     ) -> AsyncIterator[bytes]:
@@ -790,17 +845,24 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             if opening is not None:  # chat: the chunk that carries the role
                 yield _sse(opening)
             d = first
+            sent = 0  # logprobs already sent
+
+            def unsent() -> list[TokenLogprob]:
+                nonlocal sent
+                out, sent = gen.logprobs[sent:], len(gen.logprobs)
+                return out
+
             while True:
                 if d.text:
-                    yield _sse(chunk(d.text, None))
+                    yield _sse(chunk(d.text, None, unsent()))
                 if d.finish_reason is not None:
                     break
                 d = await gen.next()
             if d.finish_reason == "cancelled":  # cancelled from our side, without an abort: shutting down
                 raise shutting_down_error()
-            yield _sse(chunk(None, d.finish_reason))
+            yield _sse(chunk(None, d.finish_reason, unsent()))
             if include_usage:
-                yield _sse({**chunk(None, None), "choices": [], "usage": usage(gen).model_dump()})
+                yield _sse({**chunk(None, None, []), "choices": [], "usage": usage(gen).model_dump()})
             yield _sse("[DONE]")
             gen.delivered = True
         except Exception as e:  # a backend failure or shutdown mid-stream: report it in-band, then end the stream
@@ -883,7 +945,7 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         200: {
             "description": "The completion (`stream: false`), or server-sent events: `data: {chunk}` lines, then "
             '`data: [DONE]`; an error after the first event is sent as `data: {"error": ...}` before `[DONE]`',
-            "content": {"text/event-stream": {"schema": {"type": "string"}}},
+            "content": {"text/event-stream": {"itemSchema": SSE_EVENT_SCHEMA}},
         },
         **_error_responses(400, *key_errors, 404, 408, 413, 500, 503),
     }
@@ -898,17 +960,22 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         params = sampling_params(body, body.requested_max_tokens(), len(prompt_ids), backend.context_length, "messages")
         rid, now = f"chatcmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text: str | None, finish: str | None, delta: dict[str, Any] | None = None) -> dict[str, Any]:
+        def chunk(
+            text: str | None, finish: str | None, lps: list[TokenLogprob], delta: dict[str, Any] | None = None
+        ) -> dict[str, Any]:
             delta = delta if delta is not None else ({} if text is None else {"content": text})
-            choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            wanted = params.logprobs is not None and (text is not None or lps)  # content chunks, or leftovers
+            logprobs = chat_logprobs(lps).model_dump() if wanted else None
+            choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish}
             return {"id": rid, "object": "chat.completion.chunk", "created": now, "model": backend.model_id,
                     "system_fingerprint": None, "choices": [choice]}  # fmt: skip
 
-        def whole(text: str, finish: str, use: Usage) -> dict[str, Any]:
-            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish)  # type: ignore[arg-type]
+        def whole(text: str, finish: str, use: Usage, lps: list[TokenLogprob]) -> dict[str, Any]:
+            logprobs = chat_logprobs(lps) if params.logprobs is not None else None
+            choice = ChatChoice(message=AssistantMessage(content=text), finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
             return ChatCompletion(id=rid, created=now, model=backend.model_id, choices=[choice], usage=use).model_dump()
 
-        opening = chunk(None, None, {"role": "assistant", "content": ""})
+        opening = chunk(None, None, [], {"role": "assistant", "content": ""})
         return await generate(request, body, prompt_ids, params, chunk, whole, opening)
 
     @app.post("/v1/completions", response_model=Completion, responses=generation_responses)
@@ -933,13 +1000,23 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
         params = sampling_params(body, body.requested_max_tokens(), len(prompt_ids), 16, "prompt")
         rid, now = f"cmpl-{uuid.uuid4().hex}", int(time.time())
 
-        def chunk(text: str | None, finish: str | None) -> dict[str, Any]:
-            choice = {"index": 0, "text": text or "", "logprobs": None, "finish_reason": finish}
+        offset = 0  # text_offset of the next token, across a stream's chunks
+
+        def comp_logprobs(lps: list[TokenLogprob]) -> dict[str, Any] | None:
+            nonlocal offset
+            if params.logprobs is None:
+                return None
+            out, offset = completion_logprobs(lps, offset)
+            return out.model_dump()
+
+        def chunk(text: str | None, finish: str | None, lps: list[TokenLogprob]) -> dict[str, Any]:
+            choice = {"index": 0, "text": text or "", "logprobs": comp_logprobs(lps), "finish_reason": finish}
             return {"id": rid, "object": "text_completion", "created": now, "model": backend.model_id,
                     "system_fingerprint": None, "choices": [choice]}  # fmt: skip
 
-        def whole(text: str, finish: str, use: Usage) -> dict[str, Any]:
-            choice = CompletionChoice(text=text, finish_reason=finish)  # type: ignore[arg-type]
+        def whole(text: str, finish: str, use: Usage, lps: list[TokenLogprob]) -> dict[str, Any]:
+            logprobs = comp_logprobs(lps)
+            choice = CompletionChoice(text=text, finish_reason=finish, logprobs=logprobs)  # type: ignore[arg-type]
             return Completion(id=rid, created=now, model=backend.model_id, choices=[choice], usage=use).model_dump()
 
         return await generate(request, body, prompt_ids, params, chunk, whole)

@@ -10,7 +10,10 @@ thread. Its contract:
   stop token, which is neither text nor counted, or a stop string, which is cut from the text), ``"length"``
   (``max_tokens`` generated, or the context is full) or ``"cancelled"`` (``cancel`` was set; checked before every
   token),
-- so ``"".join(d.text)`` is the reply and the number of deltas with a ``token_id`` is the completion token count.
+- so ``"".join(d.text)`` is the reply and the number of deltas with a ``token_id`` is the completion token count;
+- with ``params.logprobs`` set, each delta with a ``token_id`` carries its :class:`TokenLogprob` (the model's
+  log-probability of that token and of the ``logprobs`` most likely ones, from the raw logits: before temperature,
+  top-k and top-p, as vLLM reports them by default).
 
 Implementations:
 
@@ -49,6 +52,17 @@ class SamplingParams:
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first occurrence, which is not returned
     stop_token_ids: frozenset[int] = frozenset()  # token ids that end generation (not part of the text)
     seed: int | None = None  # same seed + same params + same prompt = same text
+    logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely tokens'
+
+
+LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -inf)
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    token_id: int
+    logprob: float  # natural log of the token's probability under the model (raw logits, temperature 1)
+    top: tuple[tuple[int, float], ...] = ()  # the most likely tokens and their logprobs, most likely first
 
 
 @dataclass(frozen=True)
@@ -56,6 +70,64 @@ class Delta:
     text: str
     token_id: int | None = None
     finish_reason: FinishReason | None = None
+    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs, for deltas with a token_id
+
+
+def token_logprob(logits: Any, token_id: int, k: int) -> TokenLogprob:
+    """The log-probability of ``token_id`` and the ``k`` most likely tokens under ``logits`` (V,), clamped to
+    :data:`LOGPROB_FLOOR` (``-inf`` and NaN are not JSON)."""
+    import torch
+
+    lp = torch.log_softmax(logits.detach().reshape(-1).float().cpu(), dim=-1)
+    lp = torch.nan_to_num(lp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_min(LOGPROB_FLOOR)
+    top: tuple[tuple[int, float], ...] = ()
+    if k > 0:
+        values, ids = torch.topk(lp, min(k, lp.numel()))
+        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+    return TokenLogprob(int(token_id), float(lp[int(token_id)]), top)
+
+
+def _gpt2_byte_decoder() -> dict[str, int]:
+    """GPT-2's byte-level alphabet, inverted: the printable character that stands for each byte in a BPE vocab."""
+    bs = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return {chr(c): b for b, c in zip(bs, cs, strict=True)}
+
+
+class TokenTexts:
+    """Each token's text and exact bytes, as logprobs report them (``bytes`` matter where a character spans
+    tokens: such a token's text alone is U+FFFD). Cached per id."""
+
+    def __init__(self, tokenizer: Any) -> None:
+        self._tok = tokenizer
+        self._special = set(getattr(tokenizer, "special_ids", {}).values())
+        self._byte_of = _gpt2_byte_decoder()
+        self._cache: dict[int, tuple[str, list[int]]] = {}
+
+    def __call__(self, token_id: int) -> tuple[str, list[int]]:
+        hit = self._cache.get(token_id)
+        if hit is None:
+            hit = self._cache[token_id] = self._lookup(token_id)
+        return hit
+
+    def _lookup(self, i: int) -> tuple[str, list[int]]:
+        if i in self._special:
+            return "", []
+        text = self._tok.decode([i], skip_special=True)
+        symbol = self._tok.id_to_token(i) if hasattr(self._tok, "id_to_token") else None
+        if symbol is not None and all(ch in self._byte_of for ch in symbol):
+            raw = bytes(self._byte_of[ch] for ch in symbol)  # byte-level BPE: one symbol per byte
+        elif hasattr(self._tok, "token_raw_bytes"):
+            raw = self._tok.token_raw_bytes(i)
+        else:
+            raw = text.encode("utf-8")
+        return text, list(raw)
 
 
 class ChatTokenizer(Protocol):
@@ -153,12 +225,13 @@ class StopMatcher:
 
 
 def deltas_from_tokens(
-    tokens: Iterator[int],
+    tokens: Iterator[int] | Iterator[tuple[int, TokenLogprob | None]],
     decode: Callable[[list[int]], str],
     params: SamplingParams,
     cancel: threading.Event,
 ) -> Iterator[Delta]:
-    """Turn a (lazy) stream of sampled token ids into :class:`Delta` s following the backend contract."""
+    """Turn a (lazy) stream of sampled token ids (or ``(id, logprob)`` pairs) into :class:`Delta` s following the
+    backend contract."""
     dec = IncrementalDecoder(decode)
     stops = StopMatcher(params.stop)
     n = 0
@@ -170,10 +243,11 @@ def deltas_from_tokens(
             text, hit = stops.push(dec.flush())
             yield Delta(text if hit else text + stops.flush(), None, "stop" if hit else "length")
             return
-        tok = next(tokens, None)
+        item = next(tokens, None)
         if cancel.is_set():
             yield Delta("", None, "cancelled")
             return
+        tok, lp = item if isinstance(item, tuple) else (item, None)
         if tok is None:  # the model's own limit (context full)
             text, hit = stops.push(dec.flush())
             yield Delta(text if hit else text + stops.flush(), None, "stop" if hit else "length")
@@ -185,10 +259,10 @@ def deltas_from_tokens(
             return
         text, hit = stops.push(dec.push(tok))
         if hit:
-            yield Delta(text, tok, None)
+            yield Delta(text, tok, None, lp)
             yield Delta("", None, "stop")
             return
-        yield Delta(text, tok, None)
+        yield Delta(text, tok, None, lp)
 
 
 def new_seed() -> int:
@@ -268,7 +342,9 @@ class EngineBackend:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special=True)
 
-    def _reference_tokens(self, prompt_ids: Sequence[int], params: SamplingParams) -> Iterator[int]:
+    def _reference_tokens(
+        self, prompt_ids: Sequence[int], params: SamplingParams
+    ) -> Iterator[tuple[int, TokenLogprob | None]]:
         import torch
 
         from nanochat.engine.sampling import make_generator, sample
@@ -279,7 +355,7 @@ class EngineBackend:
             with torch.inference_mode():
                 logits = self._model(ids)[0, -1].float().cpu()  # (V,) at the last position
             tok = sample(logits, params.temperature, params.top_k or None, params.top_p, gen)
-            yield tok
+            yield tok, None if params.logprobs is None else token_logprob(logits, tok, params.logprobs)
             ids = torch.cat([ids, torch.tensor([[tok]], dtype=torch.long, device=self.device)], dim=1)
 
 
@@ -407,13 +483,16 @@ class Batcher:
                     continue
                 seqs = [seq for seq, _ in live]
                 before = [len(seq.token_ids) for seq in seqs]
+                logits = [seq.logits for seq in seqs]  # the step replaces them: these gave this step's tokens
                 texts = self.engine.step(seqs)
                 self.steps += 1
                 self.max_batch = max(self.max_batch, len(seqs))
                 kept = []
-                for (seq, req), n0, text in zip(live, before, texts):
+                for (seq, req), n0, text, row in zip(live, before, texts, logits):
                     tok = seq.token_ids[-1] if len(seq.token_ids) > n0 else None  # None: a stop token ended it
-                    req.out.put(Delta(text, tok, seq.finish_reason))
+                    k = req.params.logprobs
+                    lp = token_logprob(row, tok, k) if k is not None and tok is not None else None
+                    req.out.put(Delta(text, tok, seq.finish_reason, lp))
                     if seq.finish_reason is None:
                         kept.append((seq, req))
                 live = kept
@@ -464,6 +543,9 @@ class FakeTokenizer:
         out.append(buf.decode("utf-8", errors="replace"))
         return "".join(out)
 
+    def token_raw_bytes(self, i: int) -> bytes:
+        return b"" if i < len(self.SPECIALS) else bytes([i - len(self.SPECIALS)])
+
     def render_chat(self, messages: Sequence[Mapping[str, str]]) -> list[int]:
         ids = [self.bos_id]
         for m in messages:
@@ -493,6 +575,13 @@ class FakeBackend:
     cancelled: int = 0
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    def _top(self, tok: int, k: int) -> Iterator[tuple[int, float]]:
+        if k > 0:
+            yield tok, 0.0
+        others = (i for i in range(self.tokenizer.vocab_size) if i != tok)
+        for _, i in zip(range(k - 1), others):
+            yield i, LOGPROB_FLOOR
+
     def _tokens(self, params: SamplingParams, cancel: threading.Event) -> Iterator[int]:
         text = self.reply
         if params.temperature > 0:
@@ -513,7 +602,11 @@ class FakeBackend:
     def stream(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
         with self._lock:
             self.started += 1
-        for d in deltas_from_tokens(self._tokens(params, cancel), self.tokenizer.decode, params, cancel):
+        tokens: Iterator[Any] = self._tokens(params, cancel)
+        if params.logprobs is not None:  # certain of every token: logprob 0, the others impossible
+            k = params.logprobs
+            tokens = ((t, TokenLogprob(t, 0.0, tuple(self._top(t, k)))) for t in tokens)
+        for d in deltas_from_tokens(tokens, self.tokenizer.decode, params, cancel):
             if d.finish_reason == "cancelled":
                 with self._lock:
                     self.cancelled += 1

@@ -2,7 +2,9 @@
 
 Notable choices:
 - Scalars are strict (``"5"`` is not an integer, ``true`` is not a number), as OpenAI's API is; unknown fields are
-  ignored so clients that send ``user``, ``logprobs: false`` or penalties of 0 keep working.
+  ignored so clients that send ``user`` or penalties of 0 keep working.
+- ``logprobs``: chat takes ``logprobs: true`` and ``top_logprobs`` (0-20), completions ``logprobs: N`` (0-5), as
+  OpenAI does; the answers carry OpenAI's two logprobs shapes.
 - Range checks live here (temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, n == 1, at most 4 non-empty
   stop strings); checks that need the model (context length, model name) live in the app.
 - Extensions beyond OpenAI's schema, as vLLM names them: ``top_k`` and ``ignore_eos`` (generate through
@@ -102,9 +104,22 @@ class ChatMessage(_Request):
 class ChatCompletionRequest(SamplingRequest):
     messages: Annotated[list[ChatMessage], Field(min_length=1)]
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
+    logprobs: StrictBool = False  # each content token's log-probability
+    top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None  # and this many most likely alternatives
+
+    @field_validator("top_logprobs")
+    @classmethod
+    def _needs_logprobs(cls, v: int | None, info: Any) -> int | None:
+        if v is not None and not info.data.get("logprobs", False):
+            raise ValueError("top_logprobs needs logprobs: true")
+        return v
 
     def requested_max_tokens(self) -> int | None:
         return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+    def logprobs_k(self) -> int | None:
+        """``None``: no logprobs; ``k``: the sampled token's and the ``k`` most likely."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingRequest):
@@ -115,6 +130,7 @@ class CompletionRequest(SamplingRequest):
         | Annotated[list[StrictInt], Field(min_length=1)]
     )
     echo: StrictBool = False
+    logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None  # the sampled token's and N most likely tokens'
 
     @field_validator("prompt", mode="before")
     @classmethod
@@ -133,8 +149,37 @@ class CompletionRequest(SamplingRequest):
     def requested_max_tokens(self) -> int | None:
         return self.max_tokens
 
+    def logprobs_k(self) -> int | None:
+        return self.logprobs
+
 
 # --------------------------------------------------------------------------- responses
+
+
+class TopLogprob(BaseModel):
+    token: str  # the token's text ("" for a special token; U+FFFD for part of a character: see bytes)
+    logprob: float  # natural log of its probability under the model (raw logits); -9999.0 for probability 0
+    bytes: list[int] | None  # the token's exact UTF-8 bytes
+
+
+class TokenLogprobEntry(TopLogprob):
+    top_logprobs: list[TopLogprob]  # the most likely tokens at this position, most likely first
+
+
+class ChoiceLogprobs(BaseModel):
+    """Chat: one entry per generated content token (a streamed chunk carries the entries of its own tokens)."""
+
+    content: list[TokenLogprobEntry] | None
+    refusal: None = None
+
+
+class CompletionLogprobs(BaseModel):
+    """Completions (the legacy shape): parallel lists, one item per generated token."""
+
+    tokens: list[str]
+    token_logprobs: list[float]
+    top_logprobs: list[dict[str, float]]  # token text -> logprob, the N most likely
+    text_offset: list[int]  # where each token's text starts in the completion
 
 
 class Usage(BaseModel):
@@ -152,7 +197,7 @@ class ChatChoice(BaseModel):
     index: int = 0
     message: AssistantMessage
     finish_reason: Literal["stop", "length"]
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletion(BaseModel):
@@ -174,7 +219,7 @@ class ChatChunkChoice(BaseModel):
     index: int = 0
     delta: ChunkDelta
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: ChoiceLogprobs | None = None
 
 
 class ChatCompletionChunk(BaseModel):
@@ -191,7 +236,7 @@ class CompletionChoice(BaseModel):
     index: int = 0
     text: str
     finish_reason: Literal["stop", "length"] | None = None
-    logprobs: None = None
+    logprobs: CompletionLogprobs | None = None
 
 
 class Completion(BaseModel):
