@@ -35,6 +35,7 @@ eval_every = 2
 eval_batches = 1
 save_every = 2
 log_every = 0
+final_eval = false
 """
 
 
