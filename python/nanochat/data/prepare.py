@@ -17,6 +17,10 @@ Notable choices:
   and shards rebuilt.
 - The tokenizer trains on at most ``tokenizer_chars`` characters of the *train* split (val never leaks into
   the vocabulary), taken in the order of a hash of each document's source, so the sample spans the whole corpus.
+  On the default corpus a 16k BPE from 16M characters (4-12 s on this loaded 2-core machine) encodes held-out
+  code 1.4% shorter than one from 4M (3.43 -> 3.48 characters per token); 32M gains only 0.4% more.
+- Cost on this 2-core machine (shared, load ~5): the first call for the default corpus takes ~2-2.5 minutes
+  (corpus ~12 s, tokenizer ~4-8 s, tokenizing 171M characters into ~47M tokens the rest); a warm call ~0.5 s.
   HF ``tokenizers`` counts pairs on all cores (its own thread pool); a rich bar follows the sample as it is fed.
 - ``data.json`` records what the run saw: the spec, per source files, documents, bytes and what was dropped (and
   why), the decontamination matches, the corpus fingerprint, and tokens per split. :func:`data_report` reads it.
@@ -39,7 +43,7 @@ from nanochat.data.fim import DEFAULT_FIM_CHUNK_CHARS, FimConfig
 from nanochat.data.shards import DEFAULT_SHARD_TOKENS, ShardIndex, build_shards, token_dtype
 from nanochat.data.tokenizer import Tokenizer, atomic_write_text
 
-DEFAULT_TOKENIZER_CHARS = 4_000_000
+DEFAULT_TOKENIZER_CHARS = 16_000_000  # characters of the train split the BPE learns from
 PREPARE_VERSION = 1  # bump when the layout of a cache directory changes
 CORPUS_MANIFESTS = "corpus"
 DATA_REPORT = "data.json"
