@@ -270,6 +270,22 @@ def test_final_evaluation_lands_in_summary_and_run_dir(tmp_path, corpus, data_di
     assert seen and "fingerprint" in json.dumps(seen)
 
 
+def test_time_budget_fixes_the_step_count_from_the_measured_pace(tmp_path, corpus, data_dir):
+    out = tmp_path / "tb"
+    s = train(make_cfg(tmp_path, corpus, data_dir, out=str(out), time_budget=4.0, steps=100000, save_every=0))
+    saved = json.loads((out / "config.json").read_text())["train"]
+    recs = [r for r in MetricsLog.read(out / "metrics.jsonl") if "loss" in r]
+    assert s["finished"] and s["planned_steps"] == saved["steps"] == s["steps"] == len(recs)
+    assert 6 < s["steps"] < 100000
+    # the pace of steps 2..6 times the steps left fills the budget: the run ends near it, not at 100,000 steps
+    assert recs[-1]["time"] < 4.0 * 3
+    from nanochat.train.cli import parse_duration
+
+    assert [parse_duration(x) for x in ("90", "90s", "20m", "1.5h")] == [90, 90, 1200, 5400]
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration("soon")
+
+
 def test_json_outputs_are_strict(tmp_path):
     """No NaN or Infinity in any JSON the trainer writes: non-finite floats become null."""
     ckpt_mod.write_json_atomic(tmp_path / "s.json", {"a": float("nan"), "b": [1.0, float("inf")], "c": 2.5})

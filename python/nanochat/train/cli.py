@@ -51,6 +51,14 @@ def main(
     ] = None,
     residual: Annotated[str | None, typer.Option(help="mhc_lite | mhc | standard", rich_help_panel=MODEL)] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps", rich_help_panel=OPT)] = None,
+    time_budget: Annotated[
+        str | None,
+        typer.Option(
+            help="train for this long instead (90s, 20m, 2h): the step count is fixed from the pace of the first "
+            "steps; data preparation and the final evaluation come on top",
+            rich_help_panel=OPT,
+        ),
+    ] = None,
     batch_size: Annotated[
         int | None, typer.Option(help="sequences per micro-batch per process", rich_help_panel=OPT)
     ] = None,
@@ -117,6 +125,8 @@ def main(
     """Train a ternary (BitNet b1.58) GPT with mHC residual streams. See the module docstring for examples."""
     cli = {k: v for k, v in locals().items() if v is not None and k not in ("dry_run", "quant", "residual", "lr")}
     try:
+        if time_budget is not None:
+            cli["time_budget"] = parse_duration(time_budget)
         cfg = resolve_config(cli, quant=quant, residual=residual, lr_scale=lr)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         _fail(str(e))
@@ -134,6 +144,20 @@ def main(
         import signal
 
         raise typer.Exit(128 + int(signal.Signals[stopped]))
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``90``, ``90s``, ``20m``, ``2h`` or ``1.5h``."""
+    t = text.strip().lower()
+    mult = {"s": 1.0, "m": 60.0, "h": 3600.0}.get(t[-1:], None)
+    num = t[:-1] if mult is not None else t
+    try:
+        value = float(num) * (mult or 1.0)
+    except ValueError:
+        raise ValueError(f"--time-budget {text!r}: expected a duration like 90s, 20m or 2h") from None
+    if not value > 0:
+        raise ValueError(f"--time-budget {text!r} must be positive")
+    return value
 
 
 def resolve_config(

@@ -22,6 +22,7 @@ class TrainConfig:
     fim_spm_rate: float = 0.5  # share of FIM examples in SPM order (the rest PSM)
     # --- optimisation
     steps: int = 1000  # optimizer steps
+    time_budget: float | None = None  # seconds of training: fixes `steps` from the pace of the first steps
     batch_size: int = 8  # sequences per micro-batch (per process)
     seq_len: int = 256  # tokens per sequence
     grad_accum: int = 1  # micro-batches per optimizer step
@@ -80,6 +81,8 @@ class TrainConfig:
                 raise ValueError(f"{k} must be ≥ 0, got {getattr(self, k)}")
         if not 0 <= self.decay_frac <= 1:
             raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
+        if self.time_budget is not None and not float(self.time_budget) > 0:
+            raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
         for k in ("fim_rate", "fim_spm_rate"):
             if not 0 <= float(getattr(self, k)) <= 1:
                 raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)}")

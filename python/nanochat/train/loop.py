@@ -411,8 +411,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     t_start = time.perf_counter() - time_before
     meter = Throughput()
     val: dict[str, Any] = {}
+    budget_pending = bool(cfg.time_budget) and resume_dir is None
+    step_ends: list[float] = []
     with StopFlag() as stop, make_progress(rt.is_main) as progress:
         task = progress.add_task("train", total=cfg.steps, completed=start_step, loss="-", lr="-", tok_s="-")
+        if rt.is_main and start_step == 0:
+            progress.console.print("first step (allocations, kernel selection) ...")
         while step < end_step:
             mult = wsd(step, cfg.steps, warmup, cfg.decay_frac)
             opt.set_lr_multiplier(mult)
@@ -437,6 +441,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             step += 1
             last_loss = loss_acc.item()
             tok_s = meter.tick(tokens_per_step)
+            step_ends.append(time.perf_counter())
+            if budget_pending and len(step_ends) == BUDGET_CALIBRATION_STEPS:
+                budget_pending = False
+                total = budget_steps(cfg.time_budget, step, step_ends, time.perf_counter() - t_start)
+                if rt.ddp:  # every rank must take the same number of steps
+                    t = torch.tensor([total], device=rt.device)
+                    dist.broadcast(t, src=0)
+                    total = int(t.item())
+                cfg.steps = total
+                end_step = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
+                warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
+                if rt.is_main:
+                    progress.update(task, total=cfg.steps)
+                    progress.console.print(
+                        f"time budget {cfg.time_budget:.0f} s: {cfg.steps} steps at the measured pace "
+                        f"({(step_ends[-1] - step_ends[1]) / (len(step_ends) - 2):.2f} s/step)"
+                    )
+                    # the fixed step count is the run's setting from now on (resume and the schedule use it)
+                    write_json_atomic(
+                        run_dir / "config.json",
+                        {"train": cfg.to_dict(), "model": model_cfg.to_dict(), "params": counts},
+                    )
             if not math.isfinite(last_loss):
                 raise FloatingPointError(
                     f"loss is {last_loss} at step {step}; lower the learning rate or check the data"
@@ -524,6 +550,17 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     if rt.ddp:
         dist.barrier()
     return summary
+
+
+BUDGET_CALIBRATION_STEPS = 6  # steps timed before a --time-budget run fixes its step count
+
+
+def budget_steps(budget_s: float, step: int, step_ends: list[float], elapsed: float) -> int:
+    """Total steps that fit ``budget_s`` seconds of training at the pace of the steps after the first (which pays
+    for allocations and kernel selection). Fixed once, after :data:`BUDGET_CALIBRATION_STEPS` steps: the WSD
+    schedule's warmup does not depend on the total, so the steps already taken keep their learning rates."""
+    pace = (step_ends[-1] - step_ends[1]) / max(len(step_ends) - 2, 1)
+    return max(step + 1, step + int(max(budget_s - elapsed, 0.0) / max(pace, 1e-6)))
 
 
 def final_evaluations(model: GPT, tok: Any, run_dir: Path, cfg: TrainConfig, rt: Runtime) -> dict[str, Any]:
