@@ -817,3 +817,99 @@ def test_bad_logprobs_values_are_400(case: tuple[str, str, dict[str, Any], str])
     _, path, body, param = case
     with ServerThread(create_app(FakeBackend(), Settings(log_requests=False))) as srv:
         assert_error(httpx.post(srv.url + path, json=body, timeout=30), 400, param=param)
+
+
+# ============================================================================ penalties, logit bias, refusals
+
+
+def _greedy_with_penalties(
+    backend: EngineBackend, prompt: list[int], n: int, presence: float, frequency: float
+) -> tuple[list[int], list[float]]:
+    """Greedy decoding with OpenAI's penalty formula, written out on the torch model's full forward; also each
+    step's gap between the best and second-best adjusted logit (a near-tie may flip between engines)."""
+    model = backend.loaded.torch_model()
+    ids, out, gaps = list(prompt), [], []
+    counts: dict[int, int] = {}
+    for _ in range(n):
+        with torch.inference_mode():
+            logits = model(torch.tensor([ids]))[0, -1].float().tolist()
+        adjusted = [x - frequency * counts.get(j, 0) - presence * (counts.get(j, 0) > 0) for j, x in enumerate(logits)]
+        best = max(range(len(adjusted)), key=lambda j: adjusted[j])
+        gaps.append(adjusted[best] - sorted(adjusted)[-2])
+        out.append(best)
+        ids.append(best)
+        counts[best] = counts.get(best, 0) + 1
+    return out, gaps
+
+
+def test_penalties_follow_openais_formula(tiny_backend: EngineBackend) -> None:
+    prompt = tiny_backend.tokenizer.render_chat(MSG)
+    for presence, frequency in ((1.5, 0.0), (0.0, 0.8), (0.7, 1.2), (-1.0, 0.0)):
+        params = SamplingParams(max_tokens=30, temperature=0.0, presence_penalty=presence, frequency_penalty=frequency)
+        got = [d.token_id for d in tiny_backend.stream(prompt, params, threading.Event()) if d.token_id is not None]
+        want, gaps = _greedy_with_penalties(tiny_backend, prompt, 30, presence, frequency)
+        first_diff = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
+        if first_diff is not None:  # only a near-tie may differ (engine and torch round differently)
+            assert gaps[first_diff] < 1e-2, (presence, frequency, first_diff, gaps[first_diff])
+        reference = EngineBackend(tiny_backend.loaded, reference=True)
+        slow = [d.token_id for d in reference.stream(prompt, params, threading.Event()) if d.token_id is not None]
+        assert got == slow  # the batched engine and the reference loop apply them alike
+    plain = SamplingParams(max_tokens=30, temperature=0.0)
+    unpenalized = [d.token_id for d in tiny_backend.stream(prompt, plain, threading.Event()) if d.token_id]
+    penalized = SamplingParams(max_tokens=30, temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0)
+    distinct = {d.token_id for d in tiny_backend.stream(prompt, penalized, threading.Event()) if d.token_id}
+    assert len(distinct) > len(set(unpenalized))  # the point of penalties: less repetition
+
+
+def test_logit_bias_over_http(tiny_backend: EngineBackend) -> None:
+    tok = tiny_backend.tokenizer
+    forced = tok.encode("x")[0]
+    body = {"messages": MSG, "max_tokens": 8, "temperature": 0, "ignore_eos": True}
+    with ServerThread(create_app(tiny_backend)) as srv, httpx.Client(timeout=60) as c:
+        r = c.post(srv.url + CHAT, json={**body, "logit_bias": {str(forced): 100}}).json()
+        assert r["choices"][0]["message"]["content"] == "x" * 8
+        greedy = c.post(srv.url + CHAT, json={**body, "logprobs": True}).json()["choices"][0]
+        first = greedy["logprobs"]["content"][0]["token"]
+        banned = [i for i in range(tok.vocab_size) if tok.decode([i]) == first]
+        r = c.post(srv.url + CHAT, json={**body, "logit_bias": {str(i): -100 for i in banned}, "logprobs": True}).json()
+        assert r["choices"][0]["logprobs"]["content"][0]["token"] != first
+        # logprobs stay those of the model, not of the biased distribution
+        assert abs(r["choices"][0]["logprobs"]["content"][0]["logprob"]) > 1
+        r = c.post(srv.url + COMP, json={"prompt": "def", "max_tokens": 4, "temperature": 0,
+                                          "logit_bias": {str(forced): 100}}).json()  # fmt: skip
+        assert r["choices"][0]["text"] == "xxxx"
+
+
+REFUSED: list[tuple[str, str, dict[str, Any], str]] = [
+    ("tools", CHAT, {"tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
+    ("tool-choice", CHAT, {"tool_choice": "auto"}, "tool_choice"),
+    ("functions", CHAT, {"functions": [{"name": "f"}]}, "functions"),
+    ("function-call", CHAT, {"function_call": {"name": "f"}}, "function_call"),
+    ("json-object", CHAT, {"response_format": {"type": "json_object"}}, "response_format"),
+    ("json-schema", CHAT, {"response_format": {"type": "json_schema", "json_schema": {}}}, "response_format"),
+    ("suffix", COMP, {"suffix": "return x"}, "suffix"),
+    ("best-of", COMP, {"best_of": 3}, "best_of"),
+    ("bias-key-not-an-id", CHAT, {"logit_bias": {"abc": 1}}, "logit_bias"),
+    ("bias-too-strong", CHAT, {"logit_bias": {"5": 101}}, "logit_bias"),
+    ("bias-outside-vocab", CHAT, {"logit_bias": {"100000": 1}}, "logit_bias"),
+    ("presence-too-high", CHAT, {"presence_penalty": 2.5}, "presence_penalty"),
+    ("frequency-string", COMP, {"frequency_penalty": "1"}, "frequency_penalty"),
+]
+
+
+@pytest.mark.parametrize("case", REFUSED, ids=[c[0] for c in REFUSED])
+def test_what_would_change_the_output_is_refused_not_ignored(case: tuple[str, str, dict[str, Any], str]) -> None:
+    _, path, extra, param = case
+    base = {"messages": MSG} if path == CHAT else {"prompt": "x"}
+    with ServerThread(create_app(FakeBackend(), Settings(log_requests=False))) as srv:
+        err = assert_error(httpx.post(srv.url + path, json={**base, **extra}, timeout=30), 400)
+        assert err["param"] == param or err["param"].startswith(param + "."), err  # e.g. "logit_bias.5"
+
+
+def test_harmless_defaults_of_refused_fields_are_fine() -> None:
+    with ServerThread(create_app(FakeBackend())) as srv:
+        for extra in ({"tool_choice": "none"}, {"tools": []}, {"response_format": {"type": "text"}},
+                      {"presence_penalty": 0, "frequency_penalty": 0, "logit_bias": {}}):  # fmt: skip
+            assert httpx.post(srv.url + CHAT, json={"messages": MSG, **extra}, timeout=30).status_code == 200
+        for extra in ({"suffix": ""}, {"best_of": 1}):
+            assert httpx.post(srv.url + COMP, json={"prompt": "x", **extra}, timeout=30).status_code == 200

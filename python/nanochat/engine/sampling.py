@@ -105,6 +105,24 @@ def filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: 
     return scaled
 
 
+def penalize(
+    logits: Tensor,
+    counts: Tensor | None = None,
+    presence: float = 0.0,
+    frequency: float = 0.0,
+    bias: Tensor | None = None,
+) -> Tensor:
+    """OpenAI's logit processors, applied before :func:`sample`: ``l[j] + bias[j] - frequency * c[j] - presence *
+    (c[j] > 0)``, with ``c[j]`` how many times token ``j`` was generated so far (``counts``, (V,)). Returns a new
+    float32 tensor on CPU (``logits`` is not modified)."""
+    out = logits.detach().reshape(-1).float().cpu().clone()
+    if bias is not None:
+        out += bias
+    if counts is not None and (presence or frequency):
+        out -= frequency * counts + presence * (counts > 0).float()
+    return out
+
+
 def sample(
     logits: Tensor,
     temperature: float = 1.0,

@@ -716,6 +716,12 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             )
         else:
             max_tokens = asked
+        bias = req.logit_bias_items()
+        vocab = backend.tokenizer.vocab_size
+        outside = [i for i, _ in bias if i >= vocab]
+        if outside:
+            raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary [0, {vocab}).",
+                           param="logit_bias", code="invalid_value")  # fmt: skip
         return SamplingParams(
             max_tokens=max_tokens,
             temperature=1.0 if req.temperature is None else float(req.temperature),
@@ -725,6 +731,9 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             stop_token_ids=frozenset() if req.ignore_eos else backend.stop_token_ids,
             seed=req.seed,
             logprobs=req.logprobs_k() if isinstance(req, ChatCompletionRequest | CompletionRequest) else None,
+            presence_penalty=float(req.presence_penalty or 0.0),
+            frequency_penalty=float(req.frequency_penalty or 0.0),
+            logit_bias=bias,
         )
 
     async def start(request: Request, prompt_ids: list[int], params: SamplingParams) -> Generation:

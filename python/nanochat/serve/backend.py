@@ -53,6 +53,39 @@ class SamplingParams:
     stop_token_ids: frozenset[int] = frozenset()  # token ids that end generation (not part of the text)
     seed: int | None = None  # same seed + same params + same prompt = same text
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely tokens'
+    presence_penalty: float = 0.0  # subtracted from the logit of every token generated at least once
+    frequency_penalty: float = 0.0  # subtracted once per time a token was generated
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+
+    @property
+    def adjusts_logits(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
+
+
+class LogitAdjuster:
+    """One request's penalties and logit bias (``nanochat.engine.sampling.penalize``), with its own token counts.
+
+    Applied to the logits before sampling; the logprobs a request asks for stay those of the raw logits."""
+
+    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+        import torch
+
+        self.params = params
+        self.counts = torch.zeros(vocab_size)  # (V,) times each token was generated
+        self.bias: torch.Tensor | None = None
+        if params.logit_bias:
+            self.bias = torch.zeros(vocab_size)
+            for i, b in params.logit_bias:
+                self.bias[i] = b
+
+    def __call__(self, logits: Any) -> Any:
+        from nanochat.engine.sampling import penalize
+
+        p = self.params
+        return penalize(logits, self.counts, p.presence_penalty, p.frequency_penalty, self.bias)
+
+    def saw(self, token_id: int) -> None:
+        self.counts[token_id] += 1
 
 
 LOGPROB_FLOOR = -9999.0  # what OpenAI reports for a token of probability 0 (JSON has no -inf)
@@ -350,11 +383,15 @@ class EngineBackend:
         from nanochat.engine.sampling import make_generator, sample
 
         gen = make_generator(params.seed)
+        adjust = LogitAdjuster(params, self.tokenizer.vocab_size) if params.adjusts_logits else None
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)  # (1, T)
         while ids.shape[1] < self.context_length:
             with torch.inference_mode():
                 logits = self._model(ids)[0, -1].float().cpu()  # (V,) at the last position
-            tok = sample(logits, params.temperature, params.top_k or None, params.top_p, gen)
+            tok = sample(logits if adjust is None else adjust(logits), params.temperature, params.top_k or None,
+                         params.top_p, gen)  # fmt: skip
+            if adjust is not None:
+                adjust.saw(tok)
             yield tok, None if params.logprobs is None else token_logprob(logits, tok, params.logprobs)
             ids = torch.cat([ids, torch.tensor([[tok]], dtype=torch.long, device=self.device)], dim=1)
 
@@ -379,6 +416,7 @@ class _Request:
     params: SamplingParams
     cancel: threading.Event
     out: queue.SimpleQueue[Delta | BaseException]
+    adjust: LogitAdjuster | None = None
 
 
 def _unsampleable(seq: Any) -> RuntimeError | None:
@@ -456,6 +494,8 @@ class Batcher:
         except Exception as e:  # e.g. ValueError for a prompt the engine refuses: that request fails alone
             req.out.put(e)
             return
+        if p.adjusts_logits:
+            req.adjust = LogitAdjuster(p, int(self.engine.backend.vocab_size))
         live.append((seq, req))
 
     def _loop(self) -> None:
@@ -483,7 +523,10 @@ class Batcher:
                     continue
                 seqs = [seq for seq, _ in live]
                 before = [len(seq.token_ids) for seq in seqs]
-                logits = [seq.logits for seq in seqs]  # the step replaces them: these gave this step's tokens
+                logits = [seq.logits for seq in seqs]  # raw: the step replaces them; logprobs report these
+                for seq, req in live:
+                    if req.adjust is not None:  # penalties and bias change what is sampled, not what is reported
+                        seq.logits = req.adjust(seq.logits)
                 texts = self.engine.step(seqs)
                 self.steps += 1
                 self.max_batch = max(self.max_batch, len(seqs))
@@ -492,6 +535,8 @@ class Batcher:
                     tok = seq.token_ids[-1] if len(seq.token_ids) > n0 else None  # None: a stop token ended it
                     k = req.params.logprobs
                     lp = token_logprob(row, tok, k) if k is not None and tok is not None else None
+                    if req.adjust is not None and tok is not None:
+                        req.adjust.saw(tok)
                     req.out.put(Delta(text, tok, seq.finish_reason, lp))
                     if seq.finish_reason is None:
                         kept.append((seq, req))

@@ -4,7 +4,9 @@ Notable choices:
 - Scalars are strict (``"5"`` is not an integer, ``true`` is not a number), as OpenAI's API is; unknown fields are
   ignored so clients that send ``user`` or penalties of 0 keep working.
 - ``logprobs``: chat takes ``logprobs: true`` and ``top_logprobs`` (0-20), completions ``logprobs: N`` (0-5), as
-  OpenAI does; the answers carry OpenAI's two logprobs shapes.
+  OpenAI does; the answers carry OpenAI's two logprobs shapes. ``presence_penalty``, ``frequency_penalty`` and
+  ``logit_bias`` are applied. Nothing that would change the output is silently ignored: ``tools``, ``functions``,
+  a ``response_format`` other than text, ``n`` or ``best_of`` above 1, ``echo`` and ``suffix`` are refused (400).
 - Range checks live here (temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, n == 1, at most 4 non-empty
   stop strings); checks that need the model (context length, model name) live in the app.
 - Extensions beyond OpenAI's schema, as vLLM names them: ``top_k`` and ``ignore_eos`` (generate through
@@ -60,6 +62,23 @@ class SamplingRequest(_Request):
     stream_options: StreamOptions | None = None
     n: StrictInt = 1
     ignore_eos: StrictBool = False  # extension
+    presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
+    # token id (as a decimal string, as OpenAI has it) -> bias added to its logit
+    logit_bias: (
+        Annotated[dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] | None
+    ) = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _token_ids(cls, v: dict[str, float] | None) -> dict[str, float] | None:
+        for key in v or {}:
+            if not key.isascii() or not key.isdigit():
+                raise ValueError(f"logit_bias keys are token ids (decimal integers), got {key[:40]!r}")
+        return v
+
+    def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
+        return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items() if b)
 
     @field_validator("n")
     @classmethod
@@ -106,6 +125,36 @@ class ChatCompletionRequest(SamplingRequest):
     max_completion_tokens: Annotated[StrictInt, Field(ge=1)] | None = None  # OpenAI's newer name for max_tokens
     logprobs: StrictBool = False  # each content token's log-probability
     top_logprobs: Annotated[StrictInt, Field(ge=0, le=20)] | None = None  # and this many most likely alternatives
+    # accepted only to refuse clearly: silence would mislead a client into trusting output these never shaped
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    functions: list[Any] | None = None
+    function_call: Any = None
+    response_format: dict[str, Any] | None = None
+
+    @field_validator("tools", "functions")
+    @classmethod
+    def _no_tools(cls, v: list[Any] | None) -> list[Any] | None:
+        if v:
+            raise ValueError("tool and function calling is not supported: this model has no tool-call format")
+        return v
+
+    @field_validator("tool_choice", "function_call")
+    @classmethod
+    def _no_tool_choice(cls, v: Any) -> Any:
+        if v not in (None, "none"):
+            raise ValueError("tool and function calling is not supported: this model has no tool-call format")
+        return v
+
+    @field_validator("response_format")
+    @classmethod
+    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        if v is not None and v.get("type") != "text":
+            raise ValueError(
+                f"response_format {str(v.get('type'))[:40]!r} is not supported (no constrained decoding): only "
+                "'text'; ask for JSON in the prompt and validate it"
+            )
+        return v
 
     @field_validator("top_logprobs")
     @classmethod
@@ -131,6 +180,22 @@ class CompletionRequest(SamplingRequest):
     )
     echo: StrictBool = False
     logprobs: Annotated[StrictInt, Field(ge=0, le=5)] | None = None  # the sampled token's and N most likely tokens'
+    suffix: Text | None = None  # refused unless empty: insertion is not served here
+    best_of: StrictInt | None = None  # refused unless 1
+
+    @field_validator("suffix")
+    @classmethod
+    def _no_suffix(cls, v: str | None) -> str | None:
+        if v:
+            raise ValueError("suffix is not supported: send the text before the insertion point as the prompt")
+        return v
+
+    @field_validator("best_of")
+    @classmethod
+    def _one_best(cls, v: int | None) -> int | None:
+        if v not in (None, 1):
+            raise ValueError("only best_of = 1 is supported")
+        return v
 
     @field_validator("prompt", mode="before")
     @classmethod
