@@ -913,3 +913,30 @@ def test_harmless_defaults_of_refused_fields_are_fine() -> None:
             assert httpx.post(srv.url + CHAT, json={"messages": MSG, **extra}, timeout=30).status_code == 200
         for extra in ({"suffix": ""}, {"best_of": 1}):
             assert httpx.post(srv.url + COMP, json={"prompt": "x", **extra}, timeout=30).status_code == 200
+
+
+# ============================================================================ llama-server's /tokenize, /detokenize
+
+
+def test_tokenize_and_detokenize(tiny_backend: EngineBackend) -> None:
+    tok = tiny_backend.tokenizer
+    text = "def f(x):\n    return 'é🙂'  # <|end|>"
+    with ServerThread(create_app(tiny_backend)) as srv, httpx.Client(base_url=srv.url, timeout=30) as c:
+        ids = c.post("/tokenize", json={"content": text, "parse_special": False}).json()["tokens"]
+        assert ids == tok.encode(text)
+        special = c.post("/tokenize", json={"content": text}).json()["tokens"]  # llama-server parses specials
+        assert special == tok.encode(text, allow_special=True) and tok.end_id in special and tok.end_id not in ids
+        assert c.post("/tokenize", json={"content": text, "add_special": True}).json()["tokens"][0] == tok.bos_id
+        pieces = c.post("/tokenize", json={"content": text, "with_pieces": True}).json()["tokens"]
+        assert [p["id"] for p in pieces] == special
+        spelled = b"".join(p["piece"].encode() if isinstance(p["piece"], str) else bytes(p["piece"]) for p in pieces)
+        assert spelled == text.encode()  # text pieces and byte pieces (a split character) spell the content
+        assert any(isinstance(p["piece"], list) for p in pieces)  # the emoji spans tokens
+        assert c.post("/detokenize", json={"tokens": special}).json()["content"] == text
+        assert c.post("/detokenize", json={"tokens": []}).json()["content"] == ""
+        assert_error(c.post("/detokenize", json={"tokens": [tok.vocab_size]}), 400, param="tokens")
+        assert_error(c.post("/tokenize", json={"content": 5}), 400, param="content")
+        lone = c.post("/tokenize", content=b'{"content": "\\ud800"}', headers={"Content-Type": "application/json"})
+        assert_error(lone, 400, param="content")
+    with ServerThread(create_app(tiny_backend, Settings(api_key="k3y"))) as srv:
+        assert_error(httpx.post(srv.url + "/tokenize", json={"content": "x"}, timeout=30), 401)

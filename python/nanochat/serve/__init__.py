@@ -9,7 +9,8 @@ app = create_app(EngineBackend.from_path("model.gguf"), Settings(max_concurrent=
 From the shell: ``python -m nanochat.serve --model model.gguf`` (or ``nanochat-serve``); see
 :mod:`nanochat.serve.cli`. Modules: ``app`` (the app factory, middlewares, generation plumbing), ``backend`` (the
 protocol generation backends implement, the engine adapter, a fake for tests), ``schemas`` (OpenAI request and
-response bodies), ``settings``, ``metrics`` (Prometheus), ``static/chat.html`` (the page served at ``/``).
+response bodies), ``settings``, ``metrics`` (Prometheus), ``server`` (uvicorn with header/body timeouts and a
+graceful SIGTERM), ``static/chat.html`` (the page served at ``/``).
 """
 
 from nanochat.serve.app import create_app

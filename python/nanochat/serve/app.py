@@ -1,7 +1,8 @@
 """The HTTP app: ``create_app(backend, settings)`` builds a FastAPI app serving one model in OpenAI's API shape.
 
 Endpoints: ``GET /`` (the chat page), ``GET /health``, ``GET /metrics`` (Prometheus), ``GET /v1/models``,
-``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream: true`` = server-sent events),
+``POST /v1/chat/completions`` and ``POST /v1/completions`` (``stream: true`` = server-sent events; ``logprobs``,
+penalties and ``logit_bias`` included), llama-server's ``POST /tokenize`` and ``POST /detokenize``,
 ``GET /openapi.json`` (and Swagger UI at ``/docs`` with ``Settings.docs``).
 
 Notable choices (after llama-cpp-python's server, minus its event-loop-blocking generation):
@@ -40,6 +41,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import inspect
 import json
 import logging
 import re
@@ -74,11 +76,16 @@ from nanochat.serve.schemas import (
     CompletionChoice,
     CompletionLogprobs,
     CompletionRequest,
+    DetokenizeRequest,
+    DetokenizeResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
     SamplingRequest,
+    TokenizeRequest,
+    TokenizeResponse,
     TokenLogprobEntry,
+    TokenPiece,
     TopLogprob,
     Usage,
     error_json,
@@ -1029,6 +1036,46 @@ def create_app(backend: Backend, settings: Settings | None = None) -> FastAPI:
             return Completion(id=rid, created=now, model=backend.model_id, choices=[choice], usage=use).model_dump()
 
         return await generate(request, body, prompt_ids, params, chunk, whole)
+
+    # ---------------------------------------------------------------- llama-server's token endpoints
+    parses_special = "allow_special" in inspect.signature(backend.tokenizer.encode).parameters
+    special_text = {i: t for t, i in getattr(backend.tokenizer, "special_ids", {}).items()}
+
+    def encode_for_tokenize(text: str, parse_special: bool) -> list[int]:
+        if parses_special:
+            return list(backend.tokenizer.encode(text, allow_special=parse_special))  # type: ignore[call-arg]
+        return list(backend.tokenizer.encode(text))
+
+    def piece(i: int) -> str | list[int]:
+        """llama-server's piece: the token's text, its bytes when they are not UTF-8 on their own."""
+        if i in special_text:
+            return special_text[i]
+        text, raw = token_texts(i)
+        try:
+            return text if bytes(raw).decode("utf-8") == text else raw
+        except UnicodeDecodeError:
+            return raw
+
+    token_responses = _error_responses(400, *key_errors, 408, 413, 500)
+
+    @app.post("/tokenize", response_model=TokenizeResponse, responses=token_responses)
+    async def tokenize(body: TokenizeRequest) -> TokenizeResponse:
+        """Token ids of ``content`` (llama-server's schema); off the event loop, like every tokenization."""
+        ids = await off_loop(encode_for_tokenize, body.content, body.parse_special)
+        if body.add_special:
+            ids = [backend.tokenizer.bos_id, *ids]
+        if not body.with_pieces:
+            return TokenizeResponse(tokens=ids)
+        return TokenizeResponse(tokens=[TokenPiece(id=i, piece=piece(i)) for i in ids])
+
+    @app.post("/detokenize", response_model=DetokenizeResponse, responses=token_responses)
+    async def detokenize(body: DetokenizeRequest) -> DetokenizeResponse:
+        vocab = backend.tokenizer.vocab_size
+        bad = [t for t in body.tokens if not 0 <= t < vocab]
+        if bad:
+            raise APIError(400, f"Token id {bad[0]} is outside the vocabulary [0, {vocab}).", param="tokens",
+                           code="invalid_value")  # fmt: skip
+        return DetokenizeResponse(content=await off_loop(backend.tokenizer.decode, body.tokens))
 
     # ---------------------------------------------------------------- the spec says what the server answers
     def openapi() -> dict[str, Any]:

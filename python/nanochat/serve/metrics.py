@@ -20,6 +20,8 @@ ENDPOINTS = frozenset(
         "/v1/completions",
         "/openapi.json",
         "/docs",
+        "/tokenize",
+        "/detokenize",
     }
 )
 

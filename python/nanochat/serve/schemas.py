@@ -218,7 +218,35 @@ class CompletionRequest(SamplingRequest):
         return self.logprobs
 
 
+class TokenizeRequest(_Request):
+    """llama-server's ``POST /tokenize``."""
+
+    content: Text
+    add_special: StrictBool = False  # start with <|bos|>
+    parse_special: StrictBool = True  # special-token text (``<|end|>``) becomes the special token
+    with_pieces: StrictBool = False  # each id with its text
+
+
+class DetokenizeRequest(_Request):
+    """llama-server's ``POST /detokenize``."""
+
+    tokens: list[StrictInt]
+
+
 # --------------------------------------------------------------------------- responses
+
+
+class TokenPiece(BaseModel):
+    id: int
+    piece: str | list[int]  # the token's text, or its bytes when they are not valid UTF-8 on their own
+
+
+class TokenizeResponse(BaseModel):
+    tokens: list[int] | list[TokenPiece]
+
+
+class DetokenizeResponse(BaseModel):
+    content: str
 
 
 class TopLogprob(BaseModel):
