@@ -3,11 +3,22 @@
 ``gguf.GGUFReader`` builds a numpy memmap object per metadata part, which costs ~1.2 s for a 16k-token vocabulary;
 this reader parses the header with ``struct`` (tens of milliseconds) and maps tensor data without copying. Every
 out-of-bounds read — a truncated or corrupt file — raises :class:`GGUFFormatError` with the offset.
+
+Hostile headers: every count (keys, tensors, array elements, tensor elements) is checked against the bytes left in
+the file *before* anything is allocated or iterated, so one patched number fails in microseconds instead of looping
+for minutes; only regular files are opened (a FIFO named ``x.gguf`` would block ``open`` forever).
+
+:class:`LoadError` lives here, at the bottom of the loaders' imports: it is the one exception type that every
+model and checkpoint loader raises (``GGUFError``, ``GGUFFormatError`` and the checkpoint loader's error subclass
+it), always with the file's path and what is wrong with it.
 """
 
 from __future__ import annotations
 
+import math
 import mmap
+import os
+import stat
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +42,59 @@ _NP_ARRAY = {
     12: np.float64,
 }
 DEFAULT_ALIGNMENT = 32
+# smallest encodings, used to bound counts by the bytes left: a key is a u64 length + u32 type + >= 1 byte of value;
+# a tensor record is a u64 name length + u32 n_dims + u32 type + u64 offset; array elements by their type
+_MIN_KV_BYTES = 8 + 4 + 1
+_MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
+_MIN_ELEMENT_BYTES = {_STRING: 8, _ARRAY: 4 + 8}
 
 
-class GGUFFormatError(ValueError):
-    pass
+class LoadError(ValueError):
+    """A model or checkpoint file we cannot use; the message names the file and what is wrong with it."""
+
+
+class GGUFFormatError(LoadError):
+    """The GGUF container itself is malformed (truncated, a count or offset out of bounds, a bad value type)."""
+
+
+def _kind(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISSOCK, "a socket")):
+        if test(mode):
+            return name
+    if stat.S_ISCHR(mode) or stat.S_ISBLK(mode):
+        return "a device"
+    return "not a regular file"
+
+
+def check_regular_file(path: str | os.PathLike[str]) -> os.stat_result:
+    """``os.stat(path)``, refusing anything but a regular file with :class:`LoadError` (before any ``open``: opening a
+    FIFO blocks until a writer comes, and a directory fails later with a confusing ``No such device``).
+    A missing path raises ``FileNotFoundError`` naming it."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no such file or directory") from None
+    except OSError as e:
+        raise LoadError(f"{path}: cannot stat ({e.strerror})") from None
+    if not stat.S_ISREG(st.st_mode):
+        raise LoadError(f"{path}: expected a regular file, found {_kind(st.st_mode)}")
+    return st
+
+
+def open_regular(path: str | os.PathLike[str]) -> int:
+    """A read-only file descriptor of ``path``, which must be a regular file. Opened non-blocking and checked with
+    ``fstat`` on the descriptor, so a FIFO swapped in after a ``stat`` cannot block us either."""
+    check_regular_file(path)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+    except OSError as e:
+        raise LoadError(f"{path}: cannot open ({e.strerror})") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise LoadError(f"{path}: expected a regular file, found {_kind(st.st_mode)}")
+    os.set_blocking(fd, True)
+    return fd
 
 
 @dataclass
@@ -48,11 +108,13 @@ class TensorInfo:
 class GGUFFile:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
-        with open(self.path, "rb") as f:
-            try:
-                self._mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
-            except ValueError as e:  # empty file
-                raise GGUFFormatError(f"cannot map the file: {e}") from None
+        fd = open_regular(self.path)
+        try:
+            self._mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ)
+        except (ValueError, OSError) as e:  # an empty file
+            raise GGUFFormatError(f"cannot map the file: {e}") from None
+        finally:
+            os.close(fd)
         self._off = 0
         magic = self._read(4)
         if magic != b"GGUF":
@@ -61,8 +123,11 @@ class GGUFFile:
         if self.version not in (2, 3):
             raise GGUFFormatError(f"unsupported GGUF version {self.version}")
         n_tensors, n_kv = self._scalar("<Q"), self._scalar("<Q")
-        if n_tensors > 1 << 20 or n_kv > 1 << 20:
-            raise GGUFFormatError(f"implausible counts: {n_tensors} tensors, {n_kv} keys")
+        left = len(self._mm) - self._off
+        if n_tensors > 1 << 20 or n_kv > 1 << 20 or n_tensors * _MIN_TENSOR_INFO_BYTES + n_kv * _MIN_KV_BYTES > left:
+            raise GGUFFormatError(
+                f"implausible counts: {n_tensors} tensors and {n_kv} keys in a {len(self._mm)}-byte file"
+            )
         self.fields: dict[str, Any] = {}
         for _ in range(n_kv):
             key = self._string()
@@ -75,7 +140,10 @@ class GGUFFile:
                 raise GGUFFormatError(f"tensor {name!r} has {nd} dimensions")
             shape = tuple(self._scalar("<Q") for _ in range(nd))
             infos.append((name, shape, self._scalar("<I"), self._scalar("<Q")))
-        align = int(self.fields.get("general.alignment", DEFAULT_ALIGNMENT))
+        align = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
+        # llama.cpp's rule (gguf.cpp): a positive power of two; 0 would divide by zero below
+        if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
+            raise GGUFFormatError(f"general.alignment must be a positive power of two, got {align!r}")
         data_start = (self._off + align - 1) // align * align
         self.tensors = [self._tensor(n, s, t, data_start + o) for n, s, t, o in infos]
 
@@ -110,6 +178,11 @@ class GGUFFile:
             return self._string()
         if vtype == _ARRAY:
             etype, count = self._scalar("<I"), self._scalar("<Q")
+            min_size = _MIN_ELEMENT_BYTES.get(etype) or struct.calcsize(_SCALARS.get(etype, "<B"))
+            if count * min_size > len(self._mm) - self._off:  # before iterating: a patched count fails at once
+                raise GGUFFormatError(
+                    f"array of {count} elements at offset {self._off} does not fit in the {len(self._mm)}-byte file"
+                )
             if etype in _NP_ARRAY:
                 dt = np.dtype(_NP_ARRAY[etype]).newbyteorder("<")
                 raw = self._read(count * dt.itemsize)
@@ -139,7 +212,7 @@ class GGUFFile:
         except ValueError:
             raise GGUFFormatError(f"tensor {name!r} has unknown type id {ttype}") from None
         block, tsize = GGML_QUANT_SIZES[qt]
-        n = int(np.prod(shape)) if shape else 1
+        n = math.prod(shape)  # Python ints: np.prod would wrap around on patched dims
         if n % block:
             raise GGUFFormatError(f"tensor {name!r}: {n} elements is not a whole number of {qt.name} blocks")
         nbytes = n // block * tsize

@@ -14,12 +14,20 @@ block-strip copy (``_core.tq2_0_to_kernel_layout`` via ops), never through a deq
 by llama.cpp's converter for ``bitnet`` load too: TQ1_0 or TQ2_0, the scale in the blocks or in an optional
 ``blk.N.<name>.scale`` tensor. Every problem (wrong magic, truncation, unknown architecture, missing or misshapen
 tensors) raises :class:`GGUFError` naming it.
+
+Header numbers are not trusted: ``block_count`` must match the blocks present in the tensor directory before any
+per-layer work (a patched ``1048576`` used to cost minutes and gigabytes), hyperparameters must be integers, and the
+tokenizer arrays are checked against each other (``token_type`` as long as ``tokens``, unique tokens, NORMAL tokens
+drawn from the byte-level alphabet, every merge made of tokens in the vocabulary) so that a flipped byte names the
+key instead of surfacing as the tokenizers library's ``Error while initializing BPE``.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,6 +37,7 @@ import torch
 
 from nanochat import ops
 from nanochat.data.tokenizer import Tokenizer
+from nanochat.export.gguf_file import LoadError
 from nanochat.export.names import (
     ARCH_BITNET,
     ARCH_NANOCHAT,
@@ -39,7 +48,7 @@ from nanochat.export.names import (
 from nanochat.model import GPT, GPTConfig
 
 
-class GGUFError(ValueError):
+class GGUFError(LoadError):
     """A GGUF file we cannot use, with the reason."""
 
 
@@ -220,6 +229,57 @@ def _field(reader: Any, key: str, required: bool = True) -> Any:
     return reader.fields[key]
 
 
+def _string_list(reader: Any, key: str, required: bool = True) -> list[str] | None:
+    val = _field(reader, key, required)
+    if val is not None and (not isinstance(val, list) or not all(isinstance(v, str) for v in val)):
+        raise GGUFError(f"{reader.path}: {key} must be an array of strings")
+    return val
+
+
+def _byte_level_alphabet() -> frozenset[str]:
+    """The 256 characters GPT-2's byte-level BPE maps bytes to: every NORMAL token is spelled in them."""
+    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    chars, extra = [], 0
+    for b in range(256):
+        if b in keep:
+            chars.append(chr(b))
+        else:
+            chars.append(chr(256 + extra))
+            extra += 1
+    return frozenset(chars)
+
+
+BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
+
+
+def _check_tokenizer_arrays(path: Path, tokens: list[str], types: list[int], merges: list[str]) -> dict[str, int]:
+    """The BPE vocabulary ``{token: id}`` once the arrays agree; GGUFError naming the key and entry otherwise."""
+    if len(types) != len(tokens):
+        raise GGUFError(
+            f"{path}: tokenizer.ggml.token_type has {len(types)} entries, tokenizer.ggml.tokens has {len(tokens)}"
+        )
+    vocab: dict[str, int] = {}
+    for i, (t, ty) in enumerate(zip(tokens, types, strict=True)):
+        if isinstance(ty, bool) or not isinstance(ty, int) or not 1 <= ty <= 6:
+            raise GGUFError(f"{path}: tokenizer.ggml.token_type[{i}] = {ty!r} is not a token type (1..6)")
+        if ty == 5:  # UNUSED: padding rows, not part of the vocabulary
+            continue
+        if t in vocab:
+            raise GGUFError(f"{path}: tokenizer.ggml.tokens[{i}] = {t!r} repeats token {vocab[t]}")
+        if ty == 1 and (not t or not BYTE_LEVEL_ALPHABET.issuperset(t)):
+            raise GGUFError(f"{path}: tokenizer.ggml.tokens[{i}] = {t!r} is not a byte-level BPE token")
+        vocab[t] = i
+    if not merges and any(len(t) > 1 for t, i in vocab.items() if types[i] == 1):
+        raise GGUFError(f"{path}: tokenizer.ggml.merges is missing, but the vocabulary has multi-byte BPE tokens")
+    for i, m in enumerate(merges):
+        a, sep, b = m.partition(" ")
+        if not sep or not a or not b or a not in vocab or b not in vocab or a + b not in vocab:
+            raise GGUFError(
+                f"{path}: tokenizer.ggml.merges[{i}] = {m!r} does not merge two tokens of the vocabulary into a third"
+            )
+    return vocab
+
+
 def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
@@ -227,12 +287,19 @@ def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise GGUFError(f"tokenizer.ggml.model {model!r} is not supported (byte-level BPE 'gpt2' only)")
-    tokens: list[str] = _field(reader, "tokenizer.ggml.tokens")
-    types: list[int] = _field(reader, "tokenizer.ggml.token_type", required=False) or [1] * len(tokens)
-    merges_raw: list[str] = _field(reader, "tokenizer.ggml.merges", required=False) or []
-    vocab = {t: i for i, t in enumerate(tokens) if types[i] != 5}
+    tokens = _string_list(reader, "tokenizer.ggml.tokens") or []
+    types = _field(reader, "tokenizer.ggml.token_type", required=False)
+    if types is None:
+        types = [1] * len(tokens)
+    elif not isinstance(types, list):
+        raise GGUFError(f"{reader.path}: tokenizer.ggml.token_type must be an array of integers")
+    merges_raw = _string_list(reader, "tokenizer.ggml.merges", required=False) or []
+    vocab = _check_tokenizer_arrays(reader.path, tokens, types, merges_raw)
     merges = [tuple(m.split(" ", 1)) for m in merges_raw]
-    raw = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    try:
+        raw = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    except Exception as e:  # the library's bare Exception; the checks above should leave nothing for it
+        raise GGUFError(f"{reader.path}: tokenizer.ggml.tokens/merges do not form a BPE model ({e})") from None
     gpt2_regex = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)|\s+"
     raw.pre_tokenizer = pre_tokenizers.Sequence(
         [
@@ -266,30 +333,44 @@ def _config_from_gguf(reader: Any, arch: str) -> GPTConfig:
     def key(k: str, required: bool = True) -> Any:
         return _field(reader, f"{arch}.{k}", required)
 
-    n_embd = int(key("embedding_length"))
-    n_head = int(key("attention.head_count"))
-    vocab = key("vocab_size", required=False)
+    def int_key(k: str, required: bool = True) -> int | None:
+        v = key(k, required)
+        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
+            raise GGUFError(f"{reader.path}: {arch}.{k} must be an integer, got {v!r}"[:300])
+        return v
+
+    def num_key(k: str, default: float | None = None) -> float:
+        v = key(k, required=default is None)
+        if v is None:
+            return default  # type: ignore[return-value]
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise GGUFError(f"{reader.path}: {arch}.{k} must be a number, got {v!r}"[:300])
+        return v
+
+    n_embd = int_key("embedding_length")
+    n_head = int_key("attention.head_count")
+    vocab = int_key("vocab_size", required=False)
     if vocab is None:
-        vocab = len(_field(reader, "tokenizer.ggml.tokens"))
+        vocab = len(_string_list(reader, "tokenizer.ggml.tokens") or [])
     kw: dict[str, Any] = dict(
         vocab_size=int(vocab),
-        seq_len=int(key("context_length")),
-        n_layer=int(key("block_count")),
+        seq_len=int_key("context_length"),
+        n_layer=int_key("block_count"),
         n_head=n_head,
-        n_kv_head=int(key("attention.head_count_kv", required=False) or n_head),
+        n_kv_head=int_key("attention.head_count_kv", required=False) or n_head,
         n_embd=n_embd,
-        mlp_hidden=int(key("feed_forward_length")),
+        mlp_hidden=int_key("feed_forward_length"),
         # float32 keys: shortest decimal that round-trips through f32 (1e-5, not 9.99999974e-06)
-        norm_eps=float(f"{key('attention.layer_norm_rms_epsilon'):.7g}"),
-        rope_theta=float(f"{key('rope.freq_base', required=False) or 10000.0:.7g}"),
+        norm_eps=float(f"{num_key('attention.layer_norm_rms_epsilon'):.7g}"),
+        rope_theta=float(f"{num_key('rope.freq_base', 10000.0):.7g}"),
     )
     if arch == ARCH_BITNET:
         kw.update(residual="standard", mlp="swiglu", qk_norm=False, tie_embeddings=True, quant="ternary")
     else:
         kw.update(
             residual=str(key("residual")),
-            n_streams=int(key("n_streams")),
-            sinkhorn_iters=int(key("sinkhorn_iters")),
+            n_streams=int_key("n_streams"),
+            sinkhorn_iters=int_key("sinkhorn_iters"),
             mlp=str(key("mlp")),
             qk_norm=bool(key("qk_norm")),
             tie_embeddings=bool(key("tie_embeddings")),
@@ -298,7 +379,44 @@ def _config_from_gguf(reader: Any, arch: str) -> GPTConfig:
     try:
         return GPTConfig(**kw)
     except ValueError as e:
-        raise GGUFError(f"hyperparameters in the file are inconsistent: {e}") from None
+        raise GGUFError(f"{reader.path}: hyperparameters in the file are inconsistent: {e}") from None
+
+
+_BLOCK_INDEX = re.compile(r"^(?:blocks|blk)\.(\d+)\.")
+
+
+def layer_count_problem(n_layer: int, names: Iterable[str]) -> str | None:
+    """Why ``n_layer`` disagrees with the blocks present among tensor ``names`` (``blocks.N.*`` or ``blk.N.*``), or
+    None. Cheap and done first: anything per layer (``expected_shapes``, building a model) costs O(n_layer), and a
+    header's ``n_layer`` is just a number anyone can patch to 2**32-1."""
+    idx = {int(m.group(1)) for n in names if (m := _BLOCK_INDEX.match(n))}
+    if len(idx) == n_layer and (not idx or max(idx) == n_layer - 1):
+        return None
+    have = f"{len(idx)} blocks" + (f" (numbered {min(idx)}..{max(idx)})" if idx else "")
+    return f"n_layer (block_count) is {n_layer}, but the file has tensors for {have}"
+
+
+def state_dict_problem(cfg: GPTConfig, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
+    """Why a tensor directory ``{state-dict name: shape}`` does not fit ``cfg``, or None (layers checked first)."""
+    problem = layer_count_problem(cfg.n_layer, shapes)
+    if problem:
+        return problem
+    want = expected_shapes(cfg)
+    missing = sorted(set(want) - set(shapes))
+    unexpected = sorted(set(shapes) - set(want))
+    wrong = [
+        f"{k} is {tuple(shapes[k])}, expected {want[k]}" for k in want if k in shapes and tuple(shapes[k]) != want[k]
+    ]
+    parts = []
+    if missing:
+        parts.append(f"missing {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
+    if unexpected:
+        parts.append(
+            f"unexpected {unexpected[:5]}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
+        )
+    if wrong:
+        parts.append("; ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
+    return "; ".join(parts) or None
 
 
 def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
@@ -353,15 +471,19 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     """Open a GGUF file (memory-mapped) and map it onto our model; raises GGUFError on any problem."""
     from gguf.constants import GGMLQuantizationType as T
 
+    from nanochat.export.gguf_file import GGUFFile, GGUFFormatError, check_regular_file, open_regular
+
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise GGUFError(f"{path}: no such file")
-    with open(path, "rb") as f:
+    try:
+        check_regular_file(path)
+    except LoadError as e:
+        raise GGUFError(str(e)) from None
+    with os.fdopen(open_regular(path), "rb") as f:
         magic = f.read(4)
     if magic != b"GGUF":
         raise GGUFError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
-    from nanochat.export.gguf_file import GGUFFile, GGUFFormatError
-
     try:
         reader = GGUFFile(path)
     except GGUFFormatError as e:
@@ -370,6 +492,9 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     if arch not in (ARCH_BITNET, ARCH_NANOCHAT):
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (bitnet or nanochat)")
     cfg = _config_from_gguf(reader, arch)
+    problem = layer_count_problem(cfg.n_layer, (t.name for t in reader.tensors))
+    if problem:
+        raise GGUFError(f"{path}: {problem}")
     tok = _tokenizer_from_gguf(reader)
     shapes = expected_shapes(cfg)
     ternary: dict[str, tuple[np.ndarray, float]] = {}
@@ -378,6 +503,8 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     for t in reader.tensors:
         ttype = T(t.type)
         if t.name.endswith(".scale"):
+            if ttype != T.F32 or np.asarray(t.data).size != 1:
+                raise GGUFError(f"{path}: scale tensor {t.name!r} must hold one F32 value")
             scales[t.name[: -len(".scale")] + ".weight"] = float(np.asarray(t.data, dtype=np.float32).reshape(-1)[0])
             continue
         try:
@@ -407,7 +534,10 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
         else:
             raise GGUFError(f"{path}: tensor {t.name!r} has type {ttype.name}, not supported")
     for wname, s in scales.items():
-        name = from_gguf_name(wname)
+        try:
+            name = from_gguf_name(wname)
+        except KeyError:
+            raise GGUFError(f"{path}: scale tensor for unknown tensor {wname!r}") from None
         if name in ternary:
             packed, scale = ternary[name]
             ternary[name] = (packed, scale * s if scale > 0 else s)

@@ -4,11 +4,14 @@
 directory or checkpoint directory from ``nanochat-train`` (its latest checkpoint), or a safetensors export. The
 result, :class:`LoadedModel`, gives the config and tokenizer, the packed weights the Rust engine runs on, and (on
 demand) a torch ``GPT`` for CUDA or as the reference.
+
+Every problem with a file raises :class:`~nanochat.export.gguf_file.LoadError` (a ``ValueError``) naming the file;
+a path that does not exist raises ``FileNotFoundError``. Only regular files are opened (a FIFO would block), and a
+checkpoint is loaded from ``state.json`` and ``model.safetensors`` alone: the optimizer state is never read.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,6 +21,7 @@ import torch
 
 from nanochat import ops
 from nanochat.data.tokenizer import Tokenizer
+from nanochat.export.gguf_file import LoadError, check_regular_file, open_regular
 from nanochat.export.gguf_io import GGUFModel, gguf_to_torch, read_gguf
 from nanochat.export.names import is_ternary
 from nanochat.model import GPT, GPTConfig
@@ -68,20 +72,26 @@ class LoadedModel:
 
 
 def _load_checkpoint_dir(path: Path) -> LoadedModel:
-    from nanochat.train.checkpoint import find_checkpoint, load_checkpoint
+    from nanochat.train.checkpoint import CheckpointError, checkpoint_model_config, find_checkpoint, load_checkpoint
 
     ckpt = find_checkpoint(path)
-    state = json.loads((ckpt / "state.json").read_text())
-    cfg = GPTConfig.from_dict(state["model_config"])
+    cfg = checkpoint_model_config(ckpt)  # validated against model.safetensors before building anything
+    run_dir = ckpt.parent.parent
+    tok_path = run_dir / "tokenizer.json"
+    if not tok_path.exists():
+        raise CheckpointError(f"{run_dir}: tokenizer.json is missing (needed to use the checkpoint)")
+    try:
+        check_regular_file(tok_path)
+        tok = Tokenizer.load(tok_path)
+    except LoadError:
+        raise
+    except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
+        raise CheckpointError(f"{tok_path}: not a valid tokenizer ({e})") from None
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")
     load_checkpoint(ckpt, model)
-    run_dir = ckpt.parent.parent
-    tok_path = run_dir / "tokenizer.json"
-    if not tok_path.exists():
-        raise FileNotFoundError(f"{run_dir}: tokenizer.json is missing (needed to use the checkpoint)")
-    return LoadedModel(cfg, Tokenizer.load(tok_path), ckpt, "checkpoint", _torch=model.eval())
+    return LoadedModel(cfg, tok, ckpt, "checkpoint", _torch=model.eval())
 
 
 def load(path: str | os.PathLike[str]) -> LoadedModel:
@@ -90,8 +100,10 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
     if path.is_dir():
+        if path.suffix in (".gguf", ".safetensors"):
+            raise LoadError(f"{path}: is a directory, expected a {path.suffix[1:]} file")
         return _load_checkpoint_dir(path)
-    with open(path, "rb") as f:
+    with os.fdopen(open_regular(path), "rb") as f:  # refuses FIFOs and devices before reading
         magic = f.read(4)
     if magic == b"GGUF" or path.suffix == ".gguf":
         g = read_gguf(path)
@@ -101,7 +113,7 @@ def load(path: str | os.PathLike[str]) -> LoadedModel:
 
         model, tok = read_safetensors(path)
         return LoadedModel(model.config, tok, path, "safetensors", _torch=model)
-    raise ValueError(f"{path}: unknown model format (expected .gguf, .safetensors or a run directory)")
+    raise LoadError(f"{path}: unknown model format (expected .gguf, .safetensors or a run directory)")
 
 
 def load_model(path: str | os.PathLike[str]) -> tuple[GPT, Tokenizer]:

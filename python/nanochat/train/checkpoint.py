@@ -2,46 +2,166 @@
 
 Layout of a run directory::
 
-    RUN/checkpoints/step_000200/{model.safetensors, optim.safetensors, state.json}
+    RUN/checkpoints/step_000200/{model.safetensors, optim.safetensors, state.json, complete.json}
     RUN/checkpoints/latest.json      -> {"step": 200, "dir": "step_000200"}
     RUN/checkpoints/best.json        -> {"step": 150, "dir": "step_000150", "val_loss": 3.21}
 
 Notable choices:
-- A checkpoint is written into ``.tmp-step_...`` and renamed into place, so a crash or a full disk
-  never leaves a half-written checkpoint where a loader would find it; ``latest.json`` and
-  ``best.json`` are replaced with ``os.replace`` too.
+- A checkpoint is written into ``.tmp-step_...-PID``; its data files are fsynced, then ``complete.json`` (the
+  manifest: every file with its size) is written last, and the directory is renamed into place. A checkpoint counts
+  only when it is *complete*: its manifest is there and every file has the recorded size. Directories written
+  before the manifest existed count when all three files are there, ``state.json`` parses and each safetensors
+  file is exactly as long as its header says (:func:`nanochat.export.safetensors_io.safetensors_header`), so old
+  runs still resume while a half-deleted one does not.
+- Deleting (retention, the disk guard) renames a checkpoint to ``.trash-step_...-PID`` first and then removes it,
+  so a kill mid-delete never leaves a ``step_*`` directory missing files. :meth:`CheckpointManager.clean_leftovers`
+  removes ``.tmp-*``/``.trash-*`` directories and ``.*.json.tmp-PID`` files of dead processes (the trainer calls it
+  at start; every save calls it too).
+- ``latest()`` is the newest complete checkpoint; ``latest.json`` is a pointer for people and tools, and a pointer
+  that names a missing or incomplete checkpoint is reported with a warning, not trusted.
 - Retention keeps the last ``keep_last`` checkpoints plus the best one by validation loss.
 - Disk guard: before writing, free space is compared with the expected size plus a margin; old
   checkpoints are pruned per retention and, if space is still short, the save is skipped with a
   warning (``save`` returns None) instead of crashing the run or touching an older checkpoint.
+  A disk that fills *during* the write (ENOSPC/EDQUOT, from the OS or from safetensors) is the same: the partial
+  directory is removed, a warning says so, ``save`` returns None and the next save tries again.
+  :attr:`CheckpointManager.skipped` records every skipped save, so a run can say plainly that nothing was saved.
 - Optimizer state is flattened into named tensors (``opt{i}.{param}.{key}``); its non-tensor parts
-  (param groups, hyperparameters) go to JSON.
+  (param groups, hyperparameters) go to JSON. Loading for inference never reads it.
+- Every load problem raises :class:`CheckpointError` (a :class:`~nanochat.export.gguf_file.LoadError`) naming the
+  file; ``state.json``'s ``model_config`` is checked against ``model.safetensors``' tensor directory before a model
+  is built (:func:`checkpoint_model_config`).
 """
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
+import re
 import shutil
 import warnings
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
+
+from nanochat.export.gguf_file import LoadError, check_regular_file
+from nanochat.model import GPTConfig
 
 CKPT_DIRNAME = "checkpoints"
 DISK_MARGIN_BYTES = 64 * 1024 * 1024
+MANIFEST = "complete.json"  # written last into a checkpoint: {"format": 1, "step": N, "files": {name: size}}
+CKPT_FILES = ("model.safetensors", "optim.safetensors", "state.json")
+INFERENCE_FILES = ("model.safetensors", "state.json")  # what loading a model needs: never the optimizer state
+DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+_STEP_DIR = re.compile(r"^step_(\d+)$")
+# what a killed writer leaves: .tmp-step_N-PID, .trash-step_N-PID (checkpoints), .NAME.json.tmp-PID (write_json_atomic)
+_LEFTOVER = re.compile(r"^\.(?:(?:tmp|trash)-step_\d+-|[^/]+\.json\.tmp-)(\d+)$")
+
+
+class CheckpointError(LoadError):
+    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
 
 
 def free_bytes(path: Path) -> int:
-    """Free bytes on the filesystem holding ``path`` (tests monkeypatch this to fake a full disk)."""
+    """Free bytes on the filesystem holding ``path`` (or its nearest existing parent; tests monkeypatch this)."""
     fake = os.environ.get("NANOCHAT_FAKE_FREE_BYTES")
     if fake is not None:
         return int(fake)
+    path = Path(path).absolute()
+    while not path.exists() and path != path.parent:
+        path = path.parent
     return shutil.disk_usage(path).free
+
+
+def is_disk_full(e: BaseException) -> bool:
+    """Whether ``e`` says the disk (or quota) is full: ENOSPC/EDQUOT from the OS, or safetensors' wrapped I/O error
+    (``SafetensorError: Error while serializing: I/O error: No space left on device (os error 28)``)."""
+    if isinstance(e, OSError):
+        return e.errno in DISK_FULL_ERRNOS
+    if isinstance(e, SafetensorError):
+        msg = str(e)
+        return any(s in msg for s in ("No space left", "Disk quota exceeded", "os error 28", "os error 122"))
+    return False
+
+
+def safe_write(fn: Callable[[], object], what: str) -> bool:
+    """Run ``fn`` (a best-effort write of ``what``: the summary, the metrics log, the loss plot); on a full disk warn
+    and return False instead of raising, so the run keeps its exit status and last checkpoint. Other errors raise."""
+    try:
+        fn()
+    except (OSError, SafetensorError) as e:
+        if not is_disk_full(e):
+            raise
+        warnings.warn(f"{what} not written: the disk is full ({e})", RuntimeWarning, stacklevel=2)
+        return False
+    return True
+
+
+def state_bytes(model: torch.nn.Module, optimizers: list[torch.optim.Optimizer] | None = None) -> int:
+    """Bytes a checkpoint of ``model`` takes. Without ``optimizers`` (at the start of a run their state does not
+    exist yet) it counts one state tensor per parameter, as Muon (momentum) and Lion (``exp_avg``) keep."""
+    model_bytes = sum(t.numel() * t.element_size() for t in model.state_dict().values())
+    if optimizers is None:
+        return model_bytes + sum(p.numel() * p.element_size() for p in model.parameters())
+    opt_tensors, _ = _flatten_optim(optimizers)
+    return model_bytes + sum(t.numel() * t.element_size() for t in opt_tensors.values())
+
+
+def bytes_needed(size: int) -> int:
+    """What the disk guard wants free before writing a ``size``-byte checkpoint (5% plus a fixed margin)."""
+    return int(size * 1.05) + DISK_MARGIN_BYTES
+
+
+def disk_can_hold_one_checkpoint(run_dir: Path, nbytes: int) -> bool:
+    """Warn (and return False) at the start of a run when the free space cannot hold even one ``nbytes``
+    checkpoint: the run would train, skip every save and keep nothing."""
+    free, need = free_bytes(Path(run_dir)), bytes_needed(nbytes)
+    if free >= need:
+        return True
+    warnings.warn(
+        f"{run_dir}: {free / 2**20:.0f} MiB free cannot hold one checkpoint ({need / 2**20:.0f} MiB needed); "
+        "training will run but no checkpoint can be saved until space is freed",
+        RuntimeWarning,
+        stacklevel=2,
+    )
+    return False
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid <= 0 or pid == os.getpid():  # our own leftovers: nothing of ours is in flight when we clean
+        return False
+    try:
+        os.kill(pid, 0)  # signal 0: existence check only
+    except PermissionError:
+        return True  # another user's live process
+    except (OSError, OverflowError, ValueError):
+        return False  # gone, or a number no pid can be
+    return True
+
+
+def clean_leftovers(directory: Path) -> list[Path]:
+    """Remove ``.tmp-*``/``.trash-*`` directories and ``.NAME.tmp-PID`` files in ``directory`` left by processes that
+    are gone (a kill mid-save or mid-prune); returns what was removed."""
+    removed: list[Path] = []
+    if not Path(directory).is_dir():
+        return removed
+    for p in Path(directory).iterdir():
+        m = _LEFTOVER.match(p.name)
+        if not m or _pid_alive(int(m.group(1))):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)
+        removed.append(p)
+    return removed
 
 
 def finite_json(obj: Any) -> Any:
@@ -101,61 +221,140 @@ def _unflatten_optim(
         opt.load_state_dict({"state": state, "param_groups": m["param_groups"]})
 
 
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # also where a filesystem with delayed allocation reports ENOSPC
+    finally:
+        os.close(fd)
+
+
+def incomplete_reason(ckpt: Path, files: tuple[str, ...] = CKPT_FILES) -> str | None:
+    """Why ``ckpt`` does not hold ``files`` whole (by default all of it; :data:`INFERENCE_FILES` for loading a model),
+    or None when it does: its manifest is there and lists them with the sizes they have, or (a checkpoint written
+    before manifests, which has none) each exists, ``state.json`` parses and each safetensors file is exactly as long
+    as its header says."""
+    from nanochat.export.safetensors_io import safetensors_header
+
+    ckpt = Path(ckpt)
+    try:
+        if (ckpt / MANIFEST).exists():
+            sizes = json.loads((ckpt / MANIFEST).read_text())["files"]
+            for name in files:
+                size = check_regular_file(ckpt / name).st_size
+                if size != sizes[name]:
+                    return f"{name} has {size} bytes, {MANIFEST} recorded {sizes[name]}"
+            return None
+        for name in files:
+            if name.endswith(".safetensors"):
+                safetensors_header(ckpt / name)
+            elif name.endswith(".json"):
+                check_regular_file(ckpt / name)
+                json.loads((ckpt / name).read_text())
+            else:
+                check_regular_file(ckpt / name)
+    except KeyError as e:
+        return f"{MANIFEST} does not list {e}"
+    except (OSError, ValueError, TypeError, AttributeError) as e:
+        return str(e)
+    return None
+
+
+def is_complete(ckpt: Path, files: tuple[str, ...] = CKPT_FILES) -> bool:
+    """Whether ``ckpt`` holds ``files`` whole (see :func:`incomplete_reason`)."""
+    return incomplete_reason(ckpt, files) is None
+
+
 @dataclass
 class CheckpointManager:
     """Saves, prunes and finds checkpoints of one run."""
 
     run_dir: Path
     keep_last: int = 3
+    saved: list[int] = field(default_factory=list, repr=False)  # steps saved by this manager
+    skipped: list[tuple[int, str]] = field(default_factory=list, repr=False)  # (step, why) of skipped saves
 
     @property
     def ckpt_dir(self) -> Path:
         return self.run_dir / CKPT_DIRNAME
 
-    def _list(self) -> list[tuple[int, Path]]:
-        if not self.ckpt_dir.exists():
+    def _step_dirs(self) -> list[tuple[int, Path]]:
+        if not self.ckpt_dir.is_dir():
             return []
         out = []
         for p in self.ckpt_dir.iterdir():
-            if p.is_dir() and p.name.startswith("step_") and (p / "state.json").exists():
-                out.append((int(p.name[5:]), p))
+            m = _STEP_DIR.match(p.name)
+            if m and p.is_dir():
+                out.append((int(m.group(1)), p))
         return sorted(out)
+
+    def _list(self, files: tuple[str, ...] = CKPT_FILES) -> list[tuple[int, Path]]:
+        """Complete checkpoints (as far as ``files`` go), oldest first."""
+        return [(s, p) for s, p in self._step_dirs() if is_complete(p, files)]
 
     def _pointer(self, name: str) -> dict | None:
         p = self.ckpt_dir / f"{name}.json"
         if not p.exists():
             return None
         try:
-            return json.loads(p.read_text())
-        except (OSError, json.JSONDecodeError):
+            ptr = json.loads(p.read_text())
+        except (OSError, ValueError):
             return None
+        return ptr if isinstance(ptr, dict) and isinstance(ptr.get("dir"), str) else None
 
-    def latest(self) -> Path | None:
-        """The newest complete checkpoint directory (by the pointer, else by scanning)."""
+    def latest(self, files: tuple[str, ...] = CKPT_FILES) -> Path | None:
+        """The newest complete checkpoint directory (``files=INFERENCE_FILES``: whole enough to load the model);
+        warns when ``latest.json`` names one that is gone or broken."""
+        found = self._list(files)
+        newest = found[-1][1] if found else None
         ptr = self._pointer("latest")
-        if ptr and (self.ckpt_dir / ptr["dir"] / "state.json").exists():
-            return self.ckpt_dir / ptr["dir"]
-        found = self._list()
-        return found[-1][1] if found else None
+        if ptr and newest is not None and ptr["dir"] != newest.name:  # (None: the caller's error says why)
+            target = self.ckpt_dir / ptr["dir"]
+            if not (target.is_dir() and is_complete(target, files)):
+                warnings.warn(
+                    f"{self.ckpt_dir / 'latest.json'} names {ptr['dir']}, which is missing or incomplete; using "
+                    f"{newest.name}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        return newest
 
     def best(self) -> dict | None:
         return self._pointer("best")
 
+    def clean_leftovers(self) -> list[Path]:
+        """Remove temp and trash leftovers of dead processes from the run and checkpoint directories."""
+        return clean_leftovers(self.run_dir) + clean_leftovers(self.ckpt_dir)
+
+    def _discard(self, p: Path) -> None:
+        """Delete a checkpoint directory: rename it to ``.trash-`` first, so a kill mid-delete leaves no ``step_*``
+        directory missing files (only trash, which :meth:`clean_leftovers` removes)."""
+        trash = self.ckpt_dir / f".trash-{p.name}-{os.getpid()}"
+        try:
+            os.replace(p, trash)
+        except OSError:
+            (p / MANIFEST).unlink(missing_ok=True)  # cannot rename: at least stop it from counting
+            trash = p
+        shutil.rmtree(trash, ignore_errors=True)
+
     def prune(self, protect: set[str] | None = None) -> list[Path]:
-        """Delete all but the last ``keep_last`` checkpoints and the best one; returns what was removed."""
+        """Delete all but the last ``keep_last`` complete checkpoints and the best one, plus incomplete ones older than
+        the newest complete checkpoint; returns what was removed."""
         protect = set(protect or ())
         best = self.best()
         if best:
             protect.add(best["dir"])
         found = self._list()
         keep = {p.name for _, p in found[-self.keep_last :]} if self.keep_last > 0 else set()
+        complete = {p.name for _, p in found}
+        newest = found[-1][0] if found else -1
         removed = []
-        for _, p in found:
-            if p.name not in keep and p.name not in protect:
-                shutil.rmtree(p, ignore_errors=True)
-                removed.append(p)
-        for tmp in self.ckpt_dir.glob(".tmp-*"):  # leftovers of a crash mid-save
-            shutil.rmtree(tmp, ignore_errors=True)
+        for step, p in self._step_dirs():
+            if p.name in keep or p.name in protect or (p.name not in complete and step >= newest):
+                continue
+            self._discard(p)
+            removed.append(p)
+        self.clean_leftovers()
         return removed
 
     def _prune_for_space(self, need: int) -> None:
@@ -166,7 +365,11 @@ class CheckpointManager:
             if free_bytes(self.ckpt_dir) >= need:
                 return
             if p.name != best:
-                shutil.rmtree(p, ignore_errors=True)
+                self._discard(p)
+
+    def _skip(self, step: int, why: str) -> None:
+        self.skipped.append((step, why))
+        warnings.warn(f"checkpoint at step {step} {why}", RuntimeWarning, stacklevel=3)
 
     def save(
         self,
@@ -177,44 +380,125 @@ class CheckpointManager:
         extra_tensors: dict[str, torch.Tensor] | None = None,
         val_loss: float | None = None,
     ) -> Path | None:
-        """Write checkpoint ``step``; returns its directory, or None when skipped for disk space."""
-        self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+        """Write checkpoint ``step``; returns its directory, or None when skipped for disk space (before or during
+        the write: the next save tries again)."""
         opt_tensors, opt_meta = _flatten_optim(optimizers)
         extra = {k: v.detach().contiguous().cpu() for k, v in (extra_tensors or {}).items()}
         size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
         size += sum(t.numel() * t.element_size() for t in [*opt_tensors.values(), *extra.values()])
-        need = int(size * 1.05) + DISK_MARGIN_BYTES
-        if free_bytes(self.ckpt_dir) < need:
-            self._prune_for_space(need)
-            if free_bytes(self.ckpt_dir) < need:
-                warnings.warn(
-                    f"checkpoint at step {step} skipped: {free_bytes(self.ckpt_dir) / 2**20:.0f} MiB free, "
-                    f"{need / 2**20:.0f} MiB needed; older checkpoints are untouched",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
-                return None
+        need = bytes_needed(size)
         name = f"step_{step:06d}"
         final = self.ckpt_dir / name
         tmp = self.ckpt_dir / f".tmp-{name}-{os.getpid()}"
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir()
+        old: Path | None = None
         try:
+            self.ckpt_dir.mkdir(parents=True, exist_ok=True)
+            if free_bytes(self.ckpt_dir) < need:
+                self._prune_for_space(need)
+                if free_bytes(self.ckpt_dir) < need:
+                    self._skip(
+                        step,
+                        f"skipped: {free_bytes(self.ckpt_dir) / 2**20:.0f} MiB free, {need / 2**20:.0f} MiB needed; "
+                        "older checkpoints are untouched",
+                    )
+                    return None
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
             save_model(model, str(tmp / "model.safetensors"))
             save_file({**opt_tensors, **{f"extra.{k}": v for k, v in extra.items()}}, str(tmp / "optim.safetensors"))
             write_json_atomic(tmp / "state.json", {**state, "step": step, "optimizers": opt_meta, "val_loss": val_loss})
-            if final.exists():
-                shutil.rmtree(final)
+            for f in ("model.safetensors", "optim.safetensors"):
+                _fsync_file(tmp / f)
+            files = {f: (tmp / f).stat().st_size for f in CKPT_FILES}
+            write_json_atomic(tmp / MANIFEST, {"format": 1, "step": step, "files": files})  # last: now it counts
+            if final.exists():  # the same step saved again (a resumed run): keep it until the new one is in place
+                old = self.ckpt_dir / f".trash-{name}-{os.getpid()}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
             os.replace(tmp, final)
-        except BaseException:
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+        except BaseException as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        write_json_atomic(self.ckpt_dir / "latest.json", {"step": step, "dir": name})
-        best = self.best()
-        if val_loss is not None and (best is None or val_loss < best["val_loss"]):
-            write_json_atomic(self.ckpt_dir / "best.json", {"step": step, "dir": name, "val_loss": val_loss})
+            if old is not None and old.exists() and not final.exists():
+                os.replace(old, final)  # the earlier save of this step stays
+            if not is_disk_full(e):
+                raise
+            self._skip(
+                step,
+                f"not saved: the disk filled during the write ({e}); the partial checkpoint was removed, older "
+                "checkpoints are untouched, and the next save will try again",
+            )
+            return None
+        self.saved.append(step)
+        try:  # pointers: a full disk here loses nothing (latest() scans for complete checkpoints)
+            write_json_atomic(self.ckpt_dir / "latest.json", {"step": step, "dir": name})
+            best = self.best()
+            if val_loss is not None and (best is None or val_loss < best.get("val_loss", math.inf)):
+                write_json_atomic(self.ckpt_dir / "best.json", {"step": step, "dir": name, "val_loss": val_loss})
+        except OSError as e:
+            if not is_disk_full(e):
+                raise
+            warnings.warn(f"{self.ckpt_dir}: pointer files not updated, the disk is full ({e})", RuntimeWarning, 2)
         self.prune()
         return final
+
+    def outcome(self) -> str:
+        """One line for the end of a run: where the latest checkpoint is, or plainly that none could be saved."""
+        latest = self.latest()
+        if latest is None:
+            why = f": {len(self.skipped)} save(s) skipped, the last one {self.skipped[-1][1]}" if self.skipped else ""
+            return f"NO checkpoint was saved{why}"
+        skipped = f" ({len(self.skipped)} save(s) skipped for disk space)" if self.skipped else ""
+        return f"latest checkpoint: {latest}{skipped}"
+
+
+def read_state(ckpt: Path) -> dict[str, Any]:
+    """``state.json`` of a checkpoint as a dict; :class:`CheckpointError` naming the file when it is not."""
+    path = Path(ckpt) / "state.json"
+    try:
+        check_regular_file(path)
+        state = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise CheckpointError(f"{ckpt} is not a checkpoint: state.json is missing") from None
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{path}: unreadable or invalid JSON ({e})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path}: expected a JSON object")
+    return state
+
+
+def model_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
+    """``{name: shape}`` from a checkpoint's ``model.safetensors`` header (validated against the file's size)."""
+    from nanochat.export.safetensors_io import safetensors_header
+
+    try:
+        tensors, _ = safetensors_header(path)
+    except FileNotFoundError:
+        raise CheckpointError(f"{path.parent} is not a checkpoint: {path.name} is missing") from None
+    except LoadError as e:
+        raise CheckpointError(str(e)) from None
+    return {k: shape for k, (_, shape) in tensors.items()}
+
+
+def checkpoint_model_config(ckpt: Path) -> GPTConfig:
+    """The model config of a checkpoint, checked against ``model.safetensors``' tensor directory before anyone
+    builds a model from it (a patched ``n_layer`` of 100000 would otherwise take minutes to fail)."""
+    from nanochat.export.gguf_io import state_dict_problem
+    from nanochat.model.config import ConfigError
+
+    state = read_state(ckpt)
+    path = Path(ckpt) / "state.json"
+    if not isinstance(state.get("model_config"), dict):
+        raise CheckpointError(f"{path}: model_config is missing (needed to build the model)")
+    try:
+        cfg = GPTConfig.from_dict(state["model_config"])
+    except (ConfigError, TypeError) as e:
+        raise CheckpointError(f"{path}: invalid model_config: {e}") from None
+    problem = state_dict_problem(cfg, model_tensor_shapes(Path(ckpt) / "model.safetensors"))
+    if problem:
+        raise CheckpointError(f"{Path(ckpt) / 'model.safetensors'} does not fit {path}'s model_config: {problem}")
+    return cfg
 
 
 def load_checkpoint(
@@ -222,32 +506,63 @@ def load_checkpoint(
     model: torch.nn.Module,
     optimizers: list[torch.optim.Optimizer] | None = None,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
-    """Restore model (and optimizers) from a checkpoint directory; returns (state, extra tensors)."""
+    """Restore model (and optimizers) from a checkpoint directory; returns (state, extra tensors).
+
+    ``optim.safetensors`` (optimizer state and the extra tensors, e.g. RNG states) is read only when ``optimizers``
+    are given: loading for inference needs just ``model.safetensors`` and ``state.json``. Problems raise
+    :class:`CheckpointError` naming the file.
+    """
     ckpt = Path(ckpt)
-    for f in ("model.safetensors", "state.json"):
-        if not (ckpt / f).exists():
-            raise FileNotFoundError(f"{ckpt} is not a checkpoint: {f} is missing")
-    state = json.loads((ckpt / "state.json").read_text())
-    missing, unexpected = load_model(model, str(ckpt / "model.safetensors"), strict=False)
-    if unexpected or [m for m in missing if not m.endswith("lm_head.weight")]:
-        raise ValueError(f"checkpoint {ckpt} does not fit the model: missing {missing}, unexpected {unexpected}")
+    state = read_state(ckpt)
+    model_path = ckpt / "model.safetensors"
+    shapes = model_tensor_shapes(model_path)
+    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = sorted(k for k in set(want) - set(shapes) if not k.endswith("lm_head.weight"))
+    unexpected = sorted(set(shapes) - set(want))
+    wrong = sorted(f"{k}: file {shapes[k]}, model {want[k]}" for k in set(want) & set(shapes) if shapes[k] != want[k])
+    if missing or unexpected or wrong:
+        raise CheckpointError(
+            f"{model_path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
+            f"shape mismatches {wrong[:5]}"
+        )
+    try:
+        load_model(model, str(model_path), strict=False)
+    except (OSError, RuntimeError, SafetensorError) as e:
+        raise CheckpointError(f"{model_path}: unreadable ({e})") from None
     extra: dict[str, torch.Tensor] = {}
-    opt_path = ckpt / "optim.safetensors"
-    if opt_path.exists():
-        tensors = load_file(str(opt_path))
+    if optimizers is not None:
+        opt_path = ckpt / "optim.safetensors"
+        try:
+            check_regular_file(opt_path)
+            tensors = load_file(str(opt_path))
+        except FileNotFoundError:
+            raise CheckpointError(f"{ckpt}: optim.safetensors is missing (needed to resume training)") from None
+        except (OSError, ValueError, RuntimeError, SafetensorError) as e:
+            raise CheckpointError(f"{opt_path}: corrupt or truncated ({e})") from None
         extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}
-        if optimizers is not None:
+        if "optimizers" not in state:
+            raise CheckpointError(f"{ckpt / 'state.json'}: optimizers is missing (needed to resume training)")
+        try:
             _unflatten_optim(optimizers, {k: v for k, v in tensors.items() if k.startswith("opt")}, state["optimizers"])
+        except (ValueError, KeyError, TypeError) as e:
+            raise CheckpointError(f"{opt_path}: does not fit the run's optimizers ({e})") from None
     return state, extra
 
 
 def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory from a run directory (its latest), a checkpoint dir, or a checkpoints/ dir."""
+    """A checkpoint directory to load a model from: ``path`` itself when it is one, else the newest checkpoint whose
+    model and state are whole under a run directory or its ``checkpoints/`` directory."""
     path = Path(path)
     if (path / "state.json").exists() and (path / "model.safetensors").exists():
         return path
     for mgr_root in (path, path.parent):
-        latest = CheckpointManager(mgr_root).latest()
+        latest = CheckpointManager(mgr_root).latest(INFERENCE_FILES)
         if latest is not None:
             return latest
+    broken = [p for root in (path, path.parent) for _, p in CheckpointManager(root)._step_dirs()]
+    if broken:
+        why = "; ".join(f"{p.name}: {incomplete_reason(p, INFERENCE_FILES)}" for p in broken[-3:])
+        raise CheckpointError(
+            f"no complete checkpoint under {path} ({why}); pass a checkpoint directory itself to load it anyway"
+        )
     raise FileNotFoundError(f"no checkpoint found under {path} (expected RUN_DIR/{CKPT_DIRNAME}/step_*/)")
