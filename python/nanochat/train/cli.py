@@ -50,6 +50,9 @@ def main(
         str | None, typer.Option(help="ternary | fp (full-precision baseline)", rich_help_panel=MODEL)
     ] = None,
     residual: Annotated[str | None, typer.Option(help="mhc_lite | mhc | standard", rich_help_panel=MODEL)] = None,
+    mlp: Annotated[
+        str | None, typer.Option(help="swiglu (llama.cpp bitnet) | relu2 (nanochat arch only)", rich_help_panel=MODEL)
+    ] = None,
     steps: Annotated[int | None, typer.Option(help="optimizer steps", rich_help_panel=OPT)] = None,
     time_budget: Annotated[
         str | None,
@@ -111,6 +114,18 @@ def main(
         int | None, typer.Option(help="checkpoints to keep (plus the best)", rich_help_panel=LOG)
     ] = None,
     log_every: Annotated[int | None, typer.Option(help="print a log line every N steps", rich_help_panel=LOG)] = None,
+    final_eval: Annotated[
+        bool | None,
+        typer.Option(
+            "--final-eval/--no-final-eval",
+            help="HumanEval bpb and line completion at the end (summary.json, lines*.json)",
+            rich_help_panel=LOG,
+        ),
+    ] = None,
+    eval_lines_problems: Annotated[
+        int | None,
+        typer.Option(help="HumanEval problems for the final line completion (0 = skip)", rich_help_panel=LOG),
+    ] = None,
     teacher: Annotated[
         str | None, typer.Option(help="teacher checkpoint/run dir for distillation", rich_help_panel=DISTILL)
     ] = None,
@@ -123,11 +138,13 @@ def main(
     ] = False,
 ) -> None:
     """Train a ternary (BitNet b1.58) GPT with mHC residual streams. See the module docstring for examples."""
-    cli = {k: v for k, v in locals().items() if v is not None and k not in ("dry_run", "quant", "residual", "lr")}
+    cli = {
+        k: v for k, v in locals().items() if v is not None and k not in ("dry_run", "quant", "residual", "mlp", "lr")
+    }
     try:
         if time_budget is not None:
             cli["time_budget"] = parse_duration(time_budget)
-        cfg = resolve_config(cli, quant=quant, residual=residual, lr_scale=lr)
+        cfg = resolve_config(cli, quant=quant, residual=residual, lr_scale=lr, mlp=mlp)
     except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
         _fail(str(e))
     if dry_run:
@@ -161,7 +178,11 @@ def parse_duration(text: str) -> float:
 
 
 def resolve_config(
-    cli: dict[str, Any], quant: str | None = None, residual: str | None = None, lr_scale: float | None = None
+    cli: dict[str, Any],
+    quant: str | None = None,
+    residual: str | None = None,
+    lr_scale: float | None = None,
+    mlp: str | None = None,
 ) -> TrainConfig:
     """Defaults < config's [train] table (or the resumed run's settings) < command-line flags."""
     from nanochat.model import load_config
@@ -180,8 +201,8 @@ def resolve_config(
                     f"--resume {cli['resume']}: the run was trained with {key} = {getattr(cfg, key)!r}; "
                     f"--{key.replace('_', '-')} {cli[key]!r} would build a different model (leave it out)"
                 )
-        if quant is not None or residual is not None:
-            raise ValueError(f"--resume {cli['resume']}: --quant/--residual cannot change a run's model")
+        if quant is not None or residual is not None or mlp is not None:
+            raise ValueError(f"--resume {cli['resume']}: --quant/--residual/--mlp cannot change a run's model")
     else:
         _, train_defaults = load_config(cli.get("config", cfg.config))
         cfg.update(
@@ -194,6 +215,8 @@ def resolve_config(
         overrides["quant"] = quant
     if residual is not None:
         overrides["residual"] = residual
+    if mlp is not None:
+        overrides["mlp"] = mlp
     cfg.model_overrides = overrides
     if lr_scale is not None:
         cfg.lr_muon *= lr_scale

@@ -1,0 +1,140 @@
+"""Recipe ablations: train variants of one config side by side and tabulate the metrics that move at small scale.
+
+    python scripts/ablate.py --config d20 --steps 150 --lines-problems 60 --out runs/ablate
+    python scripts/ablate.py --only base,standard,relu2 ...        # a subset of the variants below
+
+Every variant is one ``nanochat-train`` run of the same config, seed and step count (so the same number of tokens),
+differing only in its flags; runs go one after another (never two at once on a small machine). Equal tokens rather
+than equal wall clock: on a shared machine a wall-clock budget would hand the noisier runs fewer steps. Each
+variant's own speed comes from ``benches/bench_train.py``. The table (markdown, ``ablation.json``) has held-out
+bits-per-byte, HumanEval bits-per-byte, single-line completion (left to right, and FIM where trained), the final
+training loss, tokens/s and wall time; ``ablation.png`` plots bpb against line completion.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+# name: extra nanochat-train flags (on top of the config's defaults)
+VARIANTS: dict[str, list[str]] = {
+    "base": [],
+    "fp": ["--quant", "fp"],
+    "standard": ["--residual", "standard"],
+    "standard_fp": ["--residual", "standard", "--quant", "fp"],
+    "relu2": ["--mlp", "relu2"],
+    "fim0": ["--fim-rate", "0"],
+    "vocab8k": ["--vocab-size", "8192"],
+    "lr_x2": ["--lr", "2"],
+    "lr_half": ["--lr", "0.5"],
+    "batch_x2": ["--batch-size", "__2x__"],
+}
+
+
+def run_variant(name: str, flags: list[str], args: argparse.Namespace, out: Path) -> dict:
+    run_dir = out / name
+    summary = run_dir / "summary.json"
+    if summary.exists() and not args.force:
+        return json.loads(summary.read_text())
+    cmd = [
+        sys.executable, "-m", "nanochat.train", "--config", args.config, "--steps", str(args.steps),
+        "--out", str(run_dir), "--eval-every", "0", "--save-every", "0", "--log-every", "50",
+    ]  # fmt: skip
+    if args.data:
+        cmd += ["--data", args.data]
+    flags = list(flags)
+    if "__2x__" in flags:  # twice the batch: same tokens means half the steps
+        from nanochat.model import load_config
+
+        _, tr = load_config(args.config)
+        flags[flags.index("__2x__")] = str(2 * int(tr["batch_size"]))
+        cmd[cmd.index("--steps") + 1] = str(args.steps // 2)
+    cmd += flags
+    cmd += ["--eval-lines-problems", str(args.lines_problems)]
+    t0 = time.perf_counter()
+    print(f"== {name}: {' '.join(cmd[2:])}", flush=True)
+    with open(out / f"{name}.log", "w") as log:
+        rc = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, check=False).returncode
+    if rc != 0:
+        raise SystemExit(f"{name} failed (exit {rc}); see {out / f'{name}.log'}")
+    s = json.loads(summary.read_text())
+    s["wall_s"] = time.perf_counter() - t0
+    summary.write_text(json.dumps(s, indent=2))
+    return s
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--config", default="d20")
+    ap.add_argument("--steps", type=int, default=150)
+    ap.add_argument("--lines-problems", type=int, default=60, help="HumanEval problems for line completion")
+    ap.add_argument("--data", default=None, help="data spec (default: the trainer's)")
+    ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument("--out", default="runs/ablate")
+    ap.add_argument("--force", action="store_true", help="rerun variants that already have a summary")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    names = args.only.split(",") if args.only else list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise SystemExit(f"unknown variants {unknown}; known: {list(VARIANTS)}")
+    rows = []
+    for name in names:
+        s = run_variant(name, VARIANTS[name], args, out)
+        rows.append({
+            "variant": name, "flags": " ".join(VARIANTS[name]), "tokens": s.get("tokens"),
+            "val_bpb": s.get("final_val_bpb"), "humaneval_bpb": s.get("humaneval_bpb"),
+            "lines": s.get("lines_pass_rate"), "lines_fim": s.get("lines_fim_pass_rate"),
+            "final_loss": s.get("final_loss"), "tok_s": s.get("mean_tok_s"), "wall_s": s.get("wall_s"),
+            "load_avg": list(os.getloadavg()),
+        })  # fmt: skip
+        (out / "ablation.json").write_text(json.dumps(rows, indent=2))
+
+    def f(v: object, fmt: str) -> str:
+        return "-" if v is None else format(v, fmt)
+
+    lines = [
+        f"Ablation of {args.config}, {args.steps} steps each (equal tokens), line completion on "
+        f"{args.lines_problems} HumanEval problems",
+        "",
+        "| variant | flags | val bpb | HumanEval bpb | line pass (L→R) | line pass (FIM) | final loss | tok/s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['variant']} | `{r['flags'] or '(config)'}` | {f(r['val_bpb'], '.4f')} | "
+            f"{f(r['humaneval_bpb'], '.4f')} | {f(r['lines'], '.1%')} | {f(r['lines_fim'], '.1%')} | "
+            f"{f(r['final_loss'], '.4f')} | {f(r['tok_s'], ',.0f')} |"
+        )
+    table = "\n".join(lines)
+    (out / "ablation.md").write_text(table + "\n")
+    print(table)
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7, 4.5), dpi=120)
+        for r in rows:
+            if r["val_bpb"] is not None and r["lines"] is not None:
+                ax.scatter(r["val_bpb"], 100 * r["lines"])
+                ax.annotate(r["variant"], (r["val_bpb"], 100 * r["lines"]), fontsize=8)
+        ax.set_xlabel("held-out bits per byte (lower is better)")
+        ax.set_ylabel("single-line completion pass rate, % (higher is better)")
+        ax.set_title(f"{args.config} ablation, {args.steps} steps each")
+        ax.grid(alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / "ablation.png")
+    except Exception as e:  # the table is the result; the plot is a convenience
+        print(f"(no plot: {e})")
+
+
+if __name__ == "__main__":
+    main()
