@@ -369,3 +369,26 @@ def test_numa_topology_parsing(tmp_path):
     assert "1 NUMA node" in msg and cpus
     cpus, msg = pin_to_node(0, tmp_path / "absent")
     assert "NUMA node" in msg
+
+
+def test_metrics_log_survives_a_full_disk(tmp_path):
+    """A full disk while logging warns once and stops the log; the run itself goes on."""
+    import errno
+
+    log = MetricsLog(tmp_path / "metrics.jsonl")
+    log.write({"step": 1, "loss": 1.0})
+
+    class Full:
+        def write(self, s: str) -> int:
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self) -> None: ...
+
+        def close(self) -> None: ...
+
+    log._f = Full()
+    with pytest.warns(RuntimeWarning, match="disk is full"):
+        log.write({"step": 2, "loss": float("nan")})
+    log.write({"step": 3, "loss": 0.5})  # no second warning, no exception
+    log.close()
+    assert [r["step"] for r in MetricsLog.read(tmp_path / "metrics.jsonl")] == [1]

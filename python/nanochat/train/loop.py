@@ -38,7 +38,16 @@ from nanochat.hardware import choose_dtype
 from nanochat.model import GPT, GPTConfig, load_config
 from nanochat.model.bitlinear import set_matmul_dtype
 from nanochat.optim import build_optimizers, wsd
-from nanochat.train.checkpoint import CheckpointManager, find_checkpoint, load_checkpoint, write_json_atomic
+from nanochat.train.checkpoint import (
+    CheckpointManager,
+    checkpoint_model_config,
+    disk_can_hold_one_checkpoint,
+    find_checkpoint,
+    load_checkpoint,
+    safe_write,
+    state_bytes,
+    write_json_atomic,
+)
 from nanochat.train.config import TrainConfig
 from nanochat.train.metrics import MetricsLog, Throughput, console, make_progress, plot_losses
 
@@ -162,8 +171,7 @@ def build_model(cfg: TrainConfig, vocab_size: int) -> tuple[GPT, GPTConfig, dict
 
 def load_teacher(path: str, device: torch.device) -> GPT:
     ckpt = find_checkpoint(Path(path))
-    state = json.loads((ckpt / "state.json").read_text())
-    teacher = GPT(GPTConfig(**state["model_config"]))
+    teacher = GPT(checkpoint_model_config(ckpt))
     load_checkpoint(ckpt, teacher)
     teacher.to(device).eval()
     for p in teacher.parameters():
@@ -339,6 +347,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     start_step, best_val = 0, math.inf
     ckpts = CheckpointManager(run_dir, keep_last=cfg.keep_last)
+    if rt.is_main:
+        ckpts.clean_leftovers()  # temp and trash files of killed runs
+        disk_can_hold_one_checkpoint(run_dir, state_bytes(model))  # warns now, not after hours of training
     if resume_dir is not None:
         ckpt = ckpts.latest()
         if ckpt is None:
@@ -544,8 +555,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             "elapsed_s": elapsed,
             **evals,
         }
-        write_json_atomic(run_dir / "summary.json", summary)
-        plot_losses(records, run_dir / "loss.png", f"{Path(cfg.config).stem} ({model_cfg.quant}, {model_cfg.residual})")
+        summary["checkpoint"] = ckpts.outcome()
+        safe_write(lambda: write_json_atomic(run_dir / "summary.json", summary), "summary.json")
+        title = f"{Path(cfg.config).stem} ({model_cfg.quant}, {model_cfg.residual})"
+        safe_write(lambda: plot_losses(records, run_dir / "loss.png", title), "loss.png")
         print_outcome(summary, run_dir)
     if rt.ddp:
         dist.barrier()
@@ -596,9 +609,7 @@ def print_outcome(summary: dict[str, Any], run_dir: Path) -> None:
     step, planned = summary["steps"], summary["planned_steps"]
     if not summary["finished"]:
         why = f" ({summary['stopped_by']})" if summary.get("stopped_by") else ""
-        console.print(
-            f"[yellow]stopped at step {step} of {planned}{why}[/]; checkpoint and logs in {run_dir}", soft_wrap=True
-        )
+        console.print(f"[yellow]stopped at step {step} of {planned}{why}[/]; {summary['checkpoint']}", soft_wrap=True)
         console.print(f"resume with: nanochat-train --resume {run_dir}", soft_wrap=True)
         return
     loss = summary.get("final_loss")
@@ -614,7 +625,9 @@ def print_outcome(summary: dict[str, Any], run_dir: Path) -> None:
         if summary.get(key) is not None:
             parts.append(f"{label} {fmt.format(summary[key])}")
     console.print("[green]done[/]: " + ", ".join(parts))
-    console.print(f"summary.json, metrics.jsonl, loss.png and checkpoints in {run_dir}\nnext:")
+    console.print(
+        f"summary.json, metrics.jsonl and loss.png in {run_dir}; {summary['checkpoint']}\nnext:", soft_wrap=True
+    )
     console.print(
         f"  nanochat-export {run_dir} --format gguf --out {run_dir}/model.gguf   # for llama.cpp / the server"
     )

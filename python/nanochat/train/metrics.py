@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
 import time
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +30,20 @@ class MetricsLog:
             tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
             os.replace(tmp, path)
         self._f = open(path, "a")
+        self._full = False
 
     def write(self, record: dict[str, Any]) -> None:
-        self._f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
-        self._f.flush()
+        """Append one record; a full disk warns once and stops the log rather than the run."""
+        if self._full:
+            return
+        try:
+            self._f.write(json.dumps(finite_json(record), allow_nan=False) + "\n")
+            self._f.flush()
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            self._full = True
+            warnings.warn(f"{self.path}: the disk is full; metrics are no longer logged ({e})", RuntimeWarning, 2)
 
     def last_time(self) -> float:
         """The ``time`` of the last record kept (0 when none): where a resumed run's clock continues."""
@@ -39,7 +51,11 @@ class MetricsLog:
         return float(times[-1]) if times else 0.0
 
     def close(self) -> None:
-        self._f.close()
+        try:
+            self._f.close()
+        except OSError as e:  # the last buffered bytes could not be written
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
 
     @staticmethod
     def read(path: Path) -> list[dict[str, Any]]:
