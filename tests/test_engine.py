@@ -484,3 +484,14 @@ def test_engine_from_gguf_matches_the_models_torch_twin(tokenizer, tmp_path, res
     want = full_logits(loaded.torch_model(), ids)
     s = eng.rust.new_session()
     assert_logits_close(s.forward_all(ids), want, "gguf")
+
+
+def test_sample_cli_bad_model_is_one_line_error(tmp_path) -> None:
+    from typer.testing import CliRunner
+
+    from nanochat.engine.cli import app
+
+    for bad in (tmp_path / "missing.gguf", tmp_path):
+        r = CliRunner().invoke(app, ["--model", str(bad), "--prompt", "x"])
+        assert r.exit_code == 2, r.output
+        assert "error:" in r.output and "Traceback" not in r.output

@@ -111,11 +111,17 @@ def main(
     if threads > 0:
         torch.set_num_threads(threads)
     t0 = time.perf_counter()
-    loaded = _load(model)
-    if isinstance(loaded, tuple):  # (GPT, Tokenizer)
-        engine = Engine(loaded[0], loaded[1], backend=backend, device=device, threads=threads or None, head=head, kv=kv)
-    else:
-        engine = Engine(loaded, backend=backend, device=device, threads=threads or None, head=head, kv=kv)
+    try:
+        loaded = _load(model)
+        if isinstance(loaded, tuple):  # (GPT, Tokenizer)
+            engine = Engine(
+                loaded[0], loaded[1], backend=backend, device=device, threads=threads or None, head=head, kv=kv
+            )
+        else:
+            engine = Engine(loaded, backend=backend, device=device, threads=threads or None, head=head, kv=kv)
+    except (OSError, ValueError) as e:  # a missing or damaged file, a bad --backend/--device: one line, exit 2
+        typer.secho(f"error: {e}", err=True, fg="red")
+        raise typer.Exit(2) from None
     t_load = time.perf_counter() - t0
     source: str | list[int]
     stop_ids = None
