@@ -78,10 +78,13 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in MetricsLog.read(run / "metrics.jsonl") if "loss" in r]
 
 
-def test_exact_resume(tmp_path, corpus, data_dir):
-    straight = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "a")))
+@pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
+def test_exact_resume(tmp_path, corpus, data_dir, compile_):
+    """Under the default dtype (bf16 on this CPU), eager and torch.compile'd: N steps straight and N/2 + resume +
+    N/2 give bit-identical losses and weights."""
+    straight = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "a"), compile=compile_))
     assert straight["finished"] and straight["steps"] == 6
-    first = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "b"), stop_after=3))
+    first = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "b"), stop_after=3, compile=compile_))
     assert first["steps"] == 3 and not first["finished"]
     resumed = train(resolve_config({"resume": str(tmp_path / "b"), "threads": 1}))
     assert resumed["finished"]
