@@ -386,6 +386,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     train_model: torch.nn.Module = model
     if cfg.compile:
+        for _, res in model.residuals():  # build the constant permutation bases now, outside the traced graph
+            if res.kind == "mhc_lite":
+                res.basis(torch.empty(0, device=rt.device))
         train_model = torch.compile(train_model)
     if rt.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
