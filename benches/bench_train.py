@@ -1,6 +1,7 @@
 """Training-step throughput: today's fp32 default vs the new default (bf16 on the CPU's matrix unit), in one run.
 
     python benches/bench_train.py [--configs tiny_cpu,d20] [--steps 5] [--rounds 2] [--threads N] [--json PATH]
+    python benches/bench_train.py --device cuda --configs d20,nano_125m   # tokens/s and MFU on a GPU
                                   [--extra]   # also the plain-torch dense baseline and torch.compile
 
 Variants, each in a fresh subprocess (so the allocator settings and thread pools of one never leak into the next),
@@ -109,12 +110,14 @@ def worker(spec: dict) -> dict:
     cfg, tr = load_config(spec["config"])
     variant = spec["variant"]
     quant, new, compile_ = ("fp", False, False) if variant == "plain" else VARIANTS[variant]
-    dtype = choose_dtype(torch.device("cpu"))[0] if new else torch.float32
+    device = torch.device(spec.get("device", "cpu"))
+    dtype = choose_dtype(device)[0] if new else torch.float32
     set_matmul_dtype(dtype)
     if new:
         keep_freed_memory()
     torch.manual_seed(0)
     model: nn.Module = PlainGPT(cfg) if variant == "plain" else GPT(cfg.replace(quant=quant))
+    model.to(device)
     flops_tok = GPT.flops_per_token(model, spec["seq"]) if isinstance(model, GPT) else None
     opt = build_optimizers(model, ns_dtype=dtype if new else torch.float32)
     if compile_:
@@ -122,9 +125,10 @@ def worker(spec: dict) -> dict:
     model.train()
     g = torch.Generator().manual_seed(0)
     batch, seq = spec["batch"], spec["seq"]
-    x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-    y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g)
-    ctx = torch.autocast("cpu", dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    x = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
+    y = torch.randint(0, cfg.vocab_size, (batch, seq), generator=g).to(device)
+    ctx = torch.autocast(device.type, dtype=torch.bfloat16) if dtype == torch.bfloat16 else contextlib.nullcontext()
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
@@ -135,6 +139,7 @@ def worker(spec: dict) -> dict:
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        sync()
         if i >= spec["warmup"]:
             times.append(time.perf_counter() - t0)
     if flops_tok is None:  # the plain baseline: the same matmul shapes as the fp twin
@@ -166,6 +171,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=None, help="default: the config's batch_size")
     ap.add_argument("--seq", type=int, default=None, help="default: the config's seq_len")
     ap.add_argument("--threads", type=int, default=0, help="0: torch's default")
+    ap.add_argument("--device", default="cpu", choices=["cpu", "cuda"], help="cuda: MFU against the GPU's bf16 peak")
     ap.add_argument("--extra", action="store_true", help="also the plain dense torch baseline")
     ap.add_argument("--json", default=None)
     ap.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -174,11 +180,11 @@ def main() -> None:
         print(json.dumps(worker(json.loads(args.worker))))
         return
 
-    from nanochat.hardware import cpu_matrix_unit
+    from nanochat.hardware import cpu_matrix_unit, cuda_matrix_unit
 
     console = Console(width=150)
     threads = args.threads or torch.get_num_threads()
-    best = cpu_matrix_unit(torch.bfloat16, threads)
+    best = cuda_matrix_unit() if args.device == "cuda" else cpu_matrix_unit(torch.bfloat16, threads)
     names = list(VARIANTS) + (["plain"] if args.extra else [])
     load0 = os.getloadavg()
     console.print(
@@ -194,7 +200,7 @@ def main() -> None:
         seq = args.seq or int(tr.get("seq_len", 256))
         specs += [
             {"config": name, "variant": v, "batch": batch, "seq": seq, "steps": args.steps,
-             "warmup": args.warmup, "threads": args.threads}
+             "warmup": args.warmup, "threads": args.threads, "device": args.device}
             for v in names
         ]  # fmt: skip
     for r in range(args.rounds):

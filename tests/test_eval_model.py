@@ -73,6 +73,13 @@ def test_bpb_command(run_dir, tmp_path):
     assert 0 < res["bpb"] < 20 and res["tokens"] > 0 and res["bytes"] > res["tokens"] * 0.5
 
 
+def test_bpb_of_a_run_lands_in_the_run(run_dir):
+    (run_dir / "bpb.json").unlink(missing_ok=True)
+    r = CliRunner().invoke(eval_app, ["bpb", "--model", str(run_dir), "--max-tokens", "2048"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((run_dir / "bpb.json").read_text())["tokens"] > 0
+
+
 def test_humaneval_with_model_and_report(run_dir):
     he = run_dir / "humaneval.json"
     r = CliRunner().invoke(
@@ -91,10 +98,8 @@ def test_humaneval_with_model_and_report(run_dir):
             "0.8",
             "--max-new-tokens",
             "24",
-            "--out",
-            str(he),
         ],
-    )
+    )  # no --out: a run directory collects its own results
     assert r.exit_code == 0, r.output
     res = json.loads(he.read_text())
     assert len(res["records"]) == 4

@@ -115,3 +115,17 @@ def choose_dtype(device: torch.device, requested: str = "auto") -> tuple[torch.d
             return torch.bfloat16, "CPU has AVX512-BF16 (vdpbf16ps): 2x fp32 FMA"
         return torch.float32, "CPU has no bf16 matrix unit (no amx_bf16/avx512_bf16): fp32 is faster"
     return torch.float32, f"device {device.type}: float32"
+
+
+# Dense bf16 tensor-core peaks (TFLOP/s, no sparsity) by device-name substring, for MFU on a GPU.
+CUDA_BF16_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "4090": 165.0}
+
+
+def cuda_matrix_unit() -> MatrixUnit:
+    """The current CUDA device's bf16 peak as a :class:`MatrixUnit` (``mhz`` is 1 and FLOP/cycle the peak in MFLOP
+    so that ``peak_flops`` comes out right); an unknown device raises, rather than report a made-up MFU."""
+    name = torch.cuda.get_device_name()
+    for key, tflops in CUDA_BF16_TFLOPS.items():
+        if key in name:
+            return MatrixUnit(f"cuda ({name})", int(tflops * 1e6), 1.0, 1)
+    raise ValueError(f"no bf16 peak known for {name!r}: add it to nanochat.hardware.CUDA_BF16_TFLOPS")

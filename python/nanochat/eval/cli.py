@@ -123,8 +123,12 @@ def humaneval_cmd(
         help="Run programs with resource limits only, NO isolation. Trusted code only.",
         rich_help_panel="Execution",
     ),
-    out: Path = typer.Option(
-        Path("humaneval_results.json"), "--out", help="Results JSON (written atomically).", rich_help_panel="Output"
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        help="Results JSON (written atomically) [default: RUN/humaneval.json for a run directory, "
+        "else ./humaneval_results.json].",
+        rich_help_panel="Output",
     ),
 ) -> None:
     """Run HumanEval: generate with --model or evaluate --samples, in a sandbox; print pass@k, write JSON."""
@@ -140,6 +144,9 @@ def humaneval_cmd(
 
     if (model is None) == (samples is None):
         raise _fail("give exactly one of --model PATH or --samples FILE.jsonl")
+    if out is None:  # a run directory collects its own results, where `nanochat-eval report` looks
+        is_run = model is not None and model.is_dir() and (model / "config.json").is_file()
+        out = model / "humaneval.json" if is_run and model is not None else Path("humaneval_results.json")
     ks = _parse_ks(k)
     try:
         if samples is not None:
@@ -356,7 +363,10 @@ def bpb_cmd(
         f"bpb [bold]{res['bpb']:.4f}[/]  val loss {res['val_loss']:.4f}  ({res['tokens']:,} tokens, "
         f"{res['bytes']:,} bytes, {res['seconds']:.1f} s)"
     )
+    if out is None and model.is_dir() and (model / "config.json").is_file():
+        out = model / "bpb.json"  # a run directory collects its own results, where `report` looks
     if out is not None:
+        console.print(f"written to [bold]{out}[/]")
         tmp = out.with_name(f".{out.name}.tmp")
         tmp.write_text(json.dumps(res, indent=2))
         tmp.replace(out)

@@ -210,6 +210,8 @@ def resolve_config(
             f"config {cli.get('config', cfg.config)} [train]",
         )
     cfg.update(cli, "command line")
+    if "steps" in cli and "time_budget" not in cli and not cli.get("resume"):
+        cfg.time_budget = None  # an explicit --steps wins over a config's time budget
     overrides = dict(cfg.model_overrides)
     if quant is not None:
         overrides["quant"] = quant

@@ -45,6 +45,7 @@ class TrainConfig:
     log_every: int = 10  # plain log line every N steps (the progress bar updates every step)
     eval_every: int = 100  # validation loss/bpb every N steps (0 = only at the end)
     eval_batches: int = 8  # validation batches per evaluation
+    final_eval_batches: int = 0  # validation batches at the last step (0 = eval_batches): a larger, steadier val set
     mhc_diag_every: int = 50  # mHC diagnostics every N steps
     final_eval: bool = True  # at the end: HumanEval bpb and line completion (lines.json, summary.json)
     eval_lines_problems: int = 164  # HumanEval problems whose solution lines are completed at the end (0 = skip)

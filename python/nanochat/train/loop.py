@@ -514,7 +514,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
             is_last = step == end_step
             val_loss = None
             if rt.is_main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                val = evaluate(model, val_loader, token_bytes, rt, cfg.eval_batches)
+                n_val = cfg.final_eval_batches if step == cfg.steps and cfg.final_eval_batches else cfg.eval_batches
+                val = evaluate(model, val_loader, token_bytes, rt, n_val)
                 val_loss = val["val_loss"]
                 best_val = min(best_val, val_loss)
                 log.write({"step": step, **val})
