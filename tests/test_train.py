@@ -84,6 +84,9 @@ def test_exact_resume(tmp_path, corpus, data_dir, compile_):
     N/2 give bit-identical losses and weights."""
     straight = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "a"), compile=compile_))
     assert straight["finished"] and straight["steps"] == 6
+    from nanochat.model.bitlinear import get_matmul_dtype
+
+    assert get_matmul_dtype() == torch.float32  # the run's bf16 choice does not leak into the caller
     first = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "b"), stop_after=3, compile=compile_))
     assert first["steps"] == 3 and not first["finished"]
     resumed = train(resolve_config({"resume": str(tmp_path / "b"), "threads": 1}))

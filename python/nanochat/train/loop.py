@@ -36,7 +36,7 @@ from nanochat.data import TokenLoader, bits_per_byte, bpb_sums, prepare_data
 from nanochat.data.fim import chunk_chars_for
 from nanochat.hardware import choose_dtype
 from nanochat.model import GPT, GPTConfig, load_config
-from nanochat.model.bitlinear import set_matmul_dtype
+from nanochat.model.bitlinear import get_matmul_dtype, set_matmul_dtype
 from nanochat.optim import build_optimizers, wsd
 from nanochat.train.checkpoint import (
     CheckpointManager,
@@ -277,7 +277,16 @@ def default_run_dir(cfg: TrainConfig) -> Path:
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
-    """Run (or resume) training; returns the summary dict (also written to summary.json)."""
+    """Run (or resume) training; returns the summary dict (also written to summary.json). The process-wide
+    BitLinear matmul dtype the run chose is restored afterwards, so a caller's later forwards are unaffected."""
+    prev = get_matmul_dtype()
+    try:
+        return _train(cfg)
+    finally:
+        set_matmul_dtype(prev)
+
+
+def _train(cfg: TrainConfig) -> dict[str, Any]:
     resume_dir = Path(cfg.resume) if getattr(cfg, "resume", None) else None
     rt = setup_runtime(cfg)
     if cfg.numa_node is not None:
