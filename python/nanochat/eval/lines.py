@@ -230,10 +230,16 @@ def generation_cut(text: str, last_line: str = "", *, span: bool = False) -> int
 # Judging one written line
 
 
+# CPython 3.11's AST builder keeps a recursion-depth counter that concurrent parses corrupt ("SystemError: AST
+# constructor recursion depth mismatch", gh-106905): judges run in a thread pool, so parsing is serialized (it
+# holds the GIL anyway, so nothing is lost).
+_PARSE_LOCK = threading.Lock()
+
+
 def _compiled_tree(program: str) -> ast.AST | str:
     """The syntax tree of a program that compiles, else why it does not (never executes anything)."""
     try:
-        with warnings.catch_warnings():
+        with _PARSE_LOCK, warnings.catch_warnings():
             warnings.simplefilter("ignore")  # SyntaxWarnings (invalid escapes, `is` with a literal) are not errors
             tree = ast.parse(program)
             compile(tree, "<lines>", "exec", dont_inherit=True)  # symbol-table errors appear only here
