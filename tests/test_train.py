@@ -285,6 +285,11 @@ def test_time_budget_fixes_the_step_count_from_the_measured_pace(tmp_path, corpu
     assert 6 < s["steps"] < 100000
     # the pace of steps 2..6 times the steps left fills the budget: the run ends near it, not at 100,000 steps
     assert recs[-1]["time"] < 4.0 * 3
+    # d20 trains on a time budget by default; an explicit --steps replaces it
+    d20 = json.loads(CliRunner().invoke(app, ["--config", "d20", "--dry-run"]).output)["train"]
+    assert d20["time_budget"] and d20["time_budget"] > 0
+    fixed = json.loads(CliRunner().invoke(app, ["--config", "d20", "--steps", "7", "--dry-run"]).output)["train"]
+    assert fixed["time_budget"] is None and fixed["steps"] == 7
     from nanochat.train.cli import parse_duration
 
     assert [parse_duration(x) for x in ("90", "90s", "20m", "1.5h")] == [90, 90, 1200, 5400]
