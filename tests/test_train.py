@@ -265,13 +265,17 @@ def test_resume_command_verbatim_on_a_non_default_config(tmp_path, corpus, data_
 def test_final_evaluation_lands_in_summary_and_run_dir(tmp_path, corpus, data_dir):
     """A finished run ends with HumanEval bpb and line completion (left to right, and FIM when trained with FIM)."""
     out = tmp_path / "ev"
-    s = train(make_cfg(tmp_path, corpus, data_dir, out=str(out), final_eval=True, eval_lines_problems=2))
+    s = train(
+        make_cfg(tmp_path, corpus, data_dir, out=str(out), final_eval=True, eval_lines_problems=2, final_eval_batches=3)
+    )
     assert s["finished"] and s["humaneval_bpb"] > 0
     lines = json.loads((out / "lines.json").read_text())
     assert s["lines_tasks"] == lines["tasks"] > 0 and 0 <= s["lines_pass_rate"] <= 1
     assert s["lines_passed"] == round(s["lines_pass_rate"] * s["lines_tasks"])
     assert (out / "lines_fim.json").exists() and "lines_fim_pass_rate" in s
     assert s["val_tokens"] > 0 and s["final_val_bpb"] > 0
+    last_val = [r for r in MetricsLog.read(out / "metrics.jsonl") if "val_loss" in r][-1]
+    assert last_val["final_val_tokens"] == s["val_tokens"] == 3 * last_val["val_tokens"]  # bigger set, logged apart
     seen = json.loads((out / "data.json").read_text())  # what the run saw, copied from the data cache
     assert seen and "fingerprint" in json.dumps(seen)
 

@@ -523,13 +523,18 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             is_last = step == end_step
             val_loss = None
             if rt.is_main and ((cfg.eval_every and step % cfg.eval_every == 0) or step == cfg.steps):
-                n_val = cfg.final_eval_batches if step == cfg.steps and cfg.final_eval_batches else cfg.eval_batches
-                val = evaluate(model, val_loader, token_bytes, rt, n_val)
-                val_loss = val["val_loss"]
+                val = evaluate(model, val_loader, token_bytes, rt, cfg.eval_batches)
+                val_loss = val["val_loss"]  # the same batches every time: the curve and "best" compare like with like
                 best_val = min(best_val, val_loss)
-                log.write({"step": step, **val})
+                rec = {"step": step, **val}
+                if step == cfg.steps and cfg.final_eval_batches > cfg.eval_batches:
+                    # the run's reported held-out numbers come from a larger, steadier set, logged beside the curve
+                    val = evaluate(model, val_loader, token_bytes, rt, cfg.final_eval_batches)
+                    rec.update({f"final_{k}": v for k, v in val.items()})
+                log.write(rec)
                 progress.console.print(
-                    f"step {step:5d} | val loss {val['val_loss']:.4f} | val bpb {val['val_bpb']:.4f}"
+                    f"step {step:5d} | val loss {val['val_loss']:.4f} | val bpb {val['val_bpb']:.4f} "
+                    f"({val['val_tokens']:,} held-out tokens)"
                 )
             stop_now = stop.signal is not None
             if rt.ddp:
