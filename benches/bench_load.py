@@ -62,15 +62,30 @@ def main() -> None:
         path = export_gguf(model, tok, Path(d) / "m.gguf")
         del model
         size = path.stat().st_size
-        runs = [json.loads(subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True,
-                                          check=True).stdout.strip().splitlines()[-1]) for _ in range(args.repeat)]
+        runs = [
+            json.loads(
+                subprocess.run([sys.executable, "-c", CHILD, str(path)], capture_output=True, text=True, check=True)
+                .stdout.strip()
+                .splitlines()[-1]
+            )
+            for _ in range(args.repeat)
+        ]
     best = min(runs, key=lambda r: r["total_ms"])
-    rec = {"config": args.config, "file_mb": size / 2**20, "load_ms": best["load_ms"], "engine_ms": best["engine_ms"],
-           "first_token_ms": best["first_token_ms"], "total_ms": best["total_ms"],
-           "rss_delta_mb": best["rss_delta"] / 2**20, "rss_ratio": best["rss_delta"] / size}
-    print(f"{args.config}: GGUF {rec['file_mb']:.1f} MiB | load {rec['load_ms']:.1f} ms + engine {rec['engine_ms']:.1f} ms"
-          f" + first token {rec['first_token_ms']:.1f} ms = {rec['total_ms']:.1f} ms | RSS +{rec['rss_delta_mb']:.1f} MiB"
-          f" ({rec['rss_ratio']:.2f}× the file)  [best of {args.repeat}]")
+    rec = {
+        "config": args.config,
+        "file_mb": size / 2**20,
+        "load_ms": best["load_ms"],
+        "engine_ms": best["engine_ms"],
+        "first_token_ms": best["first_token_ms"],
+        "total_ms": best["total_ms"],
+        "rss_delta_mb": best["rss_delta"] / 2**20,
+        "rss_ratio": best["rss_delta"] / size,
+    }
+    print(
+        f"{args.config}: GGUF {rec['file_mb']:.1f} MiB | load {rec['load_ms']:.1f} ms + engine {rec['engine_ms']:.1f} ms"
+        f" + first token {rec['first_token_ms']:.1f} ms = {rec['total_ms']:.1f} ms | RSS +{rec['rss_delta_mb']:.1f} MiB"
+        f" ({rec['rss_ratio']:.2f}× the file)  [best of {args.repeat}]"
+    )
     if args.json:
         Path(args.json).write_text(json.dumps([rec], indent=2))
 

@@ -32,12 +32,12 @@ import httpx
 import openai
 import pytest
 import torch
+from serve_fakes import FakeBackend, FakeTokenizer
 
 from nanochat.engine.sampling import sample
-from nanochat.serve import EngineBackend, FakeBackend, SamplingParams, Settings, create_app
+from nanochat.serve import EngineBackend, SamplingParams, Settings, create_app
 from nanochat.serve.app import SlotPool
 from nanochat.serve.backend import (
-    FakeTokenizer,
     IncrementalDecoder,
     StopMatcher,
     deltas_from_tokens,

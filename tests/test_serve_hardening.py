@@ -46,10 +46,11 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
+from serve_fakes import FakeBackend, FakeTokenizer
 
 from nanochat.engine.sampling import MIN_TEMPERATURE, filter_logits, sample
-from nanochat.serve import EngineBackend, FakeBackend, SamplingParams, Settings, create_app
-from nanochat.serve.backend import FakeTokenizer, TokenTexts
+from nanochat.serve import EngineBackend, SamplingParams, Settings, create_app
+from nanochat.serve.backend import TokenTexts
 from nanochat.serve.testing import ServerThread, build_tiny_model, free_port, iter_sse, parse_metrics
 
 CTX = 256
@@ -589,9 +590,11 @@ def test_new_requests_during_shutdown_get_an_openai_shaped_503() -> None:
     asyncio.run(run())
 
 
-SERVER_SCRIPT = """
+SERVER_SCRIPT = f"""
 import sys
-from nanochat.serve import FakeBackend, Settings, create_app
+sys.path.insert(0, {str(Path(__file__).parent)!r})  # the test doubles live in tests/
+from serve_fakes import FakeBackend
+from nanochat.serve import Settings, create_app
 from nanochat.serve.server import make_server
 settings = Settings(port=int(sys.argv[1]), max_concurrent=1, shutdown_grace=float(sys.argv[2]), log_requests=False)
 backend = FakeBackend(reply="word " * 4000, token_delay=0.01)  # 20000 tokens: ~200 s, far beyond the test

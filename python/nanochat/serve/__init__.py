@@ -14,7 +14,7 @@ graceful SIGTERM), ``static/chat.html`` (the page served at ``/``).
 """
 
 from nanochat.serve.app import create_app
-from nanochat.serve.backend import Backend, Delta, EngineBackend, FakeBackend, SamplingParams
+from nanochat.serve.backend import Backend, Delta, EngineBackend, SamplingParams
 from nanochat.serve.settings import Settings
 
-__all__ = ["Backend", "Delta", "EngineBackend", "FakeBackend", "SamplingParams", "Settings", "create_app"]
+__all__ = ["Backend", "Delta", "EngineBackend", "SamplingParams", "Settings", "create_app"]
