@@ -81,6 +81,7 @@ def test_bf16_output_follows_autocast(bf16_matmuls: None) -> None:
 
 def test_fp_twin_and_eval_kernel_are_untouched_by_bf16(bf16_matmuls: None) -> None:
     fp = BitLinear(256, 128, quant="fp")
+    torch.nn.init.normal_(fp.weight)  # BitLinear allocates with torch.empty: initialise before comparing
     x = torch.randn(3, 256)
     torch.testing.assert_close(fp(x), F.linear(x, fp.weight), rtol=0, atol=0)
     tern = BitLinear(256, 128).eval()
