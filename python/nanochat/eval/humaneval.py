@@ -496,8 +496,13 @@ def summary_table(result: Mapping[str, Any]) -> Table:
 
 def print_summary(result: Mapping[str, Any], console: Console | None = None) -> None:
     """Print the summary table, then warnings (red) and notes."""
+    print_with_notes(summary_table(result), result, console)
+
+
+def print_with_notes(table: Table, result: Mapping[str, Any], console: Console | None = None) -> None:
+    """A results table, then the result's warnings (red) and notes: shared by every results document."""
     console = console or Console()
-    console.print(summary_table(result))
+    console.print(table)
     for w in result.get("warnings", []):
         console.print(f"[bold red]WARNING:[/] {w}")
     for note in result.get("notes", []):

@@ -709,12 +709,10 @@ def summary_table(result: Mapping[str, Any]) -> Table:
 
 
 def print_summary(result: Mapping[str, Any], console: Console | None = None) -> None:
-    console = console or Console()
-    console.print(summary_table(result))
-    for w in result.get("warnings", []):
-        console.print(f"[bold red]WARNING:[/] {w}")
-    for note in result.get("notes", []):
-        console.print(f"[yellow]note:[/] {note}")
+    """Print the summary table, then warnings (red) and notes."""
+    from .humaneval import print_with_notes
+
+    print_with_notes(summary_table(result), result, console)
 
 
 # --------------------------------------------------------------------------------------------------------
