@@ -231,6 +231,74 @@ def test_observed_rates_match_the_settings(rate: float, spm_rate: float) -> None
     assert abs(np.mean(lo_pos) - 1 / 3) < tol and abs(np.mean(hi_pos) - 2 / 3) < tol
 
 
+def code_doc(rng: random.Random, n_lines: int) -> str:
+    """Indented lines with blank lines and trailing spaces, like source code."""
+    out = []
+    for _ in range(n_lines):
+        r = rng.random()
+        if r < 0.1:
+            out.append(" " * rng.randint(0, 3))  # blank (maybe whitespace-only) line
+        else:
+            out.append(
+                " " * (4 * rng.randint(0, 3)) + f"x{rng.randint(0, 99)} = f({rng.randint(0, 9)})" + " " * (r < 0.2)
+            )
+    return "\n".join(out) + "\n"
+
+
+@pytest.mark.parametrize("spm_rate", [0.0, 1.0])
+def test_line_aligned_examples_are_whole_line_requests(spm_rate: float) -> None:
+    """With ``line_rate = 1`` every FIM example asks for whole lines the way ``nanochat-eval lines --fim`` does:
+    the prefix ends at the last non-whitespace character before a line break, the middle is that break, any blank
+    lines and 1-8 lines, and the suffix starts with the break that ends them."""
+    rng = random.Random(3)
+    cfg = FimConfig(rate=1.0, spm_rate=spm_rate, chunk_chars=200, seed=0, line_rate=1.0)
+    seen = 0
+    spans: set[int] = set()
+    for _ in range(40):
+        doc = code_doc(rng, 60)
+        for p in plan_document(doc, cfg):
+            assert p.mode != "plain"
+            if (p.prefix + p.middle + p.suffix).count("\n") < 2:
+                continue  # too short for a line cut: character-level
+            seen += 1
+            assert p.prefix == p.prefix.rstrip(), p
+            assert p.suffix.startswith("\n"), p
+            gap = p.middle[: len(p.middle) - len(p.middle.lstrip())]
+            assert "\n" in gap, p  # the middle starts with the line break after the prefix
+            # brute force: the masked lines are whole lines of the chunk
+            text_lines = (p.prefix + p.middle + p.suffix).split("\n")
+            before = (p.prefix + p.middle).count("\n")
+            first = p.prefix.count("\n") + gap.count("\n")
+            assert (p.prefix + p.middle).split("\n")[-1] == text_lines[before]
+            n = before - p.prefix.count("\n")
+            assert 1 <= n - (gap.count("\n") - 1) <= 8, p
+            assert first <= before
+            spans.add(n)
+    assert seen > 200
+    assert 1 in spans and max(spans) >= 5  # one line half the time, else up to 8
+
+
+def test_line_rate_share_and_cache_key() -> None:
+    rng = random.Random(4)
+    docs = [code_doc(rng, 60) for _ in range(60)]
+    cfg = FimConfig(rate=1.0, chunk_chars=200, seed=0, line_rate=0.3)
+    k = aligned = 0
+    for d in docs:
+        for p in plan_document(d, cfg):
+            k += 1
+            aligned += (
+                p.suffix.startswith("\n")
+                and p.prefix == p.prefix.rstrip()
+                and "\n" in p.middle[: 1 + len(p.middle) - len(p.middle.lstrip())]
+            )
+    # character cuts land on such a boundary only by chance (well under 10%)
+    assert 0.3 * k - 4.5 * math.sqrt(k * 0.21) <= aligned <= 0.4 * k + 4.5 * math.sqrt(k * 0.24), (aligned, k)
+    assert "line_rate" not in FimConfig(rate=0.5).cache_key()
+    assert FimConfig(rate=0.5, line_rate=0.3).cache_key()["line_rate"] == 0.3
+    with pytest.raises(ValueError, match="fim_line_rate"):
+        FimConfig(rate=0.5, line_rate=2.0)
+
+
 def test_transform_is_deterministic_per_document() -> None:
     rng = random.Random(2)
     docs = [random_doc(rng, 80) for _ in range(5)]

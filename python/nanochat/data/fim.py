@@ -27,6 +27,12 @@ Notable choices:
   so more than half are seen whole and the rest still show their sentinels and much of both sides. Consecutive
   plain chunks are merged back and tokenized as one text, so with ``rate = 0`` a document tokenizes exactly as
   without FIM.
+- **Line-aligned examples** (``line_rate``, a share of the FIM examples): the middle is one to a few whole lines,
+  cut the way an editor asks for a line: the prefix ends at the last non-whitespace character before a line break,
+  the middle is that line break, the indentation and the line(s), and the suffix starts with the line break that
+  ends them. Character-level cuts alone almost never start a middle at a line break, and a small model trained only
+  on them answers a whole-line request with the tail of a word (``nanochat-eval lines --fim`` measured it: 0.9% of
+  lines, below the 2.6% that an empty answer passes).
 - **Deterministic**: the random draws come from a generator seeded with ``(seed, sha256(text))``, so a document
   gets the same examples in every build, whatever its position or the other documents.
 - Only the *train* split is transformed (see :func:`nanochat.data.shards.build_shards`): validation stays plain
@@ -77,6 +83,7 @@ class FimConfig:
     spm_rate: float = DEFAULT_FIM_SPM_RATE  # probability that a FIM example is SPM (else PSM)
     chunk_chars: int = DEFAULT_FIM_CHUNK_CHARS  # documents are cut at line boundaries into chunks of at most this
     seed: int = 0  # with the document's text, seeds every random draw
+    line_rate: float = 0.0  # probability that a FIM example's cuts are line-aligned (whole lines as the middle)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.rate <= 1.0:
@@ -85,6 +92,8 @@ class FimConfig:
             raise ValueError(f"fim_spm_rate must be in [0, 1], got {self.spm_rate}")
         if self.chunk_chars < 1:
             raise ValueError(f"fim_chunk_chars must be >= 1, got {self.chunk_chars}")
+        if not 0.0 <= self.line_rate <= 1.0:
+            raise ValueError(f"fim_line_rate must be in [0, 1], got {self.line_rate}")
 
     @property
     def enabled(self) -> bool:
@@ -100,6 +109,7 @@ class FimConfig:
             "spm_rate": self.spm_rate,
             "chunk_chars": self.chunk_chars,
             "seed": self.seed,
+            **({"line_rate": self.line_rate} if self.line_rate else {}),  # absent at 0: older caches stay valid
         }
 
 
@@ -150,6 +160,26 @@ def _rng(seed: int, text: str) -> random.Random:
     return random.Random(int.from_bytes(h[:16], "little"))
 
 
+MAX_LINE_MIDDLE = 8  # the most lines a line-aligned middle spans
+
+
+def line_cut(chunk: str, rng: random.Random) -> tuple[int, int] | None:
+    """Line-aligned cut points ``(i, j)`` of ``chunk``, or ``None`` when it has fewer than two line breaks.
+
+    ``chunk[i:j]`` is what an editor's whole-line request leaves out: from just after the last non-whitespace
+    character before a line break, through one line (half the time) or up to :data:`MAX_LINE_MIDDLE` lines, to just
+    before the line break that ends the last of them; so the middle starts with a line break and the suffix too.
+    """
+    breaks = [k for k, c in enumerate(chunk) if c == "\n"]
+    if len(breaks) < 2:
+        return None
+    a = rng.randrange(len(breaks) - 1)
+    n = 1 if rng.random() < 0.5 else rng.randint(2, MAX_LINE_MIDDLE)
+    j = breaks[min(a + n, len(breaks) - 1)]
+    i = len(chunk[: breaks[a]].rstrip())
+    return i, j
+
+
 def plan_document(text: str, cfg: FimConfig) -> list[Piece]:
     """The pieces ``text`` becomes under ``cfg``: FIM examples and (merged) plain runs, in document order."""
     if not cfg.enabled or not text:
@@ -160,8 +190,9 @@ def plan_document(text: str, cfg: FimConfig) -> list[Piece]:
     for chunk in chunk_lines(text, cfg.chunk_chars):
         if rng.random() < cfg.rate:
             mode: FimMode = "spm" if rng.random() < cfg.spm_rate else "psm"
-            # two uniform cut points in [0, len], sorted (StarCoder: randint(0, len + 1, size=2))
-            i, j = sorted((rng.randint(0, len(chunk)), rng.randint(0, len(chunk))))
+            cut = line_cut(chunk, rng) if cfg.line_rate and rng.random() < cfg.line_rate else None
+            # else two uniform cut points in [0, len], sorted (StarCoder: randint(0, len + 1, size=2))
+            i, j = cut or sorted((rng.randint(0, len(chunk)), rng.randint(0, len(chunk))))
             if plain:
                 pieces.append(Piece("plain", "".join(plain), chunks=len(plain)))
                 plain = []

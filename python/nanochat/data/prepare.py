@@ -215,6 +215,7 @@ def prepare_data(
     fim_rate: float = 0.0,
     fim_spm_rate: float = 0.5,
     fim_chunk_chars: int | None = None,
+    fim_line_rate: float = 0.0,
     decontaminate: bool = True,
     near_dedup: bool = True,
 ) -> tuple[Tokenizer, ShardIndex]:
@@ -231,7 +232,7 @@ def prepare_data(
     """
     root = Path(out_dir)
     root.mkdir(parents=True, exist_ok=True)
-    fim = FimConfig(fim_rate, fim_spm_rate, fim_chunk_chars or DEFAULT_FIM_CHUNK_CHARS, seed)
+    fim = FimConfig(fim_rate, fim_spm_rate, fim_chunk_chars or DEFAULT_FIM_CHUNK_CHARS, seed, fim_line_rate)
     plan = plan_corpus(
         None if data_path is None else str(data_path),
         val_fraction=val_fraction,
@@ -270,6 +271,7 @@ def prepare_data(
         force=force,
         fim_rate=fim_rate,
         fim_spm_rate=fim_spm_rate,
+        fim_line_rate=fim_line_rate,
         seed=seed,
         **fim_kw,
     )

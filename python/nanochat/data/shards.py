@@ -199,19 +199,20 @@ def build_shards(
     fim_spm_rate: float = DEFAULT_FIM_SPM_RATE,
     fim_chunk_chars: int = DEFAULT_FIM_CHUNK_CHARS,
     seed: int = 0,
+    fim_line_rate: float = 0.0,
 ) -> ShardIndex:
     """Tokenize each split into shards under ``out_dir`` and write ``index.json``; reuse them if up to date.
 
     ``fingerprint`` identifies the corpus; by default it is computed from the documents (which are then
     held in memory). Pass one (e.g. a hash of file names and sizes) to stream a corpus too large for that.
     ``force`` rebuilds even when the existing shards match.
-    ``fim_rate``, ``fim_spm_rate``, ``fim_chunk_chars`` and ``seed`` set fill-in-the-middle on the train split
+    ``fim_rate``, ``fim_spm_rate``, ``fim_chunk_chars``, ``fim_line_rate`` and ``seed`` set fill-in-the-middle on the train split
     (:class:`nanochat.data.fim.FimConfig`; ``chunk_chars_for(seq_len)`` sizes chunks for a context); the
     tokenizer must have the FIM tokens when ``fim_rate > 0``.
     """
     if shard_tokens < 2:
         raise ValueError(f"shard_tokens must be >= 2, got {shard_tokens}")
-    fim = FimConfig(fim_rate, fim_spm_rate, fim_chunk_chars, seed)
+    fim = FimConfig(fim_rate, fim_spm_rate, fim_chunk_chars, seed, fim_line_rate)
     if fim.enabled:
         require_fim_ids(tokenizer)
     out = Path(out_dir)

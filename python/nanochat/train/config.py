@@ -20,6 +20,7 @@ class TrainConfig:
     val_fraction: float = 0.02  # fraction of documents held out for validation (stable path hash)
     fim_rate: float = 0.5  # fill-in-the-middle: share of train chunks rewritten as FIM (StarCoder); 0 = off
     fim_spm_rate: float = 0.5  # share of FIM examples in SPM order (the rest PSM)
+    fim_line_rate: float = 0.0  # share of FIM examples whose middle is whole lines (an editor's line request)
     # --- optimisation
     steps: int = 1000  # optimizer steps
     time_budget: float | None = None  # seconds of training: fixes `steps` from the pace of the first steps
@@ -84,7 +85,7 @@ class TrainConfig:
             raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
         if self.time_budget is not None and not float(self.time_budget) > 0:
             raise ValueError(f"time_budget must be > 0 seconds, got {self.time_budget}")
-        for k in ("fim_rate", "fim_spm_rate"):
+        for k in ("fim_rate", "fim_spm_rate", "fim_line_rate"):
             if not 0 <= float(getattr(self, k)) <= 1:
                 raise ValueError(f"{k} must be in [0, 1], got {getattr(self, k)}")
         if not 0 <= self.synthetic_ratio <= 1:

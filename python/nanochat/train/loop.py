@@ -315,6 +315,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             seed=0,
             fim_rate=cfg.fim_rate,
             fim_spm_rate=cfg.fim_spm_rate,
+            fim_line_rate=cfg.fim_line_rate,
             fim_chunk_chars=chunk_chars_for(cfg.seq_len),
         )
 
