@@ -11,7 +11,18 @@ Notable choices:
   `attn_sub_norm`, `ffn_sub_norm`). They keep the int8 activation quantizer's input well scaled.
 - RoPE rotates the pairs ``(i, i + hd/2)`` (GPT-NeoX convention, what llama.cpp runs for `bitnet`); cos/sin are
   computed per forward for positions ``offset .. offset+T`` (a few KB of work; simpler than keeping buffers valid
-  across ``to_empty``/``load_state_dict``, and ready for a KV cache that starts at an offset).
+  across ``to_empty``/``load_state_dict``), the offset being the :class:`KVCache`'s position.
+- One forward, with an optional KV cache (karpathy/nanochat's ``forward(idx, targets=None, kv_cache=None)``):
+  without a cache it is the training forward, unchanged; with one, each attention layer appends its new keys and
+  values to the cache and attends over all cached positions, so a decode step costs O(T) instead of a full O(T²)
+  forward. Generation (``nanochat.engine.TorchEngine``) runs this same forward; the Rust engine is its fast twin.
+- Causality. Every operation other than attention is per position (norms, per-token int8 activation quantization,
+  mHC mappings), and attention is causal, so the logits at position t depend on tokens 0..t only: exactly so in
+  float64 (tested). In float32 a row's result also depends on how many rows one call holds, at rounding level: MKL's
+  sgemm takes another kernel for fewer than 16 rows and SDPA blocks by sequence length (~1e-6 relative), and the
+  int8 quantizer turns such an ulp into a whole code step when a value sits at a rounding boundary (a "flip",
+  ~1e-2 relative on the logits). Not a leak: the same logits with more or fewer tokens after them differ only
+  through such flips (tested), and not at all in float64.
 - Optional QK-norm (RMSNorm over each head of q and k, before RoPE; Dehghani et al. 2023) and grouped KV heads
   (GQA; Ainslie et al. 2023); causal ``F.scaled_dot_product_attention``.
 - MLP: SwiGLU ``down(sub_norm(silu(gate(x)) * up(x)))`` by default, or ReLU² ``down(sub_norm(relu(up(x))²))``
@@ -78,14 +89,95 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return torch.cat((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)  # (B, T, H, hd)
 
 
+# ----------------------------------------------------------------------------- KV cache
+
+KV_CACHE_CHUNK = 256  # positions added when a cache grows
+
+
+class KVCache:
+    """Keys and values of every layer for the positions seen so far (karpathy/nanochat's ``KVCache``).
+
+    Per layer ``(B, n_kv_head, capacity, head_dim)`` buffers, allocated at the first insert in the keys' dtype and
+    device and grown by :data:`KV_CACHE_CHUNK` positions up to ``max_seq`` (a short chat never pays for a long context).
+    ``pos`` counts the positions written; :meth:`GPT.forward` checks the room first (an overflow changes nothing) and
+    advances ``pos`` after the last layer. ``truncate`` rewinds (positions past ``pos`` are simply overwritten).
+    """
+
+    def __init__(self, n_layer: int, max_seq: int) -> None:
+        if n_layer < 1 or max_seq < 1:
+            raise ValueError(f"KVCache needs n_layer >= 1 and max_seq >= 1, got {n_layer} and {max_seq}")
+        self.max_seq = max_seq
+        self.pos = 0
+        self.k: list[Tensor | None] = [None] * n_layer  # (B, Hkv, capacity, hd) each
+        self.v: list[Tensor | None] = [None] * n_layer
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.k[0] is None else self.k[0].shape[2]
+
+    def check_room(self, n: int) -> None:
+        """Raise before any work if ``n`` more positions do not fit in ``max_seq``."""
+        if self.pos + n > self.max_seq:
+            raise ValueError(
+                f"context overflow: the session holds {self.pos} tokens and {n} more would exceed "
+                f"max_seq = {self.max_seq}"
+            )
+
+    def insert(self, layer: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Write ``k, v`` (B, Hkv, T, hd) at positions ``pos .. pos+T`` of ``layer``; return that layer's keys and
+        values for positions ``0 .. pos+T``."""
+        B, H, T, D = k.shape
+        end = self.pos + T
+        self.check_room(T)
+        buf_k, buf_v = self.k[layer], self.v[layer]
+        if buf_k is not None and (buf_k.shape[0], buf_k.shape[1], buf_k.shape[3]) != (B, H, D):
+            held = (buf_k.shape[0], buf_k.shape[1], buf_k.shape[3])
+            raise ValueError(f"the KVCache holds (B, Hkv, hd) = {held}, got keys of shape {tuple(k.shape)}")
+        if buf_k is None or buf_v is None or buf_k.shape[2] < end:
+            cap = min(-(-end // KV_CACHE_CHUNK) * KV_CACHE_CHUNK, self.max_seq)
+            new_k, new_v = k.new_zeros(B, H, cap, D), v.new_zeros(B, H, cap, D)
+            if buf_k is not None and buf_v is not None:
+                new_k[:, :, : self.pos] = buf_k[:, :, : self.pos]
+                new_v[:, :, : self.pos] = buf_v[:, :, : self.pos]
+            self.k[layer], self.v[layer] = buf_k, buf_v = new_k, new_v
+        buf_k[:, :, self.pos : end] = k
+        buf_v[:, :, self.pos : end] = v
+        return buf_k[:, :, :end], buf_v[:, :, :end]
+
+    def advance(self, n: int) -> None:
+        self.pos += n
+
+    def reset(self) -> None:
+        self.pos = 0
+
+    def truncate(self, position: int) -> None:
+        """Forget positions from ``position`` on (e.g. to reuse a shared prompt)."""
+        if not 0 <= position <= self.pos:
+            raise ValueError(f"cannot truncate a cache at position {self.pos} to {position}")
+        self.pos = position
+
+
+def cached_attn_mask(pos: int, T: int, device: torch.device) -> Tensor | None:
+    """Mask for ``T`` queries at positions ``pos .. pos+T`` over keys ``0 .. pos+T``, or None where SDPA needs none.
+
+    One query (decode) sees every cached key; a prompt into an empty cache is SDPA's ``is_causal``; several queries
+    after a non-empty cache need this explicit bottom-right-aligned mask, because SDPA's ``is_causal`` aligns the
+    triangle top-left when the query is shorter than the keys."""
+    if T == 1 or pos == 0:
+        return None
+    q_pos = torch.arange(pos, pos + T, device=device)[:, None]  # (T, 1)
+    return torch.arange(pos + T, device=device)[None, :] <= q_pos  # (T, pos+T) bool, True = attend
+
+
 # ----------------------------------------------------------------------------- attention
 
 
 class Attention(nn.Module):
     """Causal self-attention with GQA, optional QK-norm, NEOX RoPE and BitNet's sub-norm before ``o_proj``."""
 
-    def __init__(self, cfg: GPTConfig) -> None:
+    def __init__(self, cfg: GPTConfig, layer: int = 0) -> None:
         super().__init__()
+        self.layer = layer  # which KVCache slot this layer writes
         self.n_head, self.n_kv_head, self.head_dim = cfg.n_head, cfg.n_kv_head, cfg.head_dim
         C, kv = cfg.n_embd, cfg.n_kv_head * cfg.head_dim
         self.q_proj = BitLinear(C, C, cfg.quant)
@@ -107,16 +199,26 @@ class Attention(nn.Module):
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         return q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)
 
-    def attend(self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = True) -> Tensor:
-        """SDPA over heads then sub-norm and output projection: ``(B,H,T,hd) -> (B,T,C)``."""
+    def attend(
+        self, q: Tensor, k: Tensor, v: Tensor, is_causal: bool = True, attn_mask: Tensor | None = None
+    ) -> Tensor:
+        """SDPA over heads then sub-norm and output projection: ``q (B,H,T,hd)``, ``k, v (B,Hkv,S,hd) -> (B,T,C)``."""
         B, _, T, _ = q.shape
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head)
+        y = F.scaled_dot_product_attention(
+            q, k, v, attn_mask=attn_mask, is_causal=is_causal, enable_gqa=self.n_kv_head != self.n_head
+        )  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim)  # (B, T, C)
         return self.o_proj(self.sub_norm(y))
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:  # (B, T, C) -> (B, T, C)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv_cache: KVCache | None = None) -> Tensor:
+        # (B, T, C) -> (B, T, C); cos/sin are for positions kv_cache.pos .. +T when a cache is given
         q, k, v = self.qkv(x, cos, sin)
-        return self.attend(q, k, v)
+        if kv_cache is None:
+            return self.attend(q, k, v)
+        T, pos = q.shape[2], kv_cache.pos
+        k, v = kv_cache.insert(self.layer, k, v)  # (B, Hkv, pos+T, hd): the cached positions and these
+        mask = cached_attn_mask(pos, T, q.device)
+        return self.attend(q, k, v, is_causal=T > 1 and pos == 0, attn_mask=mask)
 
 
 # ----------------------------------------------------------------------------- MLP
@@ -151,7 +253,7 @@ class Block(nn.Module):
     def __init__(self, cfg: GPTConfig, layer: int) -> None:
         super().__init__()
         self.attn_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.mlp_norm = RMSNorm(cfg.n_embd, cfg.norm_eps)
         self.mlp = MLP(cfg)
         self.mhc_attn: StreamResidual | None = None
@@ -162,12 +264,19 @@ class Block(nn.Module):
             self.mhc_attn = StreamResidual(cfg.n_embd, n, cfg.residual, (2 * layer) % n, it, eps)
             self.mhc_mlp = StreamResidual(cfg.n_embd, n, cfg.residual, (2 * layer + 1) % n, it, eps)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, record: list[Tensor] | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        cos: Tensor,
+        sin: Tensor,
+        record: list[Tensor] | None = None,
+        kv_cache: KVCache | None = None,
+    ) -> Tensor:
         # x: (B, T, C) for "standard", (B, T, n, C) streams otherwise
         if self.mhc_attn is None or self.mhc_mlp is None:
-            x = x + self.attn(self.attn_norm(x), cos, sin)
+            x = x + self.attn(self.attn_norm(x), cos, sin, kv_cache)
             return x + self.mlp(self.mlp_norm(x))
-        x = self.mhc_attn(x, lambda u: self.attn(self.attn_norm(u), cos, sin), record)
+        x = self.mhc_attn(x, lambda u: self.attn(self.attn_norm(u), cos, sin, kv_cache), record)
         return self.mhc_mlp(x, lambda u: self.mlp(self.mlp_norm(u)), record)
 
     def residuals(self) -> list[tuple[str, StreamResidual]]:
@@ -178,7 +287,8 @@ class Block(nn.Module):
 
 
 class GPT(nn.Module):
-    """Decoder-only LM: ``forward(idx (B,T)) -> logits (B,T,V)``, or the mean cross-entropy given targets."""
+    """Decoder-only LM: ``forward(idx (B,T)) -> logits (B,T,V)``, or the mean cross-entropy given targets; with a
+    :class:`KVCache` (:meth:`new_kv_cache`), ``idx`` continues the cached sequence."""
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
@@ -212,16 +322,27 @@ class GPT(nn.Module):
     def rope(self, seq_len: int, device: torch.device, offset: int = 0) -> tuple[Tensor, Tensor]:
         return rope_cos_sin(seq_len, self.config.head_dim, self.config.rope_theta, device, offset)
 
-    def hidden(self, idx: Tensor, record: list[Tensor] | None = None) -> Tensor:
-        """Final-normed hidden states ``(B, T, C)`` for tokens ``idx`` (B, T)."""
+    def new_kv_cache(self, max_seq: int | None = None) -> KVCache:
+        """An empty cache for up to ``max_seq`` positions (default: the config's ``seq_len``)."""
+        return KVCache(self.config.n_layer, max_seq or self.config.seq_len)
+
+    def hidden(self, idx: Tensor, record: list[Tensor] | None = None, kv_cache: KVCache | None = None) -> Tensor:
+        """Final-normed hidden states ``(B, T, C)`` for tokens ``idx`` (B, T), at positions ``kv_cache.pos ..`` given
+        a cache (which then holds them too)."""
         B, T = idx.shape
-        cos, sin = self.rope(T, idx.device)  # (T, hd/2) each
+        pos = 0
+        if kv_cache is not None:
+            kv_cache.check_room(T)  # before any layer writes
+            pos = kv_cache.pos
+        cos, sin = self.rope(T, idx.device, offset=pos)  # (T, hd/2) each
         x = self.wte(idx)  # (B, T, C)
         n = self.config.streams
         if self.config.residual != "standard":
             x = x.unsqueeze(-2).expand(B, T, n, x.shape[-1])  # (B, T, n, C): n copies of the embedding
         for block in self.blocks:
-            x = block(x, cos, sin, record)
+            x = block(x, cos, sin, record, kv_cache)
+        if kv_cache is not None:
+            kv_cache.advance(T)
         if self.config.residual != "standard":
             x = x.mean(dim=-2)  # (B, T, C)
         return self.norm(x)
@@ -231,18 +352,30 @@ class GPT(nn.Module):
         return F.linear(h, w.to(h.dtype)).float()
 
     @overload
-    def forward(self, idx: Tensor, targets: None = None, *, return_logits: bool = False) -> Tensor: ...
+    def forward(
+        self, idx: Tensor, targets: None = None, kv_cache: KVCache | None = None, *, return_logits: bool = False
+    ) -> Tensor: ...
     @overload
-    def forward(self, idx: Tensor, targets: Tensor, *, return_logits: Literal[False] = False) -> Tensor: ...
+    def forward(
+        self, idx: Tensor, targets: Tensor, kv_cache: KVCache | None = None, *, return_logits: Literal[False] = False
+    ) -> Tensor: ...
     @overload
-    def forward(self, idx: Tensor, targets: Tensor, *, return_logits: Literal[True]) -> tuple[Tensor, Tensor]: ...
+    def forward(
+        self, idx: Tensor, targets: Tensor, kv_cache: KVCache | None = None, *, return_logits: Literal[True]
+    ) -> tuple[Tensor, Tensor]: ...
 
     def forward(
-        self, idx: Tensor, targets: Tensor | None = None, *, return_logits: bool = False
+        self,
+        idx: Tensor,
+        targets: Tensor | None = None,
+        kv_cache: KVCache | None = None,
+        *,
+        return_logits: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """Logits ``(B, T, V)`` (float32); with ``targets`` (B, T) the mean cross-entropy (``-1`` ignored), or
-        ``(logits, loss)`` when ``return_logits`` is set."""
-        logits = self.head(self.hidden(idx))  # (B, T, V)
+        ``(logits, loss)`` when ``return_logits`` is set. With ``kv_cache``, ``idx`` continues the cached sequence
+        (positions ``kv_cache.pos ..``) and the cache advances by T."""
+        logits = self.head(self.hidden(idx, kv_cache=kv_cache))  # (B, T, V)
         if targets is None:
             return logits
         loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten(), ignore_index=-1)
