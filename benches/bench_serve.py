@@ -38,6 +38,7 @@ import argparse
 import asyncio
 import json
 import statistics
+import sys
 import tempfile
 import time
 from dataclasses import dataclass
@@ -48,7 +49,8 @@ import httpx
 from rich.console import Console
 from rich.table import Table
 
-from nanochat.serve.testing import ServerProcess, build_tiny_model
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tiny model and server helpers
+from serve_fakes import ServerProcess, build_tiny_model  # noqa: E402
 
 PROMPT = "Write a Python function that returns the n-th Fibonacci number, with a docstring and a test."
 

@@ -32,20 +32,25 @@ import httpx
 import openai
 import pytest
 import torch
-from serve_fakes import FakeBackend, FakeTokenizer
+from serve_fakes import (
+    FakeBackend,
+    FakeTokenizer,
+    ReferenceBackend,
+    ServerProcess,
+    ServerThread,
+    build_tiny_model,
+    deltas_from_tokens,
+    gp,
+    iter_sse,
+    parse_metrics,
+)
 
 from nanochat.engine.sampling import sample
-from nanochat.serve import EngineBackend, SamplingParams, Settings, create_app
-from nanochat.serve.app import SlotPool
-from nanochat.serve.backend import (
-    IncrementalDecoder,
-    StopMatcher,
-    deltas_from_tokens,
-    model_id_for,
-)
+from nanochat.serve import EngineBackend, GenerationParams, Settings, create_app
+from nanochat.serve.backend import model_id_for
 from nanochat.serve.cli import exposure_warning
+from nanochat.serve.generation import SlotPool
 from nanochat.serve.settings import find_latest_run, is_loopback_host
-from nanochat.serve.testing import ServerProcess, ServerThread, build_tiny_model, iter_sse, parse_metrics
 
 CTX = 256  # the tiny model's context
 LONG_CTX = 8192  # the long-context twin's
@@ -96,31 +101,7 @@ def assert_error(r: httpx.Response, status: int, param: str | None = None, code:
 # ============================================================================ helpers and sampling
 
 
-def test_stop_matcher_across_deltas() -> None:
-    m = StopMatcher(["o W", "###"])
-    assert m.push("Hel") == ("Hel", False)
-    assert m.push("lo") == ("l", False)  # "o" could start "o W": held back
-    assert m.push(" ") == ("", False)  # "o " still could
-    assert m.push("Wor") == ("", True)  # "o W" found: cut before it
-    m = StopMatcher(["o W"])
-    assert m.push("lo") == ("l", False)
-    assert m.push("x") == ("ox", False)  # diverged: the held "o" is released
-    assert m.push("#o") == ("#", False)
-    assert m.flush() == "o"
-    assert StopMatcher([]).push("abc") == ("abc", False)
-
-
-def test_incremental_decoder_never_splits_characters() -> None:
-    tok = FakeTokenizer()
-    text = "aé🙂z"
-    dec = IncrementalDecoder(lambda ids: tok.decode(ids, skip_special=True))
-    pieces = [dec.push(t) for t in tok.encode(text)]
-    assert "".join(pieces) + dec.flush() == text
-    assert all("\ufffd" not in p for p in pieces)
-    assert pieces[:2] == ["a", ""]  # the first byte of "é" waits for the second
-
-
-def _deltas(tokens: list[int], params: SamplingParams, cancel: threading.Event | None = None) -> list[Any]:
+def _deltas(tokens: list[int], params: GenerationParams, cancel: threading.Event | None = None) -> list[Any]:
     tok = FakeTokenizer()
     return list(deltas_from_tokens(iter(tokens), tok.decode, params, cancel or threading.Event()))
 
@@ -128,19 +109,19 @@ def _deltas(tokens: list[int], params: SamplingParams, cancel: threading.Event |
 def test_deltas_finish_reasons() -> None:
     tok = FakeTokenizer()
     ids = tok.encode("hello world")
-    d = _deltas(ids, SamplingParams(max_tokens=5))
+    d = _deltas(ids, gp(max_tokens=5))
     assert "".join(x.text for x in d) == "hello" and d[-1].finish_reason == "length"
     assert sum(x.token_id is not None for x in d) == 5
-    d = _deltas([*ids, tok.end_id, *ids], SamplingParams(max_tokens=50, stop_token_ids=frozenset({tok.end_id})))
+    d = _deltas([*ids, tok.end_id, *ids], gp(max_tokens=50, stop_token_ids=frozenset({tok.end_id})))
     assert "".join(x.text for x in d) == "hello world" and d[-1].finish_reason == "stop"
     assert sum(x.token_id is not None for x in d) == len(ids)  # the stop token is not counted
-    d = _deltas(ids, SamplingParams(max_tokens=50, stop=("o w",)))
+    d = _deltas(ids, gp(max_tokens=50, stop=("o w",)))
     assert "".join(x.text for x in d) == "hell" and d[-1].finish_reason == "stop"
-    d = _deltas(ids, SamplingParams(max_tokens=50))  # the token stream runs out (context full)
+    d = _deltas(ids, gp(max_tokens=50))  # the token stream runs out (context full)
     assert "".join(x.text for x in d) == "hello world" and d[-1].finish_reason == "length"
     cancel = threading.Event()
     cancel.set()
-    d = _deltas(ids, SamplingParams(max_tokens=50), cancel)
+    d = _deltas(ids, gp(max_tokens=50), cancel)
     assert [x.finish_reason for x in d] == ["cancelled"]
 
 
@@ -577,7 +558,8 @@ BAD_REQUESTS: list[tuple[str, str, Any, int, str | None, str | None]] = [
         "messages",
         "context_length_exceeded",
     ),  # fmt: skip
-    ("n-two", CHAT, {"messages": MSG, "n": 2}, 400, "n", None),
+    ("n-too-many", CHAT, {"messages": MSG, "n": 17}, 400, "n", None),
+    ("n-over-the-slots", CHAT, {"messages": MSG, "n": 16}, 400, "n", "invalid_value"),
     ("stop-empty", CHAT, {"messages": MSG, "stop": ""}, 400, "stop", None),
     ("stop-five", CHAT, {"messages": MSG, "stop": ["a", "b", "c", "d", "e"]}, 400, "stop", None),
     ("stream-string", CHAT, {"messages": MSG, "stream": "yes"}, 400, "stream", None),
@@ -669,11 +651,10 @@ def test_real_disconnect_frees_the_only_slot(long_backend: EngineBackend) -> Non
 def test_engine_matches_the_reference_loop(tiny_model: Path, real_backend: EngineBackend) -> None:
     """The fast path (KV cache, Rust, batched) against its slow twin (a full torch forward per token)."""
     assert real_backend.mode.startswith("engine")
-    reference = EngineBackend(real_backend.loaded, reference=True)
-    assert reference.mode == "reference"
+    reference = ReferenceBackend(real_backend.loaded)
     prompt = real_backend.tokenizer.render_chat(MSG)
     for temperature, seed in ((0.0, None), (0.9, 11)):
-        params = SamplingParams(max_tokens=24, temperature=temperature, seed=seed)
+        params = gp(max_tokens=24, temperature=temperature, seed=seed)
         fast = list(real_backend.stream(prompt, params, threading.Event()))
         slow = list(reference.stream(prompt, params, threading.Event()))
         assert [d.token_id for d in fast if d.token_id is not None] == [
@@ -685,7 +666,7 @@ def test_engine_matches_the_reference_loop(tiny_model: Path, real_backend: Engin
 
 def test_batched_requests_equal_solo_requests(real_backend: EngineBackend) -> None:
     prompts = [real_backend.tokenizer.render_chat([{"role": "user", "content": f"task {i}"}]) for i in range(4)]
-    params = [SamplingParams(max_tokens=40 + 10 * i, temperature=0.8, top_k=50 * (i % 2), seed=i) for i in range(4)]
+    params = [gp(max_tokens=40 + 10 * i, temperature=0.8, top_k=50 * (i % 2), seed=i) for i in range(4)]
 
     def run(i: int) -> str:
         return "".join(d.text for d in real_backend.stream(prompts[i], params[i], threading.Event()))

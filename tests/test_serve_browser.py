@@ -26,10 +26,9 @@ from typing import Any
 import httpx
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
-from serve_fakes import FakeBackend
+from serve_fakes import FakeBackend, ServerThread, build_tiny_model, parse_metrics
 
 from nanochat.serve import EngineBackend, Settings, create_app
-from nanochat.serve.testing import ServerThread, build_tiny_model, parse_metrics
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no `chromium` executable (Debian: apt-get install chromium)")

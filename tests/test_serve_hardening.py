@@ -46,12 +46,21 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.errors import Unsatisfiable
-from serve_fakes import FakeBackend, FakeTokenizer
+from serve_fakes import (
+    FakeBackend,
+    FakeTokenizer,
+    ReferenceBackend,
+    ServerThread,
+    build_tiny_model,
+    free_port,
+    gp,
+    iter_sse,
+    parse_metrics,
+)
 
 from nanochat.engine.sampling import MIN_TEMPERATURE, filter_logits, sample
-from nanochat.serve import EngineBackend, SamplingParams, Settings, create_app
+from nanochat.serve import EngineBackend, Settings, create_app
 from nanochat.serve.backend import TokenTexts
-from nanochat.serve.testing import ServerThread, build_tiny_model, free_port, iter_sse, parse_metrics
 
 CTX = 256
 LONG_CTX = 8192
@@ -206,8 +215,8 @@ def test_a_sequence_that_cannot_be_sampled_fails_alone_in_its_batch(
     """The model returns NaN logits for one prompt (a test double around the real engine's prefill): that request
     fails, and the good ones batched with it generate exactly what they generate alone."""
     backend = EngineBackend.from_path(long_model, threads=1)
-    assert backend._batcher is not None
-    engine = backend._batcher.engine
+    assert backend.batcher is not None
+    engine = backend.batcher.engine
     poison = [backend.tokenizer.bos_id, 60, 61, 62, 63]
     real_prefill = engine.backend.prefill_batch
 
@@ -220,13 +229,13 @@ def test_a_sequence_that_cannot_be_sampled_fails_alone_in_its_batch(
 
     monkeypatch.setattr(engine.backend, "prefill_batch", prefill)
     prompts = [backend.tokenizer.render_chat([{"role": "user", "content": f"task {i}"}]) for i in range(3)]
-    params = [SamplingParams(max_tokens=600, temperature=0.8, seed=i) for i in range(3)]
+    params = [gp(max_tokens=600, temperature=0.8, seed=i) for i in range(3)]
     streams = [backend.stream(p, q, threading.Event()) for p, q in zip(prompts, params, strict=True)]
     firsts = [next(s) for s in streams]  # all three are live in the batch now, 600 tokens to go
     with pytest.raises(RuntimeError, match="no finite logit"):
-        list(backend.stream(poison, SamplingParams(max_tokens=50, temperature=0.8, seed=9), threading.Event()))
+        list(backend.stream(poison, gp(max_tokens=50, temperature=0.8, seed=9), threading.Event()))
     together = ["".join(d.text for d in [first, *s]) for first, s in zip(firsts, streams, strict=True)]
-    assert backend._batcher.max_batch >= 3
+    assert backend.batcher.max_batch >= 3
     alone = ["".join(d.text for d in backend.stream(p, q, threading.Event())) for p, q in zip(prompts, params)]
     assert together == alone and all(together)
 
@@ -258,7 +267,7 @@ def test_poisoned_requests_leave_a_batch_of_good_streams_complete(long_model: Pa
         finally:
             for cm in cms:
                 cm.__exit__(None, None, None)
-        assert backend._batcher is not None and backend._batcher.max_batch >= 4  # the poison shared a step
+        assert backend.batcher is not None and backend.batcher.max_batch >= 4  # the poison shared a step
         for payloads in rest:
             assert payloads[-1] == "[DONE]"
             chunks = [json.loads(p) for p in payloads[:-1]]
@@ -737,9 +746,9 @@ def test_token_texts_and_bytes_spell_the_text(tiny_backend: EngineBackend) -> No
 
 def _reference_logprobs(backend: EngineBackend, messages: Any, n: int, k: int) -> list[Any]:
     """Token logprobs of a greedy reply from the KV-cache-free reference loop (a full torch forward per token)."""
-    reference = EngineBackend(backend.loaded, reference=True)
+    reference = ReferenceBackend(backend.loaded)
     prompt = backend.tokenizer.render_chat(messages)
-    params = SamplingParams(max_tokens=n, temperature=0.0, logprobs=k)
+    params = gp(max_tokens=n, temperature=0.0, logprobs=k)
     return [d.logprob for d in reference.stream(prompt, params, threading.Event()) if d.logprob is not None]
 
 
@@ -848,18 +857,18 @@ def _greedy_with_penalties(
 def test_penalties_follow_openais_formula(tiny_backend: EngineBackend) -> None:
     prompt = tiny_backend.tokenizer.render_chat(MSG)
     for presence, frequency in ((1.5, 0.0), (0.0, 0.8), (0.7, 1.2), (-1.0, 0.0)):
-        params = SamplingParams(max_tokens=30, temperature=0.0, presence_penalty=presence, frequency_penalty=frequency)
+        params = gp(max_tokens=30, temperature=0.0, presence_penalty=presence, frequency_penalty=frequency)
         got = [d.token_id for d in tiny_backend.stream(prompt, params, threading.Event()) if d.token_id is not None]
         want, gaps = _greedy_with_penalties(tiny_backend, prompt, 30, presence, frequency)
         first_diff = next((i for i, (a, b) in enumerate(zip(got, want, strict=True)) if a != b), None)
         if first_diff is not None:  # only a near-tie may differ (engine and torch round differently)
             assert gaps[first_diff] < 1e-2, (presence, frequency, first_diff, gaps[first_diff])
-        reference = EngineBackend(tiny_backend.loaded, reference=True)
+        reference = ReferenceBackend(tiny_backend.loaded)
         slow = [d.token_id for d in reference.stream(prompt, params, threading.Event()) if d.token_id is not None]
         assert got == slow  # the batched engine and the reference loop apply them alike
-    plain = SamplingParams(max_tokens=30, temperature=0.0)
+    plain = gp(max_tokens=30, temperature=0.0)
     unpenalized = [d.token_id for d in tiny_backend.stream(prompt, plain, threading.Event()) if d.token_id]
-    penalized = SamplingParams(max_tokens=30, temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0)
+    penalized = gp(max_tokens=30, temperature=0.0, presence_penalty=2.0, frequency_penalty=2.0)
     distinct = {d.token_id for d in tiny_backend.stream(prompt, penalized, threading.Event()) if d.token_id}
     assert len(distinct) > len(set(unpenalized))  # the point of penalties: less repetition
 

@@ -1,39 +1,43 @@
-"""Generation backends: the small protocol the HTTP server needs, its implementations, and shared text helpers.
+"""Generation backends: the small protocol the HTTP server needs, and its implementation over ``nanochat.engine``.
 
 The server only needs :class:`Backend`: a model id, a context length, a tokenizer with a chat template, the token
 ids that end a reply, and ``stream(prompt_ids, params, cancel)``, a *blocking* iterator the server runs in a worker
-thread. Its contract:
+thread. Its contract, per choice (``params.n`` choices, told apart by ``Delta.index``, interleaved in any order):
 
 - one :class:`Delta` per generated token, with ``token_id`` set (``text`` may be empty while bytes of a UTF-8
   character, or a possible start of a stop string, are held back),
 - then exactly one last :class:`Delta` with ``finish_reason`` set (it may carry the last token too): ``"stop"`` (a
   stop token, which is neither text nor counted, or a stop string, which is cut from the text), ``"length"``
   (``max_tokens`` generated, or the context is full) or ``"cancelled"`` (``cancel`` was set; checked before every
-  token),
-- so ``"".join(d.text)`` is the reply and the number of deltas with a ``token_id`` is the completion token count;
+  token); the iterator ends after the last choice's last delta,
+- so ``"".join(d.text)`` of a choice is its reply, and its deltas with a ``token_id`` count its tokens;
 - with ``params.logprobs`` set, each delta with a ``token_id`` carries its :class:`TokenLogprob` (the model's
-  log-probability of that token and of the ``logprobs`` most likely ones, from the raw logits: before temperature,
-  top-k and top-p, as vLLM reports them by default).
+  log-probability of that token and of the ``logprobs`` most likely ones, from the raw logits: before penalties,
+  temperature, top-k and top-p, as vLLM reports them by default).
 
-Implementations:
-
-- :class:`EngineBackend`: ``nanochat.engine`` (KV cache, Rust kernels) with continuous batching
-  (:class:`Batcher`), or a KV-cache-free reference loop over ``LoadedModel.torch_model()``.
-- The tests' ``FakeBackend`` (``tests/serve_fakes.py``) implements the same protocol without a model.
+The server is a thin adapter: sampling (:mod:`nanochat.engine.sampling`: one :class:`SamplingParams`, one sampler,
+the penalties), incremental UTF-8 decoding and stop strings (``nanochat.engine.TextStream``) all live in
+``nanochat.engine``. What is the server's own: :class:`GenerationParams` (a request's sampling plus ``max_tokens``,
+stops, logprobs, penalties and ``n``), continuous batching (:class:`Batcher`), the prompt cache
+(:class:`PromptCache`) and the logprob/text views of tokens. The tests' ``FakeBackend`` and their KV-cache-free
+reference loop (``tests/serve_fakes.py``) implement the same protocol.
 """
 
 from __future__ import annotations
 
 import logging
 import queue
-import random
 import threading
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from nanochat.engine.sampling import SamplingParams, new_seed, penalize
+
 if TYPE_CHECKING:
+    import torch
+
     from nanochat.export.load import LoadedModel
 
 log = logging.getLogger("nanochat.serve")
@@ -42,30 +46,43 @@ FinishReason = Literal["stop", "length", "cancelled"]
 
 
 @dataclass(frozen=True)
-class SamplingParams:
-    max_tokens: int  # tokens to generate at most (finish_reason "length" when reached)
-    temperature: float = 1.0  # 0 = greedy (argmax)
-    top_p: float = 1.0  # nucleus sampling: smallest set of tokens whose probability reaches top_p
-    top_k: int = 0  # keep the k most likely tokens (0 = off)
+class GenerationParams:
+    """One request's generation: the engine's :class:`SamplingParams` plus what the server adds around it."""
+
+    max_tokens: int  # tokens to generate at most per choice (finish_reason "length" when reached)
+    sampling: SamplingParams = SamplingParams()  # temperature, top-k, top-p, seed (nanochat.engine.sampling)
     stop: tuple[str, ...] = ()  # stop strings: generation ends before the first occurrence, which is not returned
     stop_token_ids: frozenset[int] = frozenset()  # token ids that end generation (not part of the text)
-    seed: int | None = None  # same seed + same params + same prompt = same text
     logprobs: int | None = None  # None: none; k >= 0: each token's log-probability and the k most likely tokens'
     presence_penalty: float = 0.0  # subtracted from the logit of every token generated at least once
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
+    n: int = 1  # choices, sampled with seeds seed, seed + 1, ... (so choice 0 is the n = 1 reply)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 0:
+            raise ValueError(f"max_tokens must be >= 0, got {self.max_tokens}")
+        if self.n < 1:
+            raise ValueError(f"n must be >= 1, got {self.n}")
 
     @property
     def adjusts_logits(self) -> bool:
         return bool(self.presence_penalty or self.frequency_penalty or self.logit_bias)
 
+    def seeds(self) -> list[int]:
+        """One seed per choice: ``seed + i`` (wrapping in 64 bits), or fresh random ones."""
+        s = self.sampling.seed
+        if s is None:
+            return [new_seed() for _ in range(self.n)]
+        return [((s + i + (1 << 63)) % (1 << 64)) - (1 << 63) for i in range(self.n)]
+
 
 class LogitAdjuster:
-    """One request's penalties and logit bias (``nanochat.engine.sampling.penalize``), with its own token counts.
+    """One choice's penalties and logit bias (``nanochat.engine.sampling.penalize``), with its own token counts.
 
     Applied to the logits before sampling; the logprobs a request asks for stay those of the raw logits."""
 
-    def __init__(self, params: SamplingParams, vocab_size: int) -> None:
+    def __init__(self, params: GenerationParams, vocab_size: int) -> None:
         import torch
 
         self.params = params
@@ -76,9 +93,7 @@ class LogitAdjuster:
             for i, b in params.logit_bias:
                 self.bias[i] = b
 
-    def __call__(self, logits: Any) -> Any:
-        from nanochat.engine.sampling import penalize
-
+    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
         p = self.params
         return penalize(logits, self.counts, p.presence_penalty, p.frequency_penalty, self.bias)
 
@@ -101,7 +116,8 @@ class Delta:
     text: str
     token_id: int | None = None
     finish_reason: FinishReason | None = None
-    logprob: TokenLogprob | None = None  # with SamplingParams.logprobs, for deltas with a token_id
+    logprob: TokenLogprob | None = None  # with GenerationParams.logprobs, for deltas with a token_id
+    index: int = 0  # which of the request's ``n`` choices
 
 
 def token_logprob(logits: Any, token_id: int, k: int) -> TokenLogprob:
@@ -190,117 +206,12 @@ class Backend(Protocol):
     @property
     def stop_token_ids(self) -> frozenset[int]: ...  # ids that end a reply by default (end of message, a new turn)
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
+    def stream(self, prompt_ids: Sequence[int], params: GenerationParams, cancel: threading.Event) -> Iterator[Delta]:
         """Generate after ``prompt_ids``; blocking, run in a worker thread (see the module docstring)."""
         ...
 
 
-# --------------------------------------------------------------------------- text helpers
-
-
-class IncrementalDecoder:
-    """Token ids in, text out, never splitting a UTF-8 character.
-
-    Byte-level BPE tokens are byte strings, so a character may span tokens: pending tokens are decoded together and
-    held while the text ends in U+FFFD (an incomplete sequence), at most ``max_pending`` tokens (then a real invalid
-    sequence is let through as U+FFFD). Special tokens decode to nothing.
-    """
-
-    def __init__(self, decode: Callable[[list[int]], str], max_pending: int = 8) -> None:
-        self._decode = decode
-        self._pending: list[int] = []
-        self._max_pending = max_pending
-
-    def push(self, token_id: int) -> str:
-        self._pending.append(token_id)
-        text = self._decode(self._pending)
-        if text.endswith("\ufffd") and len(self._pending) < self._max_pending:
-            return ""
-        self._pending.clear()
-        return text
-
-    def flush(self) -> str:
-        text = self._decode(self._pending) if self._pending else ""
-        self._pending.clear()
-        return text
-
-
-class StopMatcher:
-    """Cuts generated text at the first stop string, holding back any tail that could start one."""
-
-    def __init__(self, stops: Sequence[str]) -> None:
-        self._stops = tuple(s for s in stops if s)
-        self._held = ""
-
-    def push(self, text: str) -> tuple[str, bool]:
-        """``(text safe to emit, stopped)``; after ``stopped`` the rest is discarded."""
-        if not self._stops:
-            return text, False
-        buf = self._held + text
-        hits = [i for i in (buf.find(s) for s in self._stops) if i >= 0]
-        if hits:
-            self._held = ""
-            return buf[: min(hits)], True
-        keep = 0  # longest suffix of buf that is a proper prefix of some stop string
-        for s in self._stops:
-            for n in range(min(len(s) - 1, len(buf)), keep, -1):
-                if buf.endswith(s[:n]):
-                    keep = n
-                    break
-        self._held = buf[len(buf) - keep :]
-        return buf[: len(buf) - keep], False
-
-    def flush(self) -> str:
-        text, self._held = self._held, ""
-        return text
-
-
-def deltas_from_tokens(
-    tokens: Iterator[int] | Iterator[tuple[int, TokenLogprob | None]],
-    decode: Callable[[list[int]], str],
-    params: SamplingParams,
-    cancel: threading.Event,
-) -> Iterator[Delta]:
-    """Turn a (lazy) stream of sampled token ids (or ``(id, logprob)`` pairs) into :class:`Delta` s following the
-    backend contract."""
-    dec = IncrementalDecoder(decode)
-    stops = StopMatcher(params.stop)
-    n = 0
-    while True:
-        if cancel.is_set():
-            yield Delta("", None, "cancelled")
-            return
-        if n >= params.max_tokens:
-            text, hit = stops.push(dec.flush())
-            yield Delta(text if hit else text + stops.flush(), None, "stop" if hit else "length")
-            return
-        item = next(tokens, None)
-        if cancel.is_set():
-            yield Delta("", None, "cancelled")
-            return
-        tok, lp = item if isinstance(item, tuple) else (item, None)
-        if tok is None:  # the model's own limit (context full)
-            text, hit = stops.push(dec.flush())
-            yield Delta(text if hit else text + stops.flush(), None, "stop" if hit else "length")
-            return
-        n += 1
-        if tok in params.stop_token_ids:  # not part of the text, nor counted (as in nanochat.engine)
-            text, hit = stops.push(dec.flush())
-            yield Delta(text if hit else text + stops.flush(), None, "stop")
-            return
-        text, hit = stops.push(dec.push(tok))
-        if hit:
-            yield Delta(text, tok, None, lp)
-            yield Delta("", None, "stop")
-            return
-        yield Delta(text, tok, None, lp)
-
-
-def new_seed() -> int:
-    return random.SystemRandom().randrange(1 << 62)
-
-
-# --------------------------------------------------------------------------- real models
+# --------------------------------------------------------------------------- the engine
 
 
 def model_id_for(path: Path) -> str:
@@ -323,16 +234,12 @@ def _stop_ids_of(tokenizer: Any) -> frozenset[int]:
 
 
 class EngineBackend:
-    """A loaded nanochat model behind the :class:`Backend` protocol.
+    """A loaded nanochat model behind the :class:`Backend` protocol: ``nanochat.engine.Engine`` (KV cache; the Rust
+    engine for ternary models on CPU) under a :class:`Batcher`, which advances all running requests together, one
+    batched decode step per token (continuous batching: requests join and leave between steps).
 
-    ``mode``:
-    - ``"engine:rust"`` / ``"engine:torch"``: ``nanochat.engine.Engine`` (KV cache; the Rust engine for ternary
-      models on CPU) under a :class:`Batcher`: all running requests advance together, one batched decode step per
-      token (continuous batching: requests join and leave between steps).
-    - ``"reference"`` (``reference=True``, or when ``nanochat.engine`` cannot be used): a KV-cache-free loop on the
-      torch model, a full forward over the sequence per token. O(T^2) and one request at a time per thread, but
-      the plainest statement of the semantics: the slow twin the tests compare the engine with.
-    Sampling is seeded per request on CPU either way, so a seed gives the same text alone or batched.
+    A model the engine cannot run is an error here (the CLI prints it and exits), never a silent fallback to a slow
+    path. ``prompt_cache``: idle KV sessions kept for reuse by prompts that share their prefix (0 = off).
     """
 
     def __init__(
@@ -341,23 +248,19 @@ class EngineBackend:
         model_id: str | None = None,
         device: str = "cpu",
         threads: int | None = None,
-        reference: bool = False,
+        prompt_cache: int = 4,
     ) -> None:
+        from nanochat.engine import Engine
+
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_id = model_id or model_id_for(loaded.path)
         self.context_length = int(loaded.config.seq_len)
         self.stop_token_ids = _stop_ids_of(loaded.tokenizer)
         self.device = device
-        self._batcher: Batcher | None = None
-        self._model: Any = None
-        engine = None if reference else _make_engine(loaded, device, threads)
-        if engine is not None:
-            self._batcher = Batcher(engine)
-            self.mode = f"engine:{getattr(engine, 'backend_name', 'unknown')}"
-        else:
-            self._model = loaded.torch_model(device)
-            self.mode = "reference"
+        self.engine = Engine(loaded, device=device, threads=threads)
+        self.batcher = Batcher(self.engine, PromptCache(prompt_cache))
+        self.mode = f"engine:{self.engine.backend_name}"
 
     @classmethod
     def from_path(cls, path: str | Path, **kw: Any) -> EngineBackend:
@@ -365,56 +268,74 @@ class EngineBackend:
 
         return cls(load(path), **kw)
 
-    def stream(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
-        if self._batcher is not None:
-            return self._batcher.submit(prompt_ids, params, cancel)
-        return deltas_from_tokens(self._reference_tokens(prompt_ids, params), self._decode, params, cancel)
-
-    def _decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids, skip_special=True)
-
-    def _reference_tokens(
-        self, prompt_ids: Sequence[int], params: SamplingParams
-    ) -> Iterator[tuple[int, TokenLogprob | None]]:
-        import torch
-
-        from nanochat.engine.sampling import make_generator, sample
-
-        gen = make_generator(params.seed)
-        adjust = LogitAdjuster(params, self.tokenizer.vocab_size) if params.adjusts_logits else None
-        ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)  # (1, T)
-        while ids.shape[1] < self.context_length:
-            with torch.inference_mode():
-                logits = self._model(ids)[0, -1].float().cpu()  # (V,) at the last position
-            tok = sample(logits if adjust is None else adjust(logits), params.temperature, params.top_k or None,
-                         params.top_p, gen)  # fmt: skip
-            if adjust is not None:
-                adjust.saw(tok)
-            yield tok, None if params.logprobs is None else token_logprob(logits, tok, params.logprobs)
-            ids = torch.cat([ids, torch.tensor([[tok]], dtype=torch.long, device=self.device)], dim=1)
+    def stream(self, prompt_ids: Sequence[int], params: GenerationParams, cancel: threading.Event) -> Iterator[Delta]:
+        return self.batcher.submit(prompt_ids, params, cancel)
 
 
-def _make_engine(loaded: LoadedModel, device: str, threads: int | None) -> Any | None:
-    """``nanochat.engine.Engine`` for ``loaded``, or ``None`` (logged) when it cannot be used."""
-    try:
-        from nanochat.engine import Engine
-    except ImportError as e:
-        log.warning("nanochat.engine is not available (%s): using the reference loop (slow)", e)
-        return None
-    try:
-        return Engine(loaded, device=device, threads=threads)
-    except Exception as e:
-        log.warning("nanochat.engine could not load the model (%s): using the reference loop (slow)", e)
-        return None
+class PromptCache:
+    """Idle KV sessions and the tokens each holds, for llama-server's ``cache_prompt``: a chat that continues, or
+    repeated infill calls in one file, reuse the longest common token prefix instead of a fresh prefill.
+
+    At most ``size`` sessions are kept (the least recently used one goes first). :meth:`take` hands out the session
+    sharing the longest prefix with a prompt, rewound to that prefix, but always leaves the prompt's last token to
+    run: its logits are the first token's distribution. Owned by the batcher's thread (no locking)."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._idle: list[tuple[Any, list[int]]] = []  # (session, tokens it holds), least recently used first
+        self.hits = 0  # prompts that reused a cached prefix
+        self.reused_tokens = 0  # prompt tokens not prefilled thanks to the cache
+
+    def take(self, prompt: Sequence[int]) -> tuple[Any, int] | None:
+        """``(session, kept)``: a session holding ``prompt[:kept]``; ``None`` when nothing is cached."""
+        if not self._idle:
+            return None
+        best, best_n = 0, -1
+        for i, (_, held) in enumerate(self._idle):
+            n = _common_prefix(held, prompt)
+            if n > best_n:
+                best, best_n = i, n
+        session, _ = self._idle.pop(best)
+        kept = min(best_n, len(prompt) - 1)
+        session.truncate(kept)
+        if kept > 0:
+            self.hits += 1
+            self.reused_tokens += kept
+        return session, kept
+
+    def give(self, session: Any, tokens: list[int]) -> None:
+        """Keep ``session`` (holding ``tokens``) for later prompts."""
+        if self.size <= 0:
+            return
+        self._idle.append((session, tokens))
+        del self._idle[: max(0, len(self._idle) - self.size)]
+
+
+def _common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    n = min(len(a), len(b))
+    for i in range(n):
+        if a[i] != b[i]:
+            return i
+    return n
 
 
 @dataclass
 class _Request:
     prompt_ids: list[int]
-    params: SamplingParams
+    params: GenerationParams
     cancel: threading.Event
     out: queue.SimpleQueue[Delta | BaseException]
+    live: int = 0  # choices still generating
+    failed: bool = False
+
+
+@dataclass
+class _Choice:
+    seq: Any  # nanochat.engine.LiveSequence
+    req: _Request
+    index: int
     adjust: LogitAdjuster | None = None
+    cacheable: bool = field(default=True)
 
 
 def _unsampleable(seq: Any) -> RuntimeError | None:
@@ -433,29 +354,31 @@ def _unsampleable(seq: Any) -> RuntimeError | None:
 class Batcher:
     """Continuous batching over ``nanochat.engine.Engine``: one scheduler thread owns every live sequence.
 
-    Each loop: admit new requests (``Engine.start``: a prefill each, with the request's own sampling parameters,
-    stop strings and stop tokens), drop cancelled ones, then ``Engine.step`` advances all the others by one token in
-    one batched forward, and each request's delta goes to its own queue. A request's ``stream`` iterator (run in a
-    server worker thread) just reads that queue. The engine's per-sequence generators make a batched sequence sample
-    exactly what it would alone.
+    Each loop: admit new requests (a prefill each, with the request's own sampling parameters, stop strings and stop
+    tokens; the ``n`` choices of a request are prefilled in one batched forward, and a single choice starts from the
+    :class:`PromptCache`'s longest shared prefix), drop cancelled ones, then ``Engine.step`` advances all the others
+    by one token in one batched forward, and each choice's delta goes to its request's queue. A request's ``stream``
+    iterator (run in a server worker thread) just reads that queue. The engine's per-sequence generators make a
+    batched sequence sample exactly what it would alone.
 
-    Isolation: what one request brings ends that request alone. Its prompt and parameters are checked by
-    ``Engine.start`` (a failure there goes to its queue only); sampling is numerically safe for every accepted value
-    (a temperature of 1e-40 is greedy, a top_p of 1e-46 keeps the top token); a sequence whose logits hold no finite
+    Isolation: what one request brings ends that request alone. Its prompt and parameters are checked when it is
+    started (a failure there goes to its queue only); sampling is numerically safe for every accepted value (a
+    temperature of 1e-40 is greedy, a top_p of 1e-46 keeps the top token); a sequence whose logits hold no finite
     value is failed before the step that would raise for everyone. Only an engine-wide failure (the batched forward
     itself) fails every request of that batch.
     """
 
-    def __init__(self, engine: Any) -> None:
+    def __init__(self, engine: Any, cache: PromptCache | None = None) -> None:
         self.engine = engine
+        self.cache = cache if cache is not None else PromptCache(0)
         self._inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.steps = 0  # batched decode steps so far
         self.max_batch = 0  # largest batch seen (tests and curiosity)
 
-    def submit(self, prompt_ids: Sequence[int], params: SamplingParams, cancel: threading.Event) -> Iterator[Delta]:
-        req = _Request(list(prompt_ids), params, cancel, queue.SimpleQueue())
+    def submit(self, prompt_ids: Sequence[int], params: GenerationParams, cancel: threading.Event) -> Iterator[Delta]:
+        req = _Request(list(prompt_ids), params, cancel, queue.SimpleQueue(), live=params.n)
         with self._lock:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="nanochat-batcher", daemon=True)
@@ -465,39 +388,94 @@ class Batcher:
 
     @staticmethod
     def _deltas(req: _Request) -> Iterator[Delta]:
-        while True:
+        left = req.params.n
+        while left:
             item = req.out.get()
             if isinstance(item, BaseException):
                 raise item
             yield item
             if item.finish_reason is not None:
-                return
+                left -= 1
 
-    def _admit(self, req: _Request, live: list[tuple[Any, _Request]]) -> None:
-        if req.cancel.is_set():
-            req.out.put(Delta("", None, "cancelled"))
-            return
-        p = req.params
-        try:
-            (seq,) = self.engine.start(
-                [req.prompt_ids],
-                max_new_tokens=p.max_tokens,
-                temperature=p.temperature,
-                top_k=p.top_k or None,
-                top_p=p.top_p if p.top_p < 1.0 else None,
-                seed=p.seed,
-                stop=list(p.stop),
-                stop_token_ids=p.stop_token_ids,
+    def _start(self, req: _Request) -> list[Any]:
+        """The request's live sequences, prefilled: one batched forward for its ``n`` choices, or the prompt cache's
+        best session for a single one."""
+        from nanochat.engine import LiveSequence, TextStream, decode_fn
+        from nanochat.engine.sampling import make_generator
+
+        p, eng = req.params, self.engine
+        s = p.sampling
+        seeds = p.seeds()
+        if p.n > 1 or self.cache.size <= 0:
+            return list(
+                eng.start(
+                    [req.prompt_ids] * p.n,
+                    max_new_tokens=p.max_tokens,
+                    temperature=s.temperature,
+                    top_k=s.top_k or None,
+                    top_p=s.top_p if s.top_p is not None and s.top_p < 1.0 else None,
+                    seed=seeds,
+                    stop=list(p.stop),
+                    stop_token_ids=p.stop_token_ids,
+                )
             )
+        ids = req.prompt_ids
+        if not ids or len(ids) >= eng.max_seq:
+            raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {eng.max_seq}")
+        V = eng.backend.vocab_size
+        bad = [t for t in ids if not 0 <= t < V]
+        if bad:
+            raise ValueError(f"token id {bad[0]} is out of range for vocab_size {V}")
+        hit = self.cache.take(ids)
+        session, kept = hit if hit is not None else (eng.backend.new_session(eng.max_seq), 0)
+        seq = LiveSequence(
+            session=session,
+            params=SamplingParams(s.temperature, s.top_k, s.top_p, seeds[0]),
+            generator=make_generator(seeds[0]),
+            stream=TextStream(decode_fn(eng.tokenizer), p.stop),
+            max_new_tokens=p.max_tokens,
+            stop_ids=frozenset(p.stop_token_ids),
+            prompt_tokens=len(ids),
+        )
+        try:
+            seq.logits = eng.backend.prefill_batch([session], [ids[kept:]])[0]
+        except Exception:
+            session.truncate(0)
+            raise
+        if p.max_tokens == 0:
+            seq.finish_reason = "length"
+        return [seq]
+
+    def _admit(self, req: _Request, live: list[_Choice]) -> None:
+        if req.cancel.is_set():
+            for i in range(req.params.n):
+                req.out.put(Delta("", None, "cancelled", index=i))
+            return
+        try:
+            seqs = self._start(req)
         except Exception as e:  # e.g. ValueError for a prompt the engine refuses: that request fails alone
             req.out.put(e)
             return
-        if p.adjusts_logits:
-            req.adjust = LogitAdjuster(p, int(self.engine.backend.vocab_size))
-        live.append((seq, req))
+        vocab = int(self.engine.backend.vocab_size)
+        for i, seq in enumerate(seqs):
+            adjust = LogitAdjuster(req.params, vocab) if req.params.adjusts_logits else None
+            live.append(_Choice(seq, req, i, adjust))
+
+    def _retire(self, c: _Choice) -> None:
+        """A finished choice's session goes to the prompt cache with the tokens its KV holds."""
+        session = c.seq.session
+        if not c.cacheable or self.cache.size <= 0:
+            return
+        held = [*c.req.prompt_ids, *c.seq.token_ids][: int(session.position)]
+        self.cache.give(session, held)
+
+    def _fail(self, req: _Request, err: BaseException) -> None:
+        if not req.failed:
+            req.failed = True
+            req.out.put(err)
 
     def _loop(self) -> None:
-        live: list[tuple[Any, _Request]] = []
+        live: list[_Choice] = []
         while True:
             try:
                 if not live:
@@ -508,39 +486,46 @@ class Batcher:
                     except queue.Empty:
                         break
                 kept = []
-                for seq, req in live:
-                    if req.cancel.is_set():
-                        req.out.put(Delta("", None, "cancelled"))
-                    elif (err := _unsampleable(seq)) is not None:
+                for c in live:
+                    if c.req.failed:
+                        continue
+                    if c.req.cancel.is_set():
+                        c.req.out.put(Delta("", None, "cancelled", index=c.index))
+                        self._retire(c)
+                    elif (err := _unsampleable(c.seq)) is not None:
                         log.error("generation failed: %s", err)
-                        req.out.put(err)  # this sequence alone: the step below would raise for the whole batch
+                        c.cacheable = False
+                        self._fail(c.req, err)  # this request alone: the step below would raise for the batch
                     else:
-                        kept.append((seq, req))
+                        kept.append(c)
                 live = kept
                 if not live:
                     continue
-                seqs = [seq for seq, _ in live]
+                seqs = [c.seq for c in live]
                 before = [len(seq.token_ids) for seq in seqs]
                 logits = [seq.logits for seq in seqs]  # raw: the step replaces them; logprobs report these
-                for seq, req in live:
-                    if req.adjust is not None:  # penalties and bias change what is sampled, not what is reported
-                        seq.logits = req.adjust(seq.logits)
+                for c in live:
+                    if c.adjust is not None:  # penalties and bias change what is sampled, not what is reported
+                        c.seq.logits = c.adjust(c.seq.logits)
                 texts = self.engine.step(seqs)
                 self.steps += 1
                 self.max_batch = max(self.max_batch, len(seqs))
                 kept = []
-                for (seq, req), n0, text, row in zip(live, before, texts, logits):
+                for c, n0, text, row in zip(live, before, texts, logits, strict=True):
+                    seq = c.seq
                     tok = seq.token_ids[-1] if len(seq.token_ids) > n0 else None  # None: a stop token ended it
-                    k = req.params.logprobs
+                    k = c.req.params.logprobs
                     lp = token_logprob(row, tok, k) if k is not None and tok is not None else None
-                    if req.adjust is not None and tok is not None:
-                        req.adjust.saw(tok)
-                    req.out.put(Delta(text, tok, seq.finish_reason, lp))
+                    if c.adjust is not None and tok is not None:
+                        c.adjust.saw(tok)
+                    c.req.out.put(Delta(text, tok, seq.finish_reason, lp, c.index))
                     if seq.finish_reason is None:
-                        kept.append((seq, req))
+                        kept.append(c)
+                    else:
+                        self._retire(c)
                 live = kept
             except Exception as e:  # an engine-wide failure (the batched forward) fails the batch, not the server
                 log.error("batched generation failed", exc_info=True)
-                for _, req in live:
-                    req.out.put(e)
+                for c in live:
+                    self._fail(c.req, e)
                 live = []

@@ -6,8 +6,8 @@ Notable choices:
 - ``logprobs``: chat takes ``logprobs: true`` and ``top_logprobs`` (0-20), completions ``logprobs: N`` (0-5), as
   OpenAI does; the answers carry OpenAI's two logprobs shapes. ``presence_penalty``, ``frequency_penalty`` and
   ``logit_bias`` are applied. Nothing that would change the output is silently ignored: ``tools``, ``functions``,
-  a ``response_format`` other than text, ``n`` or ``best_of`` above 1, ``echo`` and ``suffix`` are refused (400).
-- Range checks live here (temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, n == 1, at most 4 non-empty
+  a ``response_format`` other than text, ``best_of`` above 1, ``echo`` and ``suffix`` are refused (400).
+- Range checks live here (temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, 1 <= n <= 16, at most 4 non-empty
   stop strings); checks that need the model (context length, model name) live in the app.
 - Extensions beyond OpenAI's schema, as vLLM names them: ``top_k`` and ``ignore_eos`` (generate through
   end-of-text tokens: for benchmarks).
@@ -25,6 +25,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictBool, S
 StrictFloat = Annotated[float, Field(strict=True)]  # JSON integers are accepted, strings and booleans are not
 _SURROGATE = re.compile("[\ud800-\udfff]")
 INT64_MIN, INT64_MAX = -(1 << 63), (1 << 63) - 1
+MAX_N = 16  # choices per request at most
 
 
 def _valid_unicode(v: str) -> str:
@@ -60,7 +61,7 @@ class SamplingRequest(_Request):
     seed: Annotated[StrictInt, Field(ge=INT64_MIN, le=INT64_MAX)] | None = None
     stream: StrictBool = False
     stream_options: StreamOptions | None = None
-    n: StrictInt = 1
+    n: Annotated[StrictInt, Field(ge=1, le=MAX_N)] = 1  # choices (the server also caps it at --max-concurrent)
     ignore_eos: StrictBool = False  # extension
     presence_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[StrictFloat, Field(ge=-2.0, le=2.0)] | None = None
@@ -79,13 +80,6 @@ class SamplingRequest(_Request):
 
     def logit_bias_items(self) -> tuple[tuple[int, float], ...]:
         return tuple((int(k), float(b)) for k, b in (self.logit_bias or {}).items() if b)
-
-    @field_validator("n")
-    @classmethod
-    def _one_choice(cls, v: int) -> int:
-        if v != 1:
-            raise ValueError("only n = 1 is supported")
-        return v
 
     @field_validator("stop")
     @classmethod
@@ -225,6 +219,66 @@ class TokenizeRequest(_Request):
     add_special: StrictBool = False  # start with <|bos|>
     parse_special: StrictBool = True  # special-token text (``<|end|>``) becomes the special token
     with_pieces: StrictBool = False  # each id with its text
+
+
+class InfillChunk(_Request):
+    """A piece of context for ``/infill`` (llama.vim sends the lines around the cursor, other buffers, yanks)."""
+
+    filename: Text = "tmp"
+    text: Text
+
+
+class InfillRequest(_Request):
+    """llama-server's ``POST /infill``: fill the middle between ``input_prefix`` and ``input_suffix``.
+
+    The prompt is PSM, as the model was trained (:mod:`nanochat.data.fim`): ``<|bos|>`` then each ``input_extra``
+    chunk (as llama-server writes them for a model without repository tokens), ``<|fim_prefix|>`` prefix
+    ``<|fim_suffix|>`` suffix ``<|fim_middle|>`` ``prompt`` (text already typed after the cursor's prefix).
+    llama-server's defaults: ``temperature`` 0.8, ``top_k`` 40, ``top_p`` 0.95, ``n_predict`` -1 (until the context
+    is full, here at most ``--max-tokens-limit``). Fields of other llama-server samplers (``samplers``,
+    ``n_indent``, ``t_max_*``, ``response_fields``) are accepted and ignored; ``cache_prompt`` is always on.
+    """
+
+    model: Text | None = None
+    input_prefix: Text = ""
+    input_suffix: Text = ""
+    input_extra: Annotated[list[InfillChunk], Field(max_length=256)] = []
+    prompt: Text = ""
+    n_predict: Annotated[StrictInt, Field(ge=-1)] = -1
+    temperature: Annotated[StrictFloat, Field(ge=0.0, le=2.0)] = 0.8
+    top_k: Annotated[StrictInt, Field(ge=0)] = 40
+    top_p: Annotated[StrictFloat, Field(gt=0.0, le=1.0)] = 0.95
+    seed: Annotated[StrictInt, Field(ge=-1, le=INT64_MAX)] = -1  # -1: a random seed
+    stop: Annotated[list[Text], Field(max_length=16)] = []
+    stream: StrictBool = False
+    cache_prompt: StrictBool = True
+
+    @field_validator("stop")
+    @classmethod
+    def _stops(cls, v: list[str]) -> list[str]:
+        if any(s == "" for s in v):
+            raise ValueError("stop strings must be non-empty")
+        return v
+
+
+class InfillTimings(BaseModel):
+    prompt_n: int  # prompt tokens
+    predicted_n: int  # generated tokens
+    prompt_ms: float  # request start -> first token
+    predicted_ms: float  # first token -> last
+
+
+class InfillResponse(BaseModel):
+    """llama-server's answer (and, with ``stop: false`` and only ``content``, each streamed event)."""
+
+    content: str
+    stop: bool = True
+    model: str
+    tokens_predicted: int
+    tokens_evaluated: int  # prompt tokens
+    truncated: bool  # the prefix, suffix or extra context was cut to fit the context
+    stop_type: Literal["eos", "limit", "word"]  # a stop token, n_predict (or the context), a stop string
+    timings: InfillTimings
 
 
 class DetokenizeRequest(_Request):
