@@ -7,61 +7,39 @@ Typical use::
     data_report(index.root)["corpus"]["sources"]                   # what was read, kept and dropped, per source
     train = TokenLoader(index, "train", batch_size=8, seq_len=512, rank=rank, world_size=world)
     x, y = train.next_batch()                                      # (B, T) int64 each
+
+Names are re-exported lazily (:func:`nanochat.lazy_exports`): the tokenizer, which inference needs, must not pull in
+torch (the loader and bits-per-byte use it).
 """
 
-from nanochat.data.bpb import bits_per_byte, bpb_sums, target_bytes
-from nanochat.data.corpus import (
-    Corpus,
-    CorpusPlan,
-    Document,
-    build_corpus,
-    iter_documents,
-    load_corpus,
-    near_duplicates,
-    plan_corpus,
-    split_documents,
-    split_of,
-    stdlib_documents,
-)
-from nanochat.data.decontam import NgramIndex, humaneval_index
-from nanochat.data.loader import TokenLoader
-from nanochat.data.prepare import data_cache_dir, data_report, prepare_data, prepare_tokenizer
-from nanochat.data.shards import ShardIndex, ShardInfo, build_shards, token_dtype
-from nanochat.data.sources import DEFAULT_SPEC, Source, parse_spec
-from nanochat.data.synthetic import synthetic_documents, synthetic_tasks
-from nanochat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
+from __future__ import annotations
 
-__all__ = [
-    "DEFAULT_SPEC",
-    "SPECIAL_TOKENS",
-    "Corpus",
-    "CorpusPlan",
-    "Document",
-    "NgramIndex",
-    "ShardIndex",
-    "ShardInfo",
-    "Source",
-    "TokenLoader",
-    "Tokenizer",
-    "bits_per_byte",
-    "bpb_sums",
-    "build_corpus",
-    "build_shards",
-    "data_cache_dir",
-    "data_report",
-    "humaneval_index",
-    "iter_documents",
-    "load_corpus",
-    "near_duplicates",
-    "parse_spec",
-    "plan_corpus",
-    "prepare_data",
-    "prepare_tokenizer",
-    "split_documents",
-    "split_of",
-    "stdlib_documents",
-    "synthetic_documents",
-    "synthetic_tasks",
-    "target_bytes",
-    "token_dtype",
-]
+from nanochat import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(["bits_per_byte", "bpb_sums", "target_bytes"], "bpb"),
+    **dict.fromkeys(
+        [
+            "Corpus",
+            "CorpusPlan",
+            "Document",
+            "build_corpus",
+            "iter_documents",
+            "load_corpus",
+            "near_duplicates",
+            "plan_corpus",
+            "split_documents",
+            "split_of",
+            "stdlib_documents",
+        ],
+        "corpus",
+    ),
+    **dict.fromkeys(["NgramIndex", "humaneval_index"], "decontam"),
+    "TokenLoader": "loader",
+    **dict.fromkeys(["data_cache_dir", "data_report", "prepare_data", "prepare_tokenizer"], "prepare"),
+    **dict.fromkeys(["ShardIndex", "ShardInfo", "build_shards", "token_dtype"], "shards"),
+    **dict.fromkeys(["DEFAULT_SPEC", "Source", "parse_spec"], "sources"),
+    **dict.fromkeys(["synthetic_documents", "synthetic_tasks"], "synthetic"),
+    **dict.fromkeys(["SPECIAL_TOKENS", "Tokenizer"], "tokenizer"),
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -13,23 +13,19 @@ print(engine.generate("def fib(n):", max_new_tokens=64, temperature=0).text)
 - :mod:`.torch_engine`: :class:`TorchEngine`, cached step-by-step forward of the torch model.
 - :mod:`.sampling`: greedy / temperature / top-k / top-p with seeded CPU generators.
 - :mod:`.cli`: ``nanochat-sample``.
+
+Names are re-exported lazily (:func:`nanochat.lazy_exports`), so ``nanochat-sample --help`` imports no torch.
 """
 
-from nanochat.engine.generate import Engine, Generation, GenerationResult, LiveSequence, TextStream, decode_fn
-from nanochat.engine.sampling import SamplingParams, filter_logits, make_generator, sample
-from nanochat.engine.torch_engine import TorchEngine, TorchSession
+from __future__ import annotations
 
-__all__ = [
-    "Engine",
-    "Generation",
-    "GenerationResult",
-    "LiveSequence",
-    "SamplingParams",
-    "TextStream",
-    "TorchEngine",
-    "TorchSession",
-    "decode_fn",
-    "filter_logits",
-    "make_generator",
-    "sample",
-]
+from nanochat import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(
+        ["Engine", "Generation", "GenerationResult", "LiveSequence", "TextStream", "decode_fn"], "generate"
+    ),
+    **dict.fromkeys(["SamplingParams", "filter_logits", "make_generator", "sample"], "sampling"),
+    **dict.fromkeys(["TorchEngine", "TorchSession"], "torch_engine"),
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

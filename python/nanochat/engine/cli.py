@@ -21,6 +21,7 @@ tokenizer has no FIM tokens is refused with exit code 2.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 from pathlib import Path
@@ -32,18 +33,35 @@ app = typer.Typer(add_completion=False)
 
 
 def _load(path: Path) -> Any:
-    """A ``LoadedModel`` (preferred: GGUF weights feed the Rust engine without a torch copy) or ``(GPT, Tokenizer)``."""
-    import importlib
+    """A ``LoadedModel``: GGUF weights feed the Rust engine memory-mapped, without a torch copy."""
+    from nanochat.export.load import load
 
+    return load(path)
+
+
+def _rss_mib() -> tuple[float, float]:
+    """``(current, peak)`` resident set size of this process in MiB (Linux ``/proc``; ``getrusage`` elsewhere)."""
+    import resource
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
     try:
-        load_mod = importlib.import_module("nanochat.export.load")
-    except ImportError as e:  # pragma: no cover - the export package ships with nanochat
-        raise typer.BadParameter(f"model loading is unavailable (nanochat.export.load: {e})") from e
-    if hasattr(load_mod, "load"):
-        return load_mod.load(path)
-    if hasattr(load_mod, "load_model"):  # pragma: no cover - older API
-        return load_mod.load_model(path)
-    raise typer.BadParameter("nanochat.export.load has neither load() nor load_model()")  # pragma: no cover
+        with open("/proc/self/statm") as f:
+            pages = int(f.read().split()[1])
+        return pages * os.sysconf("SC_PAGE_SIZE") / 2**20, peak
+    except OSError:  # pragma: no cover - not Linux
+        return peak, peak
+
+
+def _since_process_start() -> float | None:
+    """Seconds since this process was started (interpreter start-up and imports included), or None off Linux."""
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = int(f.read().rsplit(")", 1)[1].split()[19])  # field 22: starttime, in clock ticks
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+    except (OSError, ValueError, IndexError):  # pragma: no cover - not Linux
+        return None
+    return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
 
 
 def _unescape(s: str) -> str:
@@ -98,31 +116,25 @@ def main(
     --suffix the model fills in the middle, which is all that is printed (the texts are taken as they are, like
     --prompt: a shell's $'...' quoting writes newlines).
     """
-    import torch
-
-    from nanochat.engine import Engine
-
+    t_main = _since_process_start()  # interpreter start-up and the imports so far
     infill = prefix is not None or suffix is not None
     if infill and prompt is not None:
         raise typer.BadParameter("give either --prompt or --prefix/--suffix, not both", param_hint="--prompt")
     if not infill and prompt is None:
         raise typer.BadParameter("give --prompt TEXT, or --prefix/--suffix for infilling", param_hint="--prompt")
 
-    if threads > 0:
-        torch.set_num_threads(threads)
     t0 = time.perf_counter()
     try:
         loaded = _load(model)
-        if isinstance(loaded, tuple):  # (GPT, Tokenizer)
-            engine = Engine(
-                loaded[0], loaded[1], backend=backend, device=device, threads=threads or None, head=head, kv=kv
-            )
-        else:
-            engine = Engine(loaded, backend=backend, device=device, threads=threads or None, head=head, kv=kv)
+        t_load = time.perf_counter() - t0
+        # imported here, not at the top: `--help` and argument errors stay fast
+        from nanochat.engine.generate import Engine
+
+        engine = Engine(loaded, backend=backend, device=device, threads=threads or None, head=head, kv=kv)
     except (OSError, ValueError) as e:  # a missing or damaged file, a bad --backend/--device: one line, exit 2
         typer.secho(f"error: {e}", err=True, fg="red")
         raise typer.Exit(2) from None
-    t_load = time.perf_counter() - t0
+    t_engine = time.perf_counter() - t0 - t_load
     source: str | list[int]
     stop_ids = None
     if infill:
@@ -152,20 +164,30 @@ def main(
         stop_token_ids=stop_ids,
     )
     t_first = None
+    t_first_abs = None
     for delta in gen:
         if t_first is None:
             t_first = time.perf_counter() - t1
+            t_first_abs = _since_process_start()
         sys.stdout.write(delta)
         sys.stdout.flush()
+    if t_first is None:  # nothing printable came (a stop token or string at once): the first token is the last
+        t_first = time.perf_counter() - t1
+        t_first_abs = _since_process_start()
     sys.stdout.write("\n")
     elapsed = time.perf_counter() - t1
     res = gen.result
     if stats and res is not None:
         n = len(res.token_ids)
+        rss, peak = _rss_mib()
+        size = model.stat().st_size / 2**20 if model.is_file() else None
+        start = "" if t_main is None else f"start-up (interpreter + imports) {t_main * 1e3:.0f} ms, "
+        wall = "" if t_first_abs is None else f" ({t_first_abs * 1e3:.0f} ms after the process started)"
         typer.echo(
-            f"[{engine.backend_name}] load {t_load * 1e3:.0f} ms, first text {(t_first or 0.0) * 1e3:.0f} ms, "
-            f"{res.prompt_tokens} prompt + {n} new tokens in {elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} tok/s), "
-            f"finish_reason={res.finish_reason}",
+            f"[{engine.backend_name}] {start}load {t_load * 1e3:.0f} ms, engine build {t_engine * 1e3:.0f} ms, "
+            f"first token {t_first * 1e3:.0f} ms{wall}; {res.prompt_tokens} prompt + {n} new tokens in "
+            f"{elapsed:.2f} s ({n / max(elapsed, 1e-9):.1f} tok/s), finish_reason={res.finish_reason}; "
+            f"RSS {rss:.0f} MiB (peak {peak:.0f})" + ("" if size is None else f", file {size:.1f} MiB"),
             err=True,
         )
 

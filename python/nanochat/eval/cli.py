@@ -32,7 +32,16 @@ from rich.console import Console
 from .sandbox import SandboxUnavailable
 
 app = typer.Typer(
-    help="Evaluate nanochat models: HumanEval pass@k in a sandbox, and comparisons across results.",
+    help=(
+        "Evaluate nanochat models: HumanEval pass@k in a sandbox, line completion, bits per byte, and comparisons "
+        "across results.\n\n"
+        "Examples:\n\n"
+        "    nanochat-eval lines --model runs/d20 --limit 20\n\n"
+        "    nanochat-eval humaneval --model d20.gguf -n 10 -k 1,10 --temperature 0.8\n\n"
+        "    nanochat-eval bpb --model runs/d20 --humaneval\n\n"
+        "    nanochat-eval compare runs/a/lines.json runs/b/lines.json --png compare.png\n\n"
+        "nanochat-eval COMMAND --help shows each command's options and defaults."
+    ),
     no_args_is_help=True,
     add_completion=False,
 )
@@ -103,9 +112,15 @@ def humaneval_cmd(
     k: str = typer.Option(
         "1", "-k", "--k", help="pass@k values, comma-separated, e.g. 1,10.", rich_help_panel="Generation"
     ),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, rich_help_panel="Generation"),
-    max_new_tokens: int = typer.Option(512, "--max-new-tokens", min=1, rich_help_panel="Generation"),
-    seed: int = typer.Option(0, "--seed", rich_help_panel="Generation"),
+    temperature: float = typer.Option(
+        0.0, "--temperature", min=0.0, help="Sampling temperature (0 = greedy).", rich_help_panel="Generation"
+    ),
+    max_new_tokens: int = typer.Option(
+        512, "--max-new-tokens", min=1, help="Tokens generated per completion at most.", rich_help_panel="Generation"
+    ),
+    seed: int = typer.Option(
+        0, "--seed", help="Sampler seed: each prompt and sample derives its own from it.", rich_help_panel="Generation"
+    ),
     batch_size: int = typer.Option(
         8, "--batch-size", min=1, help="Prompts per generation call.", rich_help_panel="Generation"
     ),
@@ -225,11 +240,15 @@ def lines_cmd(
     k: str = typer.Option(
         "1", "-k", "--k", help="pass@k values, comma-separated, e.g. 1,10.", rich_help_panel="Generation"
     ),
-    temperature: float = typer.Option(0.0, "--temperature", min=0.0, rich_help_panel="Generation"),
+    temperature: float = typer.Option(
+        0.0, "--temperature", min=0.0, help="Sampling temperature (0 = greedy).", rich_help_panel="Generation"
+    ),
     max_new_tokens: int | None = typer.Option(
         None, "--max-new-tokens", min=1, help="Default: 64 for a line, 192 for a span.", rich_help_panel="Generation"
     ),
-    seed: int = typer.Option(0, "--seed", rich_help_panel="Generation"),
+    seed: int = typer.Option(
+        0, "--seed", help="Sampler seed: each prompt and sample derives its own from it.", rich_help_panel="Generation"
+    ),
     batch_size: int = typer.Option(
         16, "--batch-size", min=1, help="Sequences decoded together.", rich_help_panel="Generation"
     ),

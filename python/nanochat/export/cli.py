@@ -27,7 +27,19 @@ def main(
         str | None, typer.Option(help="GGUF architecture: bitnet | nanochat (default: by residual)")
     ] = None,
 ) -> None:
-    """Export a nanochat model."""
+    """Export a nanochat model (a training run, a checkpoint, or another export) as GGUF or safetensors.
+
+    Examples:
+
+        nanochat-export runs/d20-20261124-101500 --out d20.gguf
+
+        nanochat-export runs/d20-20261124-101500 --quant tq1_0 --out d20-tq1.gguf
+
+        nanochat-export runs/d20-20261124-101500 --format safetensors --out d20.safetensors
+
+    Then: nanochat-sample --model d20.gguf --prompt "def fib(n):", or nanochat-serve --model d20.gguf.
+    `standard`-residual models are written as llama.cpp's `bitnet` architecture, mHC models as `nanochat`.
+    """
     from nanochat.export import GGUFError, export_gguf, export_safetensors, load
 
     try:

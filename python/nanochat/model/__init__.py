@@ -9,28 +9,16 @@ loss = model(idx, targets)
 ```
 """
 
-from nanochat.model.bitlinear import BitLinear, fake_quant_acts, fake_quant_weight, torch_path_only
-from nanochat.model.config import CONFIG_NAMES, TRAIN_KEYS, ConfigError, GPTConfig, config_path, load_config
-from nanochat.model.gpt import GPT, MLP, Attention, Block, RMSNorm, apply_rope, rope_cos_sin
-from nanochat.model.mhc import StreamResidual
+from __future__ import annotations
 
-__all__ = [
-    "CONFIG_NAMES",
-    "GPT",
-    "MLP",
-    "TRAIN_KEYS",
-    "Attention",
-    "BitLinear",
-    "Block",
-    "ConfigError",
-    "GPTConfig",
-    "RMSNorm",
-    "StreamResidual",
-    "apply_rope",
-    "config_path",
-    "fake_quant_acts",
-    "fake_quant_weight",
-    "load_config",
-    "rope_cos_sin",
-    "torch_path_only",
-]
+from nanochat import lazy_exports
+
+# lazy (nanochat.lazy_exports): the config is plain Python, and `--help` or a GGUF served by the Rust engine must not
+# pay for importing torch
+_EXPORTS = {
+    **dict.fromkeys(["BitLinear", "fake_quant_acts", "fake_quant_weight", "torch_path_only"], "bitlinear"),
+    **dict.fromkeys(["CONFIG_NAMES", "TRAIN_KEYS", "ConfigError", "GPTConfig", "config_path", "load_config"], "config"),
+    **dict.fromkeys(["GPT", "MLP", "Attention", "Block", "RMSNorm", "apply_rope", "rope_cos_sin"], "gpt"),
+    "StreamResidual": "mhc",
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)

@@ -3,64 +3,51 @@
 Each op is a ``torch.library.custom_op`` in the ``nanochat::`` namespace: its CPU implementation
 calls Rust, other devices (CUDA) run the same math in plain torch, and a fake implementation lets
 ``torch.compile`` trace it. Model, engine and training code call these functions, never ``_core``.
+
+Names are re-exported lazily (:func:`nanochat.lazy_exports`): the Rust engine (:mod:`.engine`) serves a GGUF with
+numpy alone, and the custom ops (:mod:`.ternary`, :mod:`.mhc`) are registered with torch when first used.
 """
 
-from nanochat.ops.engine import EngineSession, RustEngine, build_rust_engine, engine_weights, rust_engine_from_weights
-from nanochat.ops.mhc import (
-    bvn_basis_weights,
-    bvn_decompose,
-    hres_diagnostics,
-    permutation_basis,
-    permutations,
-    sinkhorn,
-    sinkhorn_backward,
-    sinkhorn_backward_reference,
-    sinkhorn_reference,
-)
-from nanochat.ops.ternary import (
-    absmean_quantize,
-    available_kernels,
-    default_kernel,
-    get_num_threads,
-    pack_gguf,
-    pack_ternary,
-    quantize_acts_int8,
-    set_kernel,
-    set_num_threads,
-    ternary_linear,
-    ternary_linear_reference,
-    tq1_0_to_kernel_layout,
-    tq2_0_to_kernel_layout,
-    unpack_ternary,
-)
+from __future__ import annotations
 
-__all__ = [
-    "EngineSession",
-    "RustEngine",
-    "build_rust_engine",
-    "engine_weights",
-    "rust_engine_from_weights",
-    "absmean_quantize",
-    "available_kernels",
-    "default_kernel",
-    "get_num_threads",
-    "pack_gguf",
-    "pack_ternary",
-    "bvn_basis_weights",
-    "bvn_decompose",
-    "hres_diagnostics",
-    "permutation_basis",
-    "permutations",
-    "sinkhorn",
-    "sinkhorn_backward",
-    "sinkhorn_backward_reference",
-    "sinkhorn_reference",
-    "quantize_acts_int8",
-    "set_kernel",
-    "set_num_threads",
-    "ternary_linear",
-    "ternary_linear_reference",
-    "tq1_0_to_kernel_layout",
-    "tq2_0_to_kernel_layout",
-    "unpack_ternary",
-]
+from nanochat import lazy_exports
+
+_EXPORTS = {
+    **dict.fromkeys(
+        ["EngineSession", "RustEngine", "build_rust_engine", "engine_weights", "rust_engine_from_weights"], "engine"
+    ),
+    **dict.fromkeys(
+        [
+            "bvn_basis_weights",
+            "bvn_decompose",
+            "hres_diagnostics",
+            "permutation_basis",
+            "permutations",
+            "sinkhorn",
+            "sinkhorn_backward",
+            "sinkhorn_backward_reference",
+            "sinkhorn_reference",
+        ],
+        "mhc",
+    ),
+    **dict.fromkeys(
+        [
+            "absmean_quantize",
+            "available_kernels",
+            "default_kernel",
+            "get_num_threads",
+            "pack_gguf",
+            "pack_ternary",
+            "quantize_acts_int8",
+            "set_kernel",
+            "set_num_threads",
+            "ternary_linear",
+            "ternary_linear_reference",
+            "tq1_0_to_kernel_layout",
+            "tq2_0_to_kernel_layout",
+            "unpack_ternary",
+        ],
+        "ternary",
+    ),
+}
+__getattr__, __dir__, __all__ = lazy_exports(__name__, _EXPORTS)
