@@ -124,6 +124,9 @@ async def health(request: Request) -> JSONResponse:
         "max_concurrent": svc.settings.max_concurrent,
         "max_queue": svc.settings.max_queue,
     }
+    cache = getattr(getattr(svc.backend, "batcher", None), "cache", None)
+    if cache is not None:  # prompt tokens not prefilled again thanks to the prompt cache
+        body["prompt_cache"] = {"size": cache.size, "hits": cache.hits, "reused_tokens": cache.reused_tokens}
     return JSONResponse(body, status_code=503 if svc.stopping else 200)
 
 
