@@ -1,16 +1,23 @@
-"""Serving throughput and latency: ``python -m nanochat.serve`` under 1, 4 and 8 concurrent streaming clients.
+"""Serving throughput and latency: ``python -m nanochat.serve`` under 1, 8 and 50 concurrent streaming clients, and
+time to first token over a multi-turn chat with and without the prompt cache.
 
 Starts the server in a subprocess on 127.0.0.1 (a free port) with the model given by ``--model``, or a tiny random
 model written on the fly (2 layers, width 256: it measures the server and engine overhead, not a real model). Each
 client is an ``httpx`` async task that sends ``--requests`` streaming chat completions one after another
 (``ignore_eos`` so every reply is exactly ``--max-tokens`` tokens, a fixed seed per request); all clients of a level
 start together. Reported per level: aggregate completion tokens/s (all tokens / wall time of the level), the median
-per-stream decode rate, and time to first token (request sent -> first content chunk) p50/p95. The server runs with
-``--max-concurrent`` = the largest level, so every client of a level is generating at once (batched decode).
+per-stream decode rate, time to first token (request sent -> first content chunk) p50/p99 and request latency (sent
+-> [DONE]) p50/p99. The server runs with ``--max-concurrent`` = the largest level, so every client of a level is
+generating at once (batched decode).
+
+Then (``--cache-turns``, 0 = skip) a conversation of that many turns runs against two in-process servers on the same
+model, with the prompt cache (``EngineBackend(prompt_cache=4)``) and without (``prompt_cache=0``): each turn sends
+the whole conversation so far (greedy, ``--cache-reply-tokens`` per reply), so with the cache only the new turn is
+prefilled. Reported: TTFT per turn (mean, last turn) and the prompt tokens the cache saved.
 
     python benches/bench_serve.py
     python benches/bench_serve.py --model runs/d20-20261124-101500 --max-tokens 128 --json runs/bench_serve.json
-    python benches/bench_serve.py --levels 1,2,4,8,16 --requests 4 --threads 2
+    python benches/bench_serve.py --levels 1,2,4,8,16 --requests 4 --threads 2 --cache-turns 0
 
 ``--json PATH`` writes a list of records, one per concurrency level, with keys:
 
@@ -29,7 +36,22 @@ per-stream decode rate, and time to first token (request sent -> first content c
     stream_tps_p50     median per-request decode rate: (tokens - 1) / (last chunk - first chunk) (tokens/s)
     ttft_p50_ms        time to first token, median (ms)
     ttft_p95_ms        time to first token, 95th percentile (ms)
+    ttft_p99_ms        time to first token, 99th percentile (ms)
+    latency_p50_ms     request sent -> [DONE], median (ms)
+    latency_p99_ms     request sent -> [DONE], 99th percentile (ms)
     threads            --threads given to the server (null: its default)
+
+and, for the prompt-cache comparison, one record per setting with keys:
+
+    bench              "serve_prompt_cache"
+    model, engine      as above
+    prompt_cache       idle sessions kept (0 = off)
+    turns              conversation turns (one request each)
+    prompt_tokens_last prompt tokens of the last turn
+    reused_tokens      prompt tokens taken from the cache over all turns (not prefilled)
+    ttft_mean_ms       time to first token, mean over turns (ms)
+    ttft_last_ms       time to first token of the last (longest) turn (ms)
+    ttft_speedup       ttft_mean_ms without the cache / with it (1.0 on the record without)
 """
 
 from __future__ import annotations
@@ -60,6 +82,7 @@ class Result:
     ok: bool
     ttft: float = 0.0  # s, request sent -> first content chunk
     decode_s: float = 0.0  # s, first -> last content chunk
+    latency: float = 0.0  # s, request sent -> [DONE]
     tokens: int = 0
     prompt_tokens: int = 0
 
@@ -113,7 +136,10 @@ async def one_request(client: httpx.AsyncClient, max_tokens: int, seed: int) -> 
         return Result(ok=False)
     if not done or usage is None or first is None or last is None:
         return Result(ok=False)
-    return Result(True, first - t0, last - first, int(usage["completion_tokens"]), int(usage["prompt_tokens"]))
+    end = time.perf_counter()
+    return Result(
+        True, first - t0, last - first, end - t0, int(usage["completion_tokens"]), int(usage["prompt_tokens"])
+    )
 
 
 async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) -> tuple[list[Result], float]:
@@ -129,17 +155,73 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
     return [r for rs in per_client for r in rs], wall
 
 
+def cache_chat(
+    model: Path, turns: int, reply_tokens: int, threads: int | None, model_id: str, engine: str
+) -> list[dict[str, Any]]:
+    """TTFT over a ``turns``-turn chat on in-process servers with and without the prompt cache (module docstring)."""
+    from serve_fakes import ServerThread
+
+    from nanochat.serve import EngineBackend, Settings, create_app
+
+    out: list[dict[str, Any]] = []
+    for size in (4, 0):
+        backend = EngineBackend.from_path(model, threads=threads, prompt_cache=size)
+        messages: list[dict[str, str]] = []
+        ttfts: list[float] = []
+        prompt_tokens = 0
+        with ServerThread(create_app(backend, Settings(log_requests=False))) as srv, httpx.Client(timeout=600) as c:
+            for turn in range(turns):
+                messages.append({"role": "user", "content": f"Turn {turn}: now add a test for case {turn}."})
+                body = {"messages": messages, "max_tokens": reply_tokens, "temperature": 0.0, "stream": True,
+                        "ignore_eos": True, "stream_options": {"include_usage": True}}  # fmt: skip
+                t0 = time.perf_counter()
+                first: float | None = None
+                reply = ""
+                with c.stream("POST", srv.url + "/v1/chat/completions", json=body) as r:
+                    for line in r.iter_lines():
+                        if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                            continue
+                        chunk = json.loads(line[5:])
+                        if chunk.get("usage"):
+                            prompt_tokens = int(chunk["usage"]["prompt_tokens"])
+                        for ch in chunk.get("choices") or []:
+                            if ch["delta"].get("content"):
+                                first = first if first is not None else time.perf_counter()
+                                reply += ch["delta"]["content"]
+                ttfts.append(((first or time.perf_counter()) - t0) * 1e3)
+                messages.append({"role": "assistant", "content": reply})
+        out.append(
+            {
+                "bench": "serve_prompt_cache",
+                "model": model_id,
+                "engine": engine,
+                "prompt_cache": size,
+                "turns": turns,
+                "prompt_tokens_last": prompt_tokens,
+                "reused_tokens": backend.batcher.cache.reused_tokens,
+                "ttft_mean_ms": round(statistics.fmean(ttfts), 2),
+                "ttft_last_ms": round(ttfts[-1], 2),
+                "ttft_speedup": 1.0,
+            }
+        )
+    on, off = out
+    on["ttft_speedup"] = round(off["ttft_mean_ms"] / on["ttft_mean_ms"], 2) if on["ttft_mean_ms"] else 0.0
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", type=Path, default=None, help="model to serve (default: a tiny random one)")
-    ap.add_argument("--levels", default="1,4,8", help="comma-separated client counts")
-    ap.add_argument("--requests", type=int, default=3, help="requests per client per level")
+    ap.add_argument("--levels", default="1,8,50", help="comma-separated client counts")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
+    ap.add_argument("--cache-turns", type=int, default=10, help="turns of the prompt-cache chat (0 = skip it)")
+    ap.add_argument("--cache-reply-tokens", type=int, default=24, help="tokens per reply in the prompt-cache chat")
     ap.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
     ap.add_argument("--threads", type=int, default=None, help="--threads for the server")
     ap.add_argument("--json", type=Path, default=None, help="write the records here")
     args = ap.parse_args()
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
-    console = Console(width=max(Console().width, 100))  # the table is ~90 columns wide
+    console = Console(width=max(Console().width, 120))  # the table is ~105 columns wide
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         model = args.model
@@ -164,6 +246,7 @@ def main() -> None:
                 tokens = sum(r.tokens for r in ok)
                 tps = tokens / wall if wall > 0 else 0.0
                 ttft = [r.ttft * 1e3 for r in ok] or [float("nan")]
+                latency = [r.latency * 1e3 for r in ok] or [float("nan")]
                 stream_tps = [(r.tokens - 1) / r.decode_s for r in ok if r.decode_s > 0 and r.tokens > 1]
                 records.append(
                     {
@@ -182,15 +265,32 @@ def main() -> None:
                         "stream_tps_p50": round(statistics.median(stream_tps), 2) if stream_tps else 0.0,
                         "ttft_p50_ms": round(percentile(ttft, 50), 2),
                         "ttft_p95_ms": round(percentile(ttft, 95), 2),
+                        "ttft_p99_ms": round(percentile(ttft, 99), 2),
+                        "latency_p50_ms": round(percentile(latency, 50), 2),
+                        "latency_p99_ms": round(percentile(latency, 99), 2),
                         "threads": args.threads,
                     }
                 )
             base = records[0]["tokens_per_s"] if records else 0.0
             for rec in records:
                 rec["speedup"] = round(rec["tokens_per_s"] / base, 2) if base else 0.0
+        cache_records = []
+        if args.cache_turns > 0:
+            cache_records = cache_chat(model, args.cache_turns, args.cache_reply_tokens, args.threads, model_id, engine)
 
     table = Table(title=f"nanochat.serve {model_id} ({engine}), {args.max_tokens} tokens/request, streamed")
-    for col in ("clients", "reqs", "errors", "tok/s", "vs 1st", "tok/s/stream", "TTFT p50", "TTFT p95"):
+    for col in (
+        "clients",
+        "reqs",
+        "errors",
+        "tok/s",
+        "vs 1st",
+        "tok/s/stream",
+        "TTFT p50",
+        "TTFT p99",
+        "lat p50",
+        "lat p99",
+    ):
         table.add_column(col, justify="right", no_wrap=True)
     for r in records:
         table.add_row(
@@ -201,9 +301,20 @@ def main() -> None:
             f"{r['speedup']:.2f}x",
             f"{r['stream_tps_p50']:.1f}",
             f"{r['ttft_p50_ms']:.0f} ms",
-            f"{r['ttft_p95_ms']:.0f} ms",
+            f"{r['ttft_p99_ms']:.0f} ms",
+            f"{r['latency_p50_ms']:.0f} ms",
+            f"{r['latency_p99_ms']:.0f} ms",
         )
     console.print(table)
+    if cache_records:
+        t2 = Table(title=f"prompt cache: a {args.cache_turns}-turn chat, {args.cache_reply_tokens} tokens per reply")
+        for col in ("prompt cache", "last prompt", "reused tokens", "TTFT mean", "TTFT last turn", "speedup"):
+            t2.add_column(col, justify="right", no_wrap=True)
+        for r in cache_records:
+            t2.add_row("on" if r["prompt_cache"] else "off", str(r["prompt_tokens_last"]), str(r["reused_tokens"]),
+                       f"{r['ttft_mean_ms']:.1f} ms", f"{r['ttft_last_ms']:.1f} ms", f"{r['ttft_speedup']:.2f}x")  # fmt: skip
+        console.print(t2)
+        records += cache_records
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2) + "\n")
