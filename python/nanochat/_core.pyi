@@ -2,6 +2,9 @@
 
 Arrays are numpy arrays; every function checks dtype, dimensionality and C-contiguity and raises
 TypeError / ValueError / ShapeError naming the argument. Kernels run with the GIL released.
+Thread counts above ``max_threads()`` and Sinkhorn iteration counts above ``SINKHORN_MAX_ITERS`` raise
+ValueError at once; a buffer that cannot be allocated raises MemoryError (never an abort); a fault inside
+the core (a worker thread's panic) raises RuntimeError, never ValueError.
 """
 
 from typing import Any
@@ -48,10 +51,12 @@ def available_kernels() -> list[str]: ...
 def default_kernel() -> tuple[str, str]: ...
 def set_num_threads(n: int) -> None: ...
 def get_num_threads() -> int: ...
+def max_threads() -> int: ...
 
 # --- mHC ---------------------------------------------------------------------------------------
 # (rust/python/src/mhc.rs; Sinkhorn arrays are float32 or float64 of shape (..., n, n), result in the same dtype)
 SINKHORN_DEFAULT_ITERS: int
+SINKHORN_MAX_ITERS: int
 MAX_BASIS_N: int
 
 def sinkhorn_forward(

@@ -9,6 +9,9 @@
 //! Nothing here knows about Python or torch: inputs are slices, outputs are plain structs, and
 //! every failure a caller can trigger is an [`Error`], never a panic.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+#![deny(clippy::undocumented_unsafe_blocks)]
+
 pub mod engine;
 pub mod error;
 pub mod kernels;

@@ -5,7 +5,7 @@ use nanochat_core::Error;
 use numpy::{
     Element, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
 };
-use pyo3::exceptions::{PyRuntimeError, PyTypeError, PyValueError};
+use pyo3::exceptions::{PyMemoryError, PyRuntimeError, PyTypeError, PyValueError};
 use pyo3::prelude::*;
 
 /// The one place core errors become Python exceptions.
@@ -15,6 +15,12 @@ pub fn to_py_err(e: Error) -> PyErr {
         Error::Value(m) => PyValueError::new_err(m),
         e @ Error::KernelUnavailable(..) => KernelUnavailableError::new_err(e.to_string()),
         Error::NotDoublyStochastic(m) => NotDoublyStochasticError::new_err(m),
+        Error::OutOfMemory(m) => PyMemoryError::new_err(m),
+        // A fault of the library or the OS, not of the caller: never ValueError (which the
+        // server would report as the client's mistake).
+        Error::Internal(m) => {
+            PyRuntimeError::new_err(format!("internal error in nanochat core: {m}"))
+        }
     }
 }
 
@@ -83,7 +89,6 @@ pub fn array_i8<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonly
     typed_array(obj, name, "int8")
 }
 
-#[allow(dead_code)]
 pub fn f64_array<'py>(
     obj: &Bound<'py, PyAny>,
     name: &str,

@@ -227,7 +227,9 @@ impl EngineModel {
         kv: &str,
         profile: bool,
     ) -> PyResult<Self> {
+        nanochat_core::kernels::check_threads(threads, "EngineModel threads").map_err(to_py_err)?;
         let cfg = parse_config(config)?;
+        cfg.validate().map_err(to_py_err)?;
         let mut t = HashMap::with_capacity(weights.len());
         for (k, v) in weights.iter() {
             let name: String = k
@@ -326,7 +328,8 @@ impl EngineModel {
         self.inner.threads()
     }
 
-    /// Resize the engine's thread team (0 = NANOCHAT_THREADS or all cores).
+    /// Resize the engine's thread team (0 = NANOCHAT_THREADS or all cores; more than
+    /// `max_threads()` raises ValueError).
     fn set_threads(&self, py: Python<'_>, n: usize) -> PyResult<()> {
         let m = self.inner.clone();
         py.detach(|| guarded(|| m.set_threads(n)))

@@ -3,13 +3,16 @@
 //! Arguments are checked here (dtype, shape, contiguity) with messages that name the argument;
 //! contiguous numpy inputs are borrowed, never copied; the work runs with the GIL released; core
 //! errors map to Python exceptions in one place ([`to_py_err`]); a panic in the core is caught
-//! and raised as `RuntimeError`, never crossing into Python as a `PanicException`.
+//! and raised as `RuntimeError`, never crossing into Python as a `PanicException`; thread counts
+//! above `max_threads()` and iteration counts above the core's limits are refused at once, and
+//! buffers sized by the caller's numbers are allocated fallibly (`MemoryError`, never an abort).
 
 mod convert;
 mod engine;
 mod mhc;
 
 use convert::{array_i8, array_u8, f32_array, guarded, shape2, to_py_err};
+use nanochat_core::error::{checked_len, try_zeroed};
 use nanochat_core::kernels::{self, Kernel, TernaryView};
 use nanochat_core::ternary::{self, tq1_0, tq2_0, QK_K};
 use numpy::{IntoPyArray, PyArray1, PyArray2, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
@@ -203,6 +206,7 @@ fn ternary_gemm_i32<'py>(
     kernel: Option<&str>,
     threads: usize,
 ) -> PyResult<Bound<'py, PyArray2<i32>>> {
+    kernels::check_threads(threads, "ternary_gemm_i32").map_err(to_py_err)?;
     let k = kernel_arg(kernel)?;
     let w = array_u8(packed, "packed")?;
     let (rows, rb) = shape2(w.shape(), "packed")?;
@@ -218,7 +222,7 @@ fn ternary_gemm_i32<'py>(
     let out = py.detach(|| {
         guarded(|| {
             let view = TernaryView::new(ws, rows, cols, 1.0)?;
-            let mut out = vec![0i32; n * rows];
+            let mut out = try_zeroed(checked_len(n, rows, "output")?, "output")?;
             kernels::gemm_i32(k, &view, xs, n, &mut out, threads)?;
             Ok(out)
         })
@@ -238,6 +242,7 @@ fn ternary_linear<'py>(
     kernel: Option<&str>,
     threads: usize,
 ) -> PyResult<Bound<'py, PyArray2<f32>>> {
+    kernels::check_threads(threads, "ternary_linear").map_err(to_py_err)?;
     let k = kernel_arg(kernel)?;
     let w = array_u8(packed, "packed")?;
     let (rows, rb) = shape2(w.shape(), "packed")?;
@@ -253,7 +258,7 @@ fn ternary_linear<'py>(
     let out = py.detach(|| {
         guarded(|| {
             let view = TernaryView::new(ws, rows, cols, scale)?;
-            let mut out = vec![0f32; n * rows];
+            let mut out = try_zeroed(checked_len(n, rows, "output")?, "output")?;
             kernels::ternary_linear(k, &view, xs, n, &mut out, threads)?;
             Ok(out)
         })
@@ -274,10 +279,17 @@ fn default_kernel() -> (&'static str, String) {
     (k.name(), why.clone())
 }
 
-/// Set the kernels' default thread count (0 = automatic: `NANOCHAT_THREADS` or all cores).
+/// Set the kernels' default thread count (0 = automatic: `NANOCHAT_THREADS` or all cores);
+/// more than `max_threads()` raises ValueError.
 #[pyfunction]
-fn set_num_threads(n: usize) {
-    kernels::set_num_threads(n)
+fn set_num_threads(n: usize) -> PyResult<()> {
+    kernels::set_num_threads(n).map_err(to_py_err)
+}
+
+/// The most threads any call accepts (4 × the cores, at least 8).
+#[pyfunction]
+fn max_threads() -> usize {
+    kernels::max_threads()
 }
 
 /// The kernels' default thread count.
@@ -319,6 +331,7 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(default_kernel, m)?)?;
     m.add_function(wrap_pyfunction!(set_num_threads, m)?)?;
     m.add_function(wrap_pyfunction!(get_num_threads, m)?)?;
+    m.add_function(wrap_pyfunction!(max_threads, m)?)?;
     mhc::register(m)?;
     engine::register(m)?;
     Ok(())

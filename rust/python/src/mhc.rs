@@ -1,7 +1,8 @@
 //! Bindings for the mHC projections (Sinkhorn-Knopp, permutation basis, BvN, diagnostics).
 
-use crate::convert::{f32_array, f64_array, guarded};
+use crate::convert::{f32_array, f64_array, guarded, to_py_err};
 use crate::ShapeError;
+use nanochat_core::error::try_zeroed;
 use nanochat_core::mhc;
 use numpy::{
     Element, IntoPyArray, PyArray1, PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray,
@@ -53,7 +54,13 @@ fn float_kind(obj: &Bound<'_, PyAny>, name: &str) -> PyResult<Float> {
     )))
 }
 
-fn forward_typed<'py, T: mhc::Real + Element>(
+/// Thread and iteration limits, checked before any allocation or work.
+fn precheck(n: usize, iters: usize, threads: usize) -> PyResult<()> {
+    nanochat_core::kernels::check_threads(threads, "sinkhorn").map_err(to_py_err)?;
+    mhc::sinkhorn::check_iters(n, iters).map_err(to_py_err)
+}
+
+fn forward_typed<'py, T: mhc::Real + Element + Default>(
     py: Python<'py>,
     x: PyReadonlyArrayDyn<'py, T>,
     iters: usize,
@@ -61,18 +68,19 @@ fn forward_typed<'py, T: mhc::Real + Element>(
 ) -> PyResult<Bound<'py, PyAny>> {
     let shape = x.shape().to_vec();
     let (_, n) = square_batch(&shape, "logits")?;
+    precheck(n, iters, threads)?;
     let xs = x.as_slice()?;
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![T::from_f64(0.0); xs.len()];
-            mhc::sinkhorn_forward(xs, n, iters, &mut out, threads)?;
-            Ok(out)
-        })
-    })?;
+    let mut out = try_zeroed(xs.len(), "sinkhorn output").map_err(to_py_err)?;
+    let step = (mhc::sinkhorn::interrupt_chunk(n, iters) * n * n).max(1);
+    for (xc, oc) in xs.chunks(step).zip(out.chunks_mut(step)) {
+        py.detach(|| guarded(|| mhc::sinkhorn_forward(xc, n, iters, oc, threads)))?;
+        // Between chunks: let Ctrl-C (and other signal handlers) run.
+        py.check_signals()?;
+    }
     Ok(PyArray1::from_vec(py, out).reshape(shape)?.into_any())
 }
 
-fn backward_typed<'py, T: mhc::Real + Element>(
+fn backward_typed<'py, T: mhc::Real + Element + Default>(
     py: Python<'py>,
     x: PyReadonlyArrayDyn<'py, T>,
     g: PyReadonlyArrayDyn<'py, T>,
@@ -88,21 +96,26 @@ fn backward_typed<'py, T: mhc::Real + Element>(
         )));
     }
     let n = shape[shape.len() - 1];
+    precheck(n, iters, threads)?;
     let (xs, gs) = (x.as_slice()?, g.as_slice()?);
-    let out = py.detach(|| {
-        guarded(|| {
-            let mut out = vec![T::from_f64(0.0); xs.len()];
-            mhc::sinkhorn_backward(xs, gs, n, iters, &mut out, threads)?;
-            Ok(out)
-        })
-    })?;
+    let mut out = try_zeroed(xs.len(), "sinkhorn gradient").map_err(to_py_err)?;
+    let step = (mhc::sinkhorn::interrupt_chunk(n, iters) * n * n).max(1);
+    for ((xc, gc), oc) in xs
+        .chunks(step)
+        .zip(gs.chunks(step))
+        .zip(out.chunks_mut(step))
+    {
+        py.detach(|| guarded(|| mhc::sinkhorn_backward(xc, gc, n, iters, oc, threads)))?;
+        py.check_signals()?;
+    }
     Ok(PyArray1::from_vec(py, out).reshape(shape)?.into_any())
 }
 
 /// Sinkhorn-Knopp projection of `exp(logits)` for `logits` of shape `(..., n, n)` (float32 or
 /// float64, C-contiguous): `iters` times normalise rows then columns, in the log domain's
 /// semantics (computed in f64). Returns `P`, same shape and dtype. `threads = 0` uses the
-/// shared thread budget (`set_num_threads`).
+/// shared thread budget (`set_num_threads`). `iters` is at most `SINKHORN_MAX_ITERS`; a long
+/// batch runs in chunks with a check for Ctrl-C between them.
 #[pyfunction]
 #[pyo3(signature = (logits, iters=20, threads=0))]
 fn sinkhorn_forward<'py>(
@@ -259,6 +272,7 @@ fn hres_diagnostics<'py>(
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("SINKHORN_DEFAULT_ITERS", mhc::DEFAULT_ITERS)?;
     m.add("MAX_BASIS_N", mhc::MAX_BASIS_N)?;
+    m.add("SINKHORN_MAX_ITERS", mhc::sinkhorn::MAX_ITERS)?;
     m.add_function(wrap_pyfunction!(sinkhorn_forward, m)?)?;
     m.add_function(wrap_pyfunction!(sinkhorn_backward, m)?)?;
     m.add_function(wrap_pyfunction!(permutations, m)?)?;

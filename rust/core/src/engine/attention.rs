@@ -37,7 +37,9 @@ impl KvElem for f32 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        std::arch::x86_64::_mm256_loadu_ps(p)
+        // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for
+        // were detected; pointers and lengths are in bounds, see its docs).
+        unsafe { std::arch::x86_64::_mm256_loadu_ps(p) }
     }
     fn simd_ok() -> bool {
         // the kernel is compiled with F16C enabled (for the fp16 cache), so require it too
@@ -53,8 +55,12 @@ impl KvElem for f16 {
     #[cfg(target_arch = "x86_64")]
     #[inline(always)]
     unsafe fn load8(p: *const Self) -> std::arch::x86_64::__m256 {
-        use std::arch::x86_64::*;
-        _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for
+        // were detected; pointers and lengths are in bounds, see its docs).
+        unsafe {
+            use std::arch::x86_64::*;
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        }
     }
     fn simd_ok() -> bool {
         math::has_f16c()
@@ -134,106 +140,114 @@ mod avx2 {
         scores: &mut [f32],
         out: &mut [f32],
     ) {
-        let hd = q.len();
-        assert!(
-            hd.is_multiple_of(8)
-                && k.len() >= n * hd
-                && v.len() >= n * hd
-                && scores.len() >= n
-                && out.len() >= hd
-        );
-        let (qp, kp, vp, sp) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
-        let vscale = _mm_set1_ps(scale);
-        // ---- scores, four keys at a time
-        let mut j = 0;
-        while j + 4 <= n {
-            let k0 = kp.add(j * hd);
-            let (mut a0, mut a1, mut a2, mut a3) = (
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
+        // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for
+        // were detected; pointers and lengths are in bounds, see its docs).
+        unsafe {
+            let hd = q.len();
+            assert!(
+                hd.is_multiple_of(8)
+                    && k.len() >= n * hd
+                    && v.len() >= n * hd
+                    && scores.len() >= n
+                    && out.len() >= hd
             );
+            let (qp, kp, vp, sp) = (q.as_ptr(), k.as_ptr(), v.as_ptr(), scores.as_mut_ptr());
+            let vscale = _mm_set1_ps(scale);
+            // ---- scores, four keys at a time
+            let mut j = 0;
+            while j + 4 <= n {
+                let k0 = kp.add(j * hd);
+                let (mut a0, mut a1, mut a2, mut a3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                let mut c = 0;
+                while c < hd {
+                    let qv = _mm256_loadu_ps(qp.add(c));
+                    a0 = _mm256_fmadd_ps(qv, T::load8(k0.add(c)), a0);
+                    a1 = _mm256_fmadd_ps(qv, T::load8(k0.add(hd + c)), a1);
+                    a2 = _mm256_fmadd_ps(qv, T::load8(k0.add(2 * hd + c)), a2);
+                    a3 = _mm256_fmadd_ps(qv, T::load8(k0.add(3 * hd + c)), a3);
+                    c += 8;
+                }
+                // [a0 a1 a2 a3] lane sums: hadd twice, then add the 128-bit halves.
+                let s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
+                let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
+                _mm_storeu_ps(sp.add(j), _mm_mul_ps(s, vscale));
+                j += 4;
+            }
+            while j < n {
+                let k0 = kp.add(j * hd);
+                let mut a = _mm256_setzero_ps();
+                let mut c = 0;
+                while c < hd {
+                    a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), T::load8(k0.add(c)), a);
+                    c += 8;
+                }
+                *sp.add(j) = hsum(a) * scale;
+                j += 1;
+            }
+            // ---- softmax
+            let mut m = f32::NEG_INFINITY;
+            for &s in &scores[..n] {
+                m = m.max(s);
+            }
+            let vm = _mm256_set1_ps(m);
+            let mut vsum = _mm256_setzero_ps();
+            let mut j = 0;
+            while j + 8 <= n {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sp.add(j)), vm));
+                _mm256_storeu_ps(sp.add(j), e);
+                vsum = _mm256_add_ps(vsum, e);
+                j += 8;
+            }
+            let mut sum = hsum(vsum);
+            while j < n {
+                let e = super::math::exp(*sp.add(j) - m);
+                *sp.add(j) = e;
+                sum += e;
+                j += 1;
+            }
+            let inv = 1.0 / sum;
+            // ---- out = Σ_j p_j v_j, 32 output lanes at a time kept in registers
+            let op = out.as_mut_ptr();
             let mut c = 0;
+            while c + 32 <= hd {
+                let (mut o0, mut o1, mut o2, mut o3) = (
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                    _mm256_setzero_ps(),
+                );
+                for j in 0..n {
+                    let w = _mm256_set1_ps(*sp.add(j));
+                    let vr = vp.add(j * hd + c);
+                    o0 = _mm256_fmadd_ps(w, T::load8(vr), o0);
+                    o1 = _mm256_fmadd_ps(w, T::load8(vr.add(8)), o1);
+                    o2 = _mm256_fmadd_ps(w, T::load8(vr.add(16)), o2);
+                    o3 = _mm256_fmadd_ps(w, T::load8(vr.add(24)), o3);
+                }
+                let vi = _mm256_set1_ps(inv);
+                _mm256_storeu_ps(op.add(c), _mm256_mul_ps(o0, vi));
+                _mm256_storeu_ps(op.add(c + 8), _mm256_mul_ps(o1, vi));
+                _mm256_storeu_ps(op.add(c + 16), _mm256_mul_ps(o2, vi));
+                _mm256_storeu_ps(op.add(c + 24), _mm256_mul_ps(o3, vi));
+                c += 32;
+            }
             while c < hd {
-                let qv = _mm256_loadu_ps(qp.add(c));
-                a0 = _mm256_fmadd_ps(qv, T::load8(k0.add(c)), a0);
-                a1 = _mm256_fmadd_ps(qv, T::load8(k0.add(hd + c)), a1);
-                a2 = _mm256_fmadd_ps(qv, T::load8(k0.add(2 * hd + c)), a2);
-                a3 = _mm256_fmadd_ps(qv, T::load8(k0.add(3 * hd + c)), a3);
+                let mut o = _mm256_setzero_ps();
+                for j in 0..n {
+                    o = _mm256_fmadd_ps(
+                        _mm256_set1_ps(*sp.add(j)),
+                        T::load8(vp.add(j * hd + c)),
+                        o,
+                    );
+                }
+                _mm256_storeu_ps(op.add(c), _mm256_mul_ps(o, _mm256_set1_ps(inv)));
                 c += 8;
             }
-            // [a0 a1 a2 a3] lane sums: hadd twice, then add the 128-bit halves.
-            let s = _mm256_hadd_ps(_mm256_hadd_ps(a0, a1), _mm256_hadd_ps(a2, a3));
-            let s = _mm_add_ps(_mm256_castps256_ps128(s), _mm256_extractf128_ps(s, 1));
-            _mm_storeu_ps(sp.add(j), _mm_mul_ps(s, vscale));
-            j += 4;
-        }
-        while j < n {
-            let k0 = kp.add(j * hd);
-            let mut a = _mm256_setzero_ps();
-            let mut c = 0;
-            while c < hd {
-                a = _mm256_fmadd_ps(_mm256_loadu_ps(qp.add(c)), T::load8(k0.add(c)), a);
-                c += 8;
-            }
-            *sp.add(j) = hsum(a) * scale;
-            j += 1;
-        }
-        // ---- softmax
-        let mut m = f32::NEG_INFINITY;
-        for &s in &scores[..n] {
-            m = m.max(s);
-        }
-        let vm = _mm256_set1_ps(m);
-        let mut vsum = _mm256_setzero_ps();
-        let mut j = 0;
-        while j + 8 <= n {
-            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(sp.add(j)), vm));
-            _mm256_storeu_ps(sp.add(j), e);
-            vsum = _mm256_add_ps(vsum, e);
-            j += 8;
-        }
-        let mut sum = hsum(vsum);
-        while j < n {
-            let e = super::math::exp(*sp.add(j) - m);
-            *sp.add(j) = e;
-            sum += e;
-            j += 1;
-        }
-        let inv = 1.0 / sum;
-        // ---- out = Σ_j p_j v_j, 32 output lanes at a time kept in registers
-        let op = out.as_mut_ptr();
-        let mut c = 0;
-        while c + 32 <= hd {
-            let (mut o0, mut o1, mut o2, mut o3) = (
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-                _mm256_setzero_ps(),
-            );
-            for j in 0..n {
-                let w = _mm256_set1_ps(*sp.add(j));
-                let vr = vp.add(j * hd + c);
-                o0 = _mm256_fmadd_ps(w, T::load8(vr), o0);
-                o1 = _mm256_fmadd_ps(w, T::load8(vr.add(8)), o1);
-                o2 = _mm256_fmadd_ps(w, T::load8(vr.add(16)), o2);
-                o3 = _mm256_fmadd_ps(w, T::load8(vr.add(24)), o3);
-            }
-            let vi = _mm256_set1_ps(inv);
-            _mm256_storeu_ps(op.add(c), _mm256_mul_ps(o0, vi));
-            _mm256_storeu_ps(op.add(c + 8), _mm256_mul_ps(o1, vi));
-            _mm256_storeu_ps(op.add(c + 16), _mm256_mul_ps(o2, vi));
-            _mm256_storeu_ps(op.add(c + 24), _mm256_mul_ps(o3, vi));
-            c += 32;
-        }
-        while c < hd {
-            let mut o = _mm256_setzero_ps();
-            for j in 0..n {
-                o = _mm256_fmadd_ps(_mm256_set1_ps(*sp.add(j)), T::load8(vp.add(j * hd + c)), o);
-            }
-            _mm256_storeu_ps(op.add(c), _mm256_mul_ps(o, _mm256_set1_ps(inv)));
-            c += 8;
         }
     }
 }

@@ -160,10 +160,19 @@ struct Workspace {
     hs: Vec<f32>,
 }
 
-fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) {
+/// Grow `v` to at least `n` elements; an allocation failure is an error, not an abort (the
+/// sizes follow from the caller's token counts and `max_seq`).
+fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) -> Result<()> {
     if v.len() < n {
+        v.try_reserve_exact(n - v.len()).map_err(|_| {
+            Error::OutOfMemory(format!(
+                "engine workspace: cannot allocate {n} elements of {} bytes",
+                std::mem::size_of::<T>()
+            ))
+        })?;
         v.resize(n, T::default());
     }
+    Ok(())
 }
 
 pub(crate) struct Runtime {
@@ -268,21 +277,21 @@ pub(crate) fn forward(
 
     // ---- workspace
     let ws = &mut rt.ws;
-    grow(&mut ws.x, n * ns * c);
-    grow(&mut ws.xn, n * ns * c);
-    grow(&mut ws.u, n * c);
-    grow(&mut ws.a, n * wide);
-    grow(&mut ws.xq, n * wide);
-    grow(&mut ws.xs, n);
-    grow(&mut ws.qkv, n * qkv_rows);
-    grow(&mut ws.att, n * c);
-    grow(&mut ws.y, n * c);
-    grow(&mut ws.gu, n * gu_rows);
-    grow(&mut ws.hpre, n * ns);
-    grow(&mut ws.hpost, n * ns);
-    grow(&mut ws.hres, n * ns * ns);
-    grow(&mut ws.dyn_, n * nd.max(1));
-    grow(&mut ws.pos, n);
+    grow(&mut ws.x, n * ns * c)?;
+    grow(&mut ws.xn, n * ns * c)?;
+    grow(&mut ws.u, n * c)?;
+    grow(&mut ws.a, n * wide)?;
+    grow(&mut ws.xq, n * wide)?;
+    grow(&mut ws.xs, n)?;
+    grow(&mut ws.qkv, n * qkv_rows)?;
+    grow(&mut ws.att, n * c)?;
+    grow(&mut ws.y, n * c)?;
+    grow(&mut ws.gu, n * gu_rows)?;
+    grow(&mut ws.hpre, n * ns)?;
+    grow(&mut ws.hpost, n * ns)?;
+    grow(&mut ws.hres, n * ns * ns)?;
+    grow(&mut ws.dyn_, n * nd.max(1))?;
+    grow(&mut ws.pos, n)?;
     let max_rows = qkv_rows.max(gu_rows).max(c);
     let max_ctx = batch
         .iter()
@@ -293,8 +302,8 @@ pub(crate) fn forward(
         ws.threads.resize_with(nthreads, Default::default);
     }
     for ts in ws.threads.iter_mut() {
-        grow(&mut ts.acc, n * max_rows);
-        grow(&mut ts.scores, max_ctx);
+        grow(&mut ts.acc, n * max_rows)?;
+        grow(&mut ts.scores, max_ctx)?;
     }
 
     let mut clock = Clock {
@@ -323,21 +332,6 @@ pub(crate) fn forward(
     let err: Mutex<Option<Error>> = Mutex::new(None);
 
     for (li, layer) in model.layers.iter().enumerate() {
-        // Segment table for this layer's caches.
-        ws.segs.clear();
-        let mut row0 = 0;
-        for (s, toks) in batch.iter() {
-            ws.segs.push(Seg {
-                row0,
-                n: toks.len(),
-                pos0: s.pos,
-                cap: s.cap,
-                k: s.k[li].as_ptr(),
-                v: s.v[li].as_ptr(),
-            });
-            row0 += toks.len();
-        }
-
         // ================= attention sublayer
         pre_sublayer(
             model,
@@ -381,11 +375,11 @@ pub(crate) fn forward(
                     }
                 }
             })?;
-            for (bi, (s, toks)) in batch.iter_mut().enumerate() {
-                let sg = ws.segs[bi];
+            let mut row0 = 0;
+            for (s, toks) in batch.iter_mut() {
                 let cap = s.cap;
                 for j in 0..toks.len() {
-                    let r = sg.row0 + j;
+                    let r = row0 + j;
                     let p = s.pos + j;
                     let src = &ws.qkv[r * qkv_rows + c..r * qkv_rows + c + 2 * kvd];
                     for h in 0..nkv {
@@ -394,6 +388,23 @@ pub(crate) fn forward(
                         s.v[li].write(dst, &src[kvd + h * hd..kvd + (h + 1) * hd]);
                     }
                 }
+                row0 += toks.len();
+            }
+            // The segment table (raw cache pointers for the attention job) is built only now,
+            // after the last write through `&mut` to this layer's caches: no pointer taken
+            // earlier is used after a mutable borrow of its buffer.
+            ws.segs.clear();
+            let mut row0 = 0;
+            for (s, toks) in batch.iter() {
+                ws.segs.push(Seg {
+                    row0,
+                    n: toks.len(),
+                    pos0: s.pos,
+                    cap: s.cap,
+                    k: s.k[li].as_ptr(),
+                    v: s.v[li].as_ptr(),
+                });
+                row0 += toks.len();
             }
             clock.mark(prof, Section::Rope);
         }
@@ -496,9 +507,12 @@ pub(crate) fn forward(
                             &*g
                         }
                     };
+                    // SAFETY: disjoint rows per thread.
                     let ar = unsafe { a.slice(r * hid, (r + 1) * hid) };
                     math::rmsnorm(ar, h, w, eps);
+                    // SAFETY: disjoint rows per thread.
                     let q = unsafe { xq.slice(r * hid, (r + 1) * hid) };
+                    // SAFETY: disjoint rows per thread.
                     unsafe { xs.slice(r, r + 1)[0] = math::quantize_row(ar, q) };
                 }
             })?;
@@ -523,7 +537,7 @@ pub(crate) fn forward(
         }
     }
     let nout = ws.out_rows.len();
-    grow(&mut ws.h, nout * c);
+    grow(&mut ws.h, nout * c)?;
     for (i, &r) in ws.out_rows.iter().enumerate() {
         let h = &mut ws.h[i * c..(i + 1) * c];
         if ns == 1 {
@@ -543,7 +557,8 @@ pub(crate) fn forward(
 
     // ---- head
     let v = cfg.vocab_size;
-    let mut logits = vec![0f32; nout * v];
+    let mut logits =
+        crate::error::try_zeroed(crate::error::checked_len(nout, v, "logits")?, "logits")?;
     {
         let out = SendPtr::new(&mut logits);
         let h = &ws.h[..nout * c];
@@ -568,8 +583,8 @@ pub(crate) fn forward(
                 })?;
             }
             Head::Int8 { q, scale } => {
-                grow(&mut ws.hq, nout * c);
-                grow(&mut ws.hs, nout);
+                grow(&mut ws.hq, nout * c)?;
+                grow(&mut ws.hs, nout)?;
                 for i in 0..nout {
                     ws.hs[i] =
                         math::quantize_row(&h[i * c..(i + 1) * c], &mut ws.hq[i * c..(i + 1) * c]);
@@ -608,6 +623,7 @@ pub(crate) fn forward(
 // are borrowed mutably by `forward` and nobody else can write them; a `Seg` left in the
 // workspace between calls is never dereferenced (the table is rebuilt per layer before use).
 unsafe impl Sync for Seg {}
+// SAFETY: as for `Sync` above.
 unsafe impl Send for Seg {}
 
 /// Which buffer a GEMM writes.
@@ -715,7 +731,9 @@ fn norm_quant_rows(
             // SAFETY: disjoint rows per thread.
             let ar = unsafe { a.slice(r * c, (r + 1) * c) };
             math::rmsnorm(ar, &srcbuf[r * c..(r + 1) * c], w, eps);
+            // SAFETY: disjoint rows per thread.
             let q = unsafe { xq.slice(r * c, (r + 1) * c) };
+            // SAFETY: disjoint rows per thread.
             unsafe { xs.slice(r, r + 1)[0] = math::quantize_row(ar, q) };
         }
     })
@@ -788,7 +806,9 @@ fn mhc_mappings(
             for (k, dk) in d.iter_mut().enumerate() {
                 *dk = math::dot(&p.proj[k * nc..(k + 1) * nc], flat) * rms;
             }
+            // SAFETY: disjoint rows per thread.
             let pre = unsafe { hpre.slice(r * ns, (r + 1) * ns) };
+            // SAFETY: disjoint rows per thread.
             let post = unsafe { hpost.slice(r * ns, (r + 1) * ns) };
             for i in 0..ns {
                 pre[i] = sigmoid(p.pre_bias[i] + p.alpha[0] * d[i]);
@@ -798,6 +818,7 @@ fn mhc_mappings(
             for (l, &b) in logits.iter_mut().zip(&p.res_logits) {
                 *l = b + p.alpha[2] * *l;
             }
+            // SAFETY: disjoint rows per thread.
             let h = unsafe { hres.slice(r * ns * ns, (r + 1) * ns * ns) };
             match residual {
                 Residual::MhcLite => {
@@ -823,6 +844,7 @@ fn mhc_mappings(
                 }
                 Residual::Standard => {}
             }
+            // SAFETY: disjoint rows per thread.
             let ur = unsafe { u.slice(r * c, (r + 1) * c) };
             ur.fill(0.0);
             for (i, &w) in pre.iter().enumerate() {
@@ -859,6 +881,7 @@ fn post_sublayer(
         for r in r0..r1 {
             // SAFETY: disjoint rows per thread.
             let xr = unsafe { x.slice(r * nc, (r + 1) * nc) };
+            // SAFETY: disjoint rows per thread.
             let xnr = unsafe { xn.slice(r * nc, (r + 1) * nc) };
             let yr = &y[r * c..(r + 1) * c];
             let h = &hres[r * ns * ns..(r + 1) * ns * ns];

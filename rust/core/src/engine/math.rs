@@ -266,65 +266,73 @@ pub(crate) mod x86 {
     /// See [`super::quantize_row`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn quantize_row(x: &[f32], q: &mut [i8]) -> f32 {
-        let n = x.len().min(q.len());
-        let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
-        let sign = _mm256_set1_ps(-0.0);
-        let mut m = _mm256_setzero_ps();
-        let mut c = 0;
-        while c + 8 <= n {
-            // max ignores NaN the same way the scalar fold does (maxps returns the second
-            // operand when either is NaN).
-            m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xp.add(c))), m);
-            c += 8;
-        }
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
-        let mut amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
-        for &v in &x[c..n] {
-            amax = amax.max(v.abs());
-        }
-        let amax = amax.max(crate::ternary::MIN_ACT_ABSMAX);
-        let inv = 127.0 / amax;
-        let vinv = _mm256_set1_ps(inv);
-        let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
-        let mut c = 0;
-        while c + 32 <= n {
-            let mut v = [_mm256_setzero_si256(); 4];
-            for (k, vk) in v.iter_mut().enumerate() {
-                let y = _mm256_mul_ps(_mm256_loadu_ps(xp.add(c + 8 * k)), vinv);
-                let y = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-                *vk = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, lo), hi));
+        // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for
+        // were detected; pointers and lengths are in bounds, see its docs).
+        unsafe {
+            let n = x.len().min(q.len());
+            let (xp, qp) = (x.as_ptr(), q.as_mut_ptr());
+            let sign = _mm256_set1_ps(-0.0);
+            let mut m = _mm256_setzero_ps();
+            let mut c = 0;
+            while c + 8 <= n {
+                // max ignores NaN the same way the scalar fold does (maxps returns the second
+                // operand when either is NaN).
+                m = _mm256_max_ps(_mm256_andnot_ps(sign, _mm256_loadu_ps(xp.add(c))), m);
+                c += 8;
             }
-            // i32 → i16 → i8 with saturation (values already in range); packs work per 128-bit
-            // lane, so fix the order with a final dword permute.
-            let a = _mm256_packs_epi32(v[0], v[1]);
-            let b = _mm256_packs_epi32(v[2], v[3]);
-            let p = _mm256_packs_epi16(a, b);
-            let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
-            _mm256_storeu_si256(qp.add(c) as *mut __m256i, p);
-            c += 32;
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+            let mut amax = lanes.iter().fold(0f32, |a, &v| a.max(v));
+            for &v in &x[c..n] {
+                amax = amax.max(v.abs());
+            }
+            let amax = amax.max(crate::ternary::MIN_ACT_ABSMAX);
+            let inv = 127.0 / amax;
+            let vinv = _mm256_set1_ps(inv);
+            let (lo, hi) = (_mm256_set1_ps(-128.0), _mm256_set1_ps(127.0));
+            let mut c = 0;
+            while c + 32 <= n {
+                let mut v = [_mm256_setzero_si256(); 4];
+                for (k, vk) in v.iter_mut().enumerate() {
+                    let y = _mm256_mul_ps(_mm256_loadu_ps(xp.add(c + 8 * k)), vinv);
+                    let y = _mm256_round_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+                    *vk = _mm256_cvtps_epi32(_mm256_min_ps(_mm256_max_ps(y, lo), hi));
+                }
+                // i32 → i16 → i8 with saturation (values already in range); packs work per 128-bit
+                // lane, so fix the order with a final dword permute.
+                let a = _mm256_packs_epi32(v[0], v[1]);
+                let b = _mm256_packs_epi32(v[2], v[3]);
+                let p = _mm256_packs_epi16(a, b);
+                let p = _mm256_permutevar8x32_epi32(p, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
+                _mm256_storeu_si256(qp.add(c) as *mut __m256i, p);
+                c += 32;
+            }
+            for (o, &v) in q[c..n].iter_mut().zip(&x[c..n]) {
+                *o = (v * inv).round_ties_even().clamp(-128.0, 127.0) as i8;
+            }
+            amax / 127.0
         }
-        for (o, &v) in q[c..n].iter_mut().zip(&x[c..n]) {
-            *o = (v * inv).round_ties_even().clamp(-128.0, 127.0) as i8;
-        }
-        amax / 127.0
     }
 
     /// See [`super::swiglu`].
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn swiglu(gate: &mut [f32], up: &[f32]) {
-        let n = gate.len().min(up.len());
-        let (gp, up_) = (gate.as_mut_ptr(), up.as_ptr());
-        let one = _mm256_set1_ps(1.0);
-        let neg = _mm256_set1_ps(-0.0);
-        let mut c = 0;
-        while c + 8 <= n {
-            let g = _mm256_loadu_ps(gp.add(c));
-            let s = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, neg))));
-            _mm256_storeu_ps(gp.add(c), _mm256_mul_ps(s, _mm256_loadu_ps(up_.add(c))));
-            c += 8;
+        // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for
+        // were detected; pointers and lengths are in bounds, see its docs).
+        unsafe {
+            let n = gate.len().min(up.len());
+            let (gp, up_) = (gate.as_mut_ptr(), up.as_ptr());
+            let one = _mm256_set1_ps(1.0);
+            let neg = _mm256_set1_ps(-0.0);
+            let mut c = 0;
+            while c + 8 <= n {
+                let g = _mm256_loadu_ps(gp.add(c));
+                let s = _mm256_div_ps(g, _mm256_add_ps(one, exp8(_mm256_xor_ps(g, neg))));
+                _mm256_storeu_ps(gp.add(c), _mm256_mul_ps(s, _mm256_loadu_ps(up_.add(c))));
+                c += 8;
+            }
+            super::swiglu_body(&mut gate[c..n], &up[c..n]);
         }
-        super::swiglu_body(&mut gate[c..n], &up[c..n]);
     }
 }
 
@@ -392,10 +400,14 @@ unsafe fn matvec_rows_f32_body(
     out: *mut f32,
     ld: usize,
 ) {
-    for r in r0..r1 {
-        let wr = &w[r * cols..(r + 1) * cols];
-        for i in 0..n {
-            *out.add(i * ld + r) = dot_body(wr, &x[i * cols..(i + 1) * cols]);
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe {
+        for r in r0..r1 {
+            let wr = &w[r * cols..(r + 1) * cols];
+            for i in 0..n {
+                *out.add(i * ld + r) = dot_body(wr, &x[i * cols..(i + 1) * cols]);
+            }
         }
     }
 }
@@ -416,27 +428,33 @@ pub unsafe fn matvec_rows_f32(
     out: *mut f32,
     ld: usize,
 ) {
-    #[cfg(target_arch = "x86_64")]
-    {
-        #[target_feature(enable = "avx2,fma")]
-        #[allow(clippy::too_many_arguments)]
-        unsafe fn avx2(
-            w: &[f32],
-            cols: usize,
-            r0: usize,
-            r1: usize,
-            x: &[f32],
-            n: usize,
-            out: *mut f32,
-            ld: usize,
-        ) {
-            matvec_rows_f32_body(w, cols, r0, r1, x, n, out, ld)
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe {
+        #[cfg(target_arch = "x86_64")]
+        {
+            #[target_feature(enable = "avx2,fma")]
+            #[allow(clippy::too_many_arguments)]
+            unsafe fn avx2(
+                w: &[f32],
+                cols: usize,
+                r0: usize,
+                r1: usize,
+                x: &[f32],
+                n: usize,
+                out: *mut f32,
+                ld: usize,
+            ) {
+                // SAFETY: the caller upholds this function's contract (the CPU features it is
+                // compiled for were detected; pointers and lengths are in bounds, see its docs).
+                unsafe { matvec_rows_f32_body(w, cols, r0, r1, x, n, out, ld) }
+            }
+            if has_avx2() {
+                return avx2(w, cols, r0, r1, x, n, out, ld);
+            }
         }
-        if has_avx2() {
-            return avx2(w, cols, r0, r1, x, n, out, ld);
-        }
+        matvec_rows_f32_body(w, cols, r0, r1, x, n, out, ld)
     }
-    matvec_rows_f32_body(w, cols, r0, r1, x, n, out, ld)
 }
 
 /// `Σ_c f16(w[c])·x[c]` for fp16 weights (raw bits) and f32 activations: the fp16 LM head.
@@ -476,23 +494,27 @@ pub fn has_f16c() -> bool {
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn dot_f16_avx2(w: &[u16], x: &[f32]) -> f32 {
-    use std::arch::x86_64::*;
-    let n = w.len().min(x.len());
-    let (wp, xp) = (w.as_ptr(), x.as_ptr());
-    let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
-    let mut c = 0;
-    while c + 16 <= n {
-        let w0 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(c) as *const __m128i));
-        let w1 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(c + 8) as *const __m128i));
-        a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(c)), a0);
-        a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(c + 8)), a1);
-        c += 16;
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe {
+        use std::arch::x86_64::*;
+        let n = w.len().min(x.len());
+        let (wp, xp) = (w.as_ptr(), x.as_ptr());
+        let (mut a0, mut a1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut c = 0;
+        while c + 16 <= n {
+            let w0 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(c) as *const __m128i));
+            let w1 = _mm256_cvtph_ps(_mm_loadu_si128(wp.add(c + 8) as *const __m128i));
+            a0 = _mm256_fmadd_ps(w0, _mm256_loadu_ps(xp.add(c)), a0);
+            a1 = _mm256_fmadd_ps(w1, _mm256_loadu_ps(xp.add(c + 8)), a1);
+            c += 16;
+        }
+        let a = _mm256_add_ps(a0, a1);
+        let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s) + dot_f16_scalar(&w[c..n], &x[c..n])
     }
-    let a = _mm256_add_ps(a0, a1);
-    let s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
-    let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
-    _mm_cvtss_f32(s) + dot_f16_scalar(&w[c..n], &x[c..n])
 }
 
 /// Exact `Σ_c w[c]·x[c]` for int8 vectors (any length).
@@ -509,44 +531,52 @@ mod x86_i8 {
     /// no saturation), widened by `vpmaddwd`. `cols` a multiple of 32.
     #[target_feature(enable = "avx2")]
     pub unsafe fn dot_avx2(w: &[i8], x: &[i8]) -> i32 {
-        let n = w.len().min(x.len()) / 32 * 32;
-        let ones = _mm256_set1_epi16(1);
-        let mut acc = _mm256_setzero_si256();
-        let mut c = 0;
-        while c < n {
-            let wv = _mm256_loadu_si256(w.as_ptr().add(c) as *const __m256i);
-            let xv = _mm256_loadu_si256(x.as_ptr().add(c) as *const __m256i);
-            let ax = _mm256_sign_epi8(xv, xv);
-            let sw = _mm256_sign_epi8(wv, xv);
-            let p = _mm256_maddubs_epi16(ax, sw);
-            acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
-            c += 32;
+        // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for
+        // were detected; pointers and lengths are in bounds, see its docs).
+        unsafe {
+            let n = w.len().min(x.len()) / 32 * 32;
+            let ones = _mm256_set1_epi16(1);
+            let mut acc = _mm256_setzero_si256();
+            let mut c = 0;
+            while c < n {
+                let wv = _mm256_loadu_si256(w.as_ptr().add(c) as *const __m256i);
+                let xv = _mm256_loadu_si256(x.as_ptr().add(c) as *const __m256i);
+                let ax = _mm256_sign_epi8(xv, xv);
+                let sw = _mm256_sign_epi8(wv, xv);
+                let p = _mm256_maddubs_epi16(ax, sw);
+                acc = _mm256_add_epi32(acc, _mm256_madd_epi16(p, ones));
+                c += 32;
+            }
+            let lo = _mm256_castsi256_si128(acc);
+            let hi = _mm256_extracti128_si256(acc, 1);
+            let s = _mm_add_epi32(lo, hi);
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
+            let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
+            _mm_cvtsi128_si32(s) + super::dot_i8_scalar(&w[n..], &x[n..])
         }
-        let lo = _mm256_castsi256_si128(acc);
-        let hi = _mm256_extracti128_si256(acc, 1);
-        let s = _mm_add_epi32(lo, hi);
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b01_00_11_10));
-        let s = _mm_add_epi32(s, _mm_shuffle_epi32(s, 0b10_11_00_01));
-        _mm_cvtsi128_si32(s) + super::dot_i8_scalar(&w[n..], &x[n..])
     }
 
     /// AVX-512 VNNI: the same sign trick with `vpdpbusd` (i32 accumulation, exact).
     #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
     pub unsafe fn dot_vnni(w: &[i8], x: &[i8]) -> i32 {
-        let n = w.len().min(x.len()) / 64 * 64;
-        let mut acc = _mm512_setzero_si512();
-        let mut c = 0;
-        while c < n {
-            let wv = _mm512_loadu_si512(w.as_ptr().add(c) as *const _);
-            let xv = _mm512_loadu_si512(x.as_ptr().add(c) as *const _);
-            let ax = _mm512_abs_epi8(xv);
-            // sign(w, x): negate w where x < 0 (x == 0 gives |x| = 0, so w's value is moot).
-            let neg = _mm512_movepi8_mask(xv);
-            let sw = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);
-            acc = _mm512_dpbusd_epi32(acc, ax, sw);
-            c += 64;
+        // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for
+        // were detected; pointers and lengths are in bounds, see its docs).
+        unsafe {
+            let n = w.len().min(x.len()) / 64 * 64;
+            let mut acc = _mm512_setzero_si512();
+            let mut c = 0;
+            while c < n {
+                let wv = _mm512_loadu_si512(w.as_ptr().add(c) as *const _);
+                let xv = _mm512_loadu_si512(x.as_ptr().add(c) as *const _);
+                let ax = _mm512_abs_epi8(xv);
+                // sign(w, x): negate w where x < 0 (x == 0 gives |x| = 0, so w's value is moot).
+                let neg = _mm512_movepi8_mask(xv);
+                let sw = _mm512_mask_sub_epi8(wv, neg, _mm512_setzero_si512(), wv);
+                acc = _mm512_dpbusd_epi32(acc, ax, sw);
+                c += 64;
+            }
+            _mm512_reduce_add_epi32(acc) + super::dot_i8_scalar(&w[n..], &x[n..])
         }
-        _mm512_reduce_add_epi32(acc) + super::dot_i8_scalar(&w[n..], &x[n..])
     }
 }
 
@@ -578,15 +608,22 @@ fn dot_i8_kind() -> DotI8 {
     })
 }
 
-/// Exact int8 dot product (note: `x = -128` is never produced by the quantizer; `|−128|`
-/// would wrap in the sign trick, so callers must pass values in [−127, 127]).
+/// Exact int8 dot product of values in [−127, 127]. The SIMD paths' sign trick negates `w`
+/// where `x < 0`, and `−(−128)` wraps: −128 must never reach here. [`quantize_row`] (the only
+/// producer of both operands) never yields it (`|x|·127/absmax ≤ 127` up to rounding, so its
+/// −128 clamp is never hit); debug builds check the operands on every call.
 #[inline]
 pub fn dot_i8(w: &[i8], x: &[i8]) -> i32 {
+    debug_assert!(
+        !w.contains(&i8::MIN) && !x.contains(&i8::MIN),
+        "dot_i8: -128 is outside the supported range [-127, 127]"
+    );
     match dot_i8_kind() {
         // SAFETY: the features were detected by `dot_i8_kind`.
         #[cfg(target_arch = "x86_64")]
         DotI8::Vnni => unsafe { x86_i8::dot_vnni(w, x) },
         #[cfg(target_arch = "x86_64")]
+        // SAFETY: AVX2 was detected by `dot_i8_kind`.
         DotI8::Avx2 => unsafe { x86_i8::dot_avx2(w, x) },
         _ => dot_i8_scalar(w, x),
     }
@@ -664,6 +701,7 @@ mod tests {
             use std::arch::x86_64::*;
             let xs = [-1000.0f32, -88.0, -87.0, -1.5, 0.0, 2.5, 88.0, 1000.0];
             let mut out = [0f32; 8];
+            // SAFETY: AVX2 and FMA were detected above; the pointers address 8 floats each.
             unsafe { _mm256_storeu_ps(out.as_mut_ptr(), x86::exp8(_mm256_loadu_ps(xs.as_ptr()))) };
             for (x, y) in xs.iter().zip(out) {
                 assert_eq!(exp(*x).to_bits(), y.to_bits(), "exp({x})");
@@ -714,12 +752,23 @@ mod tests {
             #[cfg(target_arch = "x86_64")]
             {
                 if is_x86_feature_detected!("avx2") {
+                    // SAFETY: AVX2 was detected.
                     assert_eq!(unsafe { x86_i8::dot_avx2(&w, &x) }, want);
                 }
                 if is_x86_feature_detected!("avx512vnni") && is_x86_feature_detected!("avx512bw") {
+                    // SAFETY: AVX-512 VNNI and BW were detected.
                     assert_eq!(unsafe { x86_i8::dot_vnni(&w, &x) }, want);
                 }
             }
         }
+    }
+
+    #[test]
+    #[cfg(debug_assertions)]
+    #[should_panic(expected = "-128 is outside")]
+    fn dot_i8_refuses_minus_128_in_debug_builds() {
+        let w = [i8::MIN; 64];
+        let x = [-1i8; 64];
+        dot_i8(&w, &x);
     }
 }

@@ -176,7 +176,8 @@ impl KvBuf {
 
     /// A zeroed buffer of `len` elements with `self`'s head rows `0..pos` moved from stride
     /// `old` to stride `cap` (positions per head).
-    fn regrow(&self, heads: usize, hd: usize, pos: usize, old: usize, cap: usize) -> KvBuf {
+    /// A failed allocation is [`Error::OutOfMemory`] (a session's `max_seq` is the caller's).
+    fn regrow(&self, heads: usize, hd: usize, pos: usize, old: usize, cap: usize) -> Result<KvBuf> {
         fn go<T: Copy + Default>(
             b: &[T],
             heads: usize,
@@ -184,18 +185,19 @@ impl KvBuf {
             pos: usize,
             old: usize,
             cap: usize,
-        ) -> Vec<T> {
-            let mut nb = vec![T::default(); heads * cap * hd];
+        ) -> Result<Vec<T>> {
+            let len = crate::error::checked_len(heads * hd, cap, "KV cache")?;
+            let mut nb = crate::error::try_zeroed(len, "KV cache")?;
             for h in 0..heads {
                 nb[h * cap * hd..(h * cap + pos) * hd]
                     .copy_from_slice(&b[h * old * hd..(h * old + pos) * hd]);
             }
-            nb
+            Ok(nb)
         }
-        match self {
-            KvBuf::F32(b) => KvBuf::F32(go(b, heads, hd, pos, old, cap)),
-            KvBuf::F16(b) => KvBuf::F16(go(b, heads, hd, pos, old, cap)),
-        }
+        Ok(match self {
+            KvBuf::F32(b) => KvBuf::F32(go(b, heads, hd, pos, old, cap)?),
+            KvBuf::F16(b) => KvBuf::F16(go(b, heads, hd, pos, old, cap)?),
+        })
     }
 }
 
@@ -262,6 +264,28 @@ impl Config {
         for (k, v) in pos {
             if v == 0 {
                 return Err(Error::Value(format!("config: {k} must be >= 1")));
+            }
+        }
+        // Upper bounds far above any real model, so a corrupt or mistyped number is refused
+        // here instead of sizing allocations and loops.
+        let max = [
+            ("seq_len", self.seq_len, 1usize << 24),
+            ("n_layer", self.n_layer, 1 << 12),
+            ("n_head", self.n_head, 1 << 16),
+            ("n_kv_head", self.n_kv_head, 1 << 16),
+            ("n_embd", self.n_embd, 1 << 20),
+            ("mlp_hidden", self.mlp_hidden, 1 << 22),
+            (
+                "sinkhorn_iters",
+                self.sinkhorn_iters,
+                crate::mhc::sinkhorn::MAX_ITERS,
+            ),
+        ];
+        for (k, v, m) in max {
+            if v > m {
+                return Err(Error::Value(format!(
+                    "config: {k} = {v} is above the limit {m}"
+                )));
             }
         }
         if self.vocab_size > u32::MAX as usize {
@@ -487,7 +511,7 @@ impl Session {
             let cap = (need.div_ceil(CACHE_CHUNK) * CACHE_CHUNK).min(self.max_seq);
             let (hd, old) = (self.head_dim, self.cap);
             for b in self.k.iter_mut().chain(self.v.iter_mut()) {
-                *b = b.regrow(self.n_kv_head, hd, self.pos, old, cap);
+                *b = b.regrow(self.n_kv_head, hd, self.pos, old, cap)?;
                 debug_assert_eq!(b.len(), self.n_kv_head * cap * hd);
             }
             self.cap = cap;
@@ -575,6 +599,19 @@ impl Model {
     /// mean a config that does not match the weights).
     pub fn new(cfg: Config, mut t: HashMap<String, Tensor>, opts: Options) -> Result<Self> {
         cfg.validate()?;
+        // Threads first: an absurd count is refused before any work or allocation.
+        let threads = crate::kernels::resolve_threads(opts.threads, "engine threads")?;
+        // Every layer needs at least 10 tensors (6 ternary, 4 norms) plus `wte` and `norm`:
+        // refuse a layer count the weights cannot hold before sizing anything by it.
+        let need = cfg.n_layer.saturating_mul(10).saturating_add(2);
+        if need > t.len() {
+            return Err(Error::Value(format!(
+                "config: n_layer = {} needs at least {need} weights, but {} were given \
+                 (does the config match the checkpoint?)",
+                cfg.n_layer,
+                t.len()
+            )));
+        }
         let (c, v, hd) = (cfg.n_embd, cfg.vocab_size, cfg.head_dim());
         let kv = cfg.kv_dim();
         let hid = cfg.mlp_hidden;
@@ -684,11 +721,6 @@ impl Model {
                 String::new(),
             ));
         }
-        let threads = if opts.threads == 0 {
-            crate::kernels::num_threads()
-        } else {
-            opts.threads
-        };
         let runtime = forward::Runtime::new(threads, opts.profile)?;
         Ok(Model {
             cfg,
@@ -726,13 +758,10 @@ impl Model {
         self.lock().team.threads()
     }
 
-    /// Resize the thread team (0 = [`crate::kernels::num_threads`]).
+    /// Resize the thread team (0 = [`crate::kernels::num_threads`]; more than
+    /// [`crate::kernels::max_threads`] is refused).
     pub fn set_threads(&self, n: usize) -> Result<()> {
-        let n = if n == 0 {
-            crate::kernels::num_threads()
-        } else {
-            n
-        };
+        let n = crate::kernels::resolve_threads(n, "engine set_threads")?;
         let mut rt = self.lock();
         if rt.team.threads() != n {
             rt.team = team::Team::new(n)?;

@@ -69,6 +69,7 @@ struct Shared {
 // published by opening `state` (Release); workers read it only after entering through a CAS on
 // `state` (Acquire) and stop before leaving. `run` returns only when no worker is inside.
 unsafe impl Sync for Shared {}
+// SAFETY: as for `Sync` above.
 unsafe impl Send for Shared {}
 
 /// A team of `n` threads: the caller of [`Team::run`] plus `n - 1` workers.
@@ -80,7 +81,7 @@ pub struct Team {
 impl Team {
     /// A team of `n ≥ 1` threads (`n - 1` are spawned).
     pub fn new(n: usize) -> crate::Result<Self> {
-        let n = n.max(1);
+        let n = crate::kernels::check_threads(n, "engine thread team")?.max(1);
         let shared = Arc::new(Shared {
             n,
             epoch: AtomicUsize::new(0),
@@ -105,7 +106,7 @@ impl Team {
             let h = std::thread::Builder::new()
                 .name(format!("nanochat-engine-{t}"))
                 .spawn(move || worker(s, t))
-                .map_err(|e| crate::Error::Value(format!("cannot start engine thread: {e}")))?;
+                .map_err(|e| crate::Error::Internal(format!("cannot start engine thread: {e}")))?;
             workers.push(h);
         }
         Ok(Self { shared, workers })
@@ -145,7 +146,7 @@ impl Team {
         // SAFETY: erase the lifetime; the pointer is only used by workers inside the job, and
         // we return only after the job is closed and empty. `&mut self` keeps `run` single-entry.
         let job: *const Job<'static> = unsafe { std::mem::transmute(job as *const Job<'_>) };
-        // The previous job is closed and empty: nobody reads these now.
+        // SAFETY: the previous job is closed and empty, so no worker reads `job` now.
         unsafe { *s.job.get() = Some(job) };
         for (t, c) in s.cursors.iter().enumerate() {
             let (lo, hi) = share(n, t, s.n, chunk);
@@ -172,11 +173,12 @@ impl Team {
                 std::thread::yield_now();
             }
         }
+        // SAFETY: the job is closed and every worker has left, so no one reads `job` now.
         unsafe { *s.job.get() = None };
         mine?;
         if s.panicked.load(Ordering::Acquire) {
-            return Err(crate::Error::Value(
-                "internal error: an engine worker thread panicked".into(),
+            return Err(crate::Error::Internal(
+                "an engine worker thread panicked".into(),
             ));
         }
         Ok(())
@@ -206,7 +208,7 @@ fn catch(f: impl FnOnce()) -> crate::Result<()> {
             .cloned()
             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown panic".into());
-        crate::Error::Value(format!("internal error in the engine: {msg}"))
+        crate::Error::Internal(format!("a panic in the engine: {msg}"))
     })
 }
 
@@ -261,6 +263,7 @@ fn worker(s: Arc<Shared>, t: usize) {
         // SAFETY: we are inside an open job: `job` was published before it opened and stays
         // valid until we leave.
         if let Some(job) = unsafe { *s.job.get() } {
+            // SAFETY: as above; the pointee outlives the job, and we have entered it.
             let f = unsafe { &*job };
             if catch(|| work(&s, t, f)).is_err() {
                 s.panicked.store(true, Ordering::Release);
@@ -299,6 +302,7 @@ pub struct SendPtr<T>(pub *mut T);
 // SAFETY: users only write disjoint index ranges from different threads, while the owner of the
 // buffer waits in `Team::run`.
 unsafe impl<T> Send for SendPtr<T> {}
+// SAFETY: as for `Send` above.
 unsafe impl<T> Sync for SendPtr<T> {}
 
 impl<T> SendPtr<T> {
@@ -315,7 +319,9 @@ impl<T> SendPtr<T> {
     /// touches during the same job.
     #[allow(clippy::mut_from_ref)]
     pub unsafe fn slice(&self, lo: usize, hi: usize) -> &mut [T] {
-        std::slice::from_raw_parts_mut(self.0.add(lo), hi - lo)
+        // SAFETY: the caller guarantees `lo..hi` lies inside the original slice and is touched by
+        // no other thread during the job.
+        unsafe { std::slice::from_raw_parts_mut(self.0.add(lo), hi - lo) }
     }
 }
 
@@ -352,13 +358,28 @@ mod tests {
     }
 
     #[test]
-    fn panics_become_errors() {
+    fn panics_become_internal_errors() {
         let mut team = Team::new(2).unwrap();
-        // Item 5 panics on whichever thread takes it.
-        assert!(team
+        // Item 5 panics on whichever thread takes it: an internal error, not a value error.
+        let e = team
             .run(64, 1, |_, lo, _| assert!(lo != 5, "boom"))
-            .is_err());
+            .unwrap_err();
+        assert!(matches!(e, crate::Error::Internal(_)), "{e:?}");
         team.run(64, 1, |_, _, _| {}).unwrap();
+    }
+
+    #[test]
+    fn absurd_team_sizes_are_refused_before_allocating() {
+        for n in [
+            crate::kernels::max_threads() + 1,
+            100_000,
+            1 << 40,
+            usize::MAX,
+        ] {
+            let e = Team::new(n).err().expect("refused");
+            assert!(e.to_string().contains("threads requested"), "{e}");
+        }
+        assert_eq!(Team::new(0).unwrap().threads(), 1);
     }
 
     #[test]

@@ -651,7 +651,22 @@ fn profile_counts_sections() {
     let p = m.profile(true);
     assert_eq!(p.calls, 2);
     assert_eq!(p.rows, 4);
-    assert!(p.seconds.iter().sum::<f64>() > 0.0);
-    assert!(p.seconds.iter().sum::<f64>() <= p.total * 1.01 + 1e-6);
+    // No assertion on the durations themselves (a busy machine or a coarse clock makes any
+    // bound flaky): only that every section is reported with a sane value.
+    assert!(p.enabled);
+    assert_eq!(p.entries().len(), p.seconds.len());
+    assert!(p
+        .seconds
+        .iter()
+        .chain([&p.total])
+        .all(|s| s.is_finite() && *s >= 0.0));
     assert_eq!(m.profile(false).calls, 0);
+    // Profiling off: the counters stay at zero.
+    let m = Model::new(c.clone(), weights(&c, 1), Options::default()).unwrap();
+    let mut s = m.new_session(0);
+    m.step(&mut s, &[1, 2, 3]).unwrap();
+    let p = m.profile(false);
+    assert!(!p.enabled);
+    assert_eq!((p.calls, p.rows), (0, 0));
+    assert!(p.seconds.iter().all(|&s| s == 0.0));
 }

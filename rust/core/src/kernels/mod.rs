@@ -26,7 +26,7 @@ pub mod scalar;
 #[cfg(target_arch = "x86_64")]
 pub mod x86;
 
-use crate::ternary::{act_row_scale, check_block_multiple, Ternary, QK_K};
+use crate::ternary::{check_block_multiple, Ternary};
 use crate::{shape_err, Error, Result};
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, OnceLock};
@@ -286,13 +286,50 @@ pub(crate) fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
         .num_threads(threads)
         .thread_name(|i| format!("nanochat-{i}"))
         .build()
-        .map_err(|e| Error::Value(format!("cannot start {threads} worker threads: {e}")))?;
+        .map_err(|e| Error::Internal(format!("cannot start {threads} worker threads: {e}")))?;
     let pool = Arc::new(pool);
     pools.insert(threads, pool.clone());
     Ok(pool)
 }
 
-/// Default thread count: set by [`set_num_threads`], else `NANOCHAT_THREADS`, else all cores.
+/// Cores this process may use (`available_parallelism`, at least 1).
+pub fn cores() -> usize {
+    std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1)
+}
+
+/// The most threads any pool or team of this crate may have: 4 × the cores, at least 8. More
+/// only oversubscribes the cores, and a count from a typo (or `2**40`) would otherwise try to
+/// spawn threads until the OS refuses, or allocate per-thread state until the process aborts.
+pub fn max_threads() -> usize {
+    (4 * cores()).max(8)
+}
+
+/// Check a requested thread count (0 = automatic) against [`max_threads`]: a clear error at
+/// once for anything larger, naming `what` asked.
+pub fn check_threads(n: usize, what: &str) -> Result<usize> {
+    let max = max_threads();
+    if n > max {
+        return Err(Error::Value(format!(
+            "{what}: {n} threads requested, at most {max} allowed (4 × the {} cores this process \
+             may use, at least 8); use 0 for the automatic choice",
+            cores()
+        )));
+    }
+    Ok(n)
+}
+
+/// A requested thread count resolved: checked by [`check_threads`], 0 meaning [`num_threads`].
+pub fn resolve_threads(n: usize, what: &str) -> Result<usize> {
+    Ok(match check_threads(n, what)? {
+        0 => num_threads(),
+        n => n,
+    })
+}
+
+/// Default thread count: set by [`set_num_threads`], else `NANOCHAT_THREADS`, else all cores
+/// (capped at [`max_threads`]).
 pub fn num_threads() -> usize {
     let n = THREADS.load(std::sync::atomic::Ordering::Relaxed);
     if n > 0 {
@@ -300,20 +337,20 @@ pub fn num_threads() -> usize {
     }
     std::env::var("NANOCHAT_THREADS")
         .ok()
-        .and_then(|v| v.parse().ok())
+        .and_then(|v| v.trim().parse().ok())
         .filter(|&n: &usize| n > 0)
-        .unwrap_or_else(|| {
-            std::thread::available_parallelism()
-                .map(|n| n.get())
-                .unwrap_or(1)
-        })
+        .unwrap_or_else(cores)
+        .min(max_threads())
 }
 
 static THREADS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
-/// Set the default kernel thread count (0 restores the automatic choice).
-pub fn set_num_threads(n: usize) {
+/// Set the default kernel thread count (0 restores the automatic choice); more than
+/// [`max_threads`] is refused.
+pub fn set_num_threads(n: usize) -> Result<()> {
+    check_threads(n, "set_num_threads")?;
     THREADS.store(n, std::sync::atomic::Ordering::Relaxed);
+    Ok(())
 }
 
 /// Calls estimated to take less than this many microseconds on one thread run on the calling
@@ -379,6 +416,7 @@ thread_local! {
 struct OutPtr(*mut i32);
 // SAFETY: every work item writes a disjoint set of elements (its own weight rows).
 unsafe impl Send for OutPtr {}
+// SAFETY: as for `Send` above.
 unsafe impl Sync for OutPtr {}
 
 impl OutPtr {
@@ -471,7 +509,7 @@ fn run(
             }
         });
     };
-    let threads = if threads == 0 { num_threads() } else { threads };
+    let threads = resolve_threads(threads, "ternary kernel")?;
     let tiles = rows.div_ceil(ROW_TILE);
     if threads <= 1 || tiles <= 1 || rows * w.cols * n < par_min_macs(kernel) {
         range(0, rows);
@@ -490,8 +528,7 @@ fn run(
         range(j * per_item, rows.min((j + 1) * per_item));
     };
     let pool = thread_pool(threads - 1)?;
-    par_run(&pool, threads - 1, &work);
-    Ok(())
+    par_run(&pool, threads - 1, &work)
 }
 
 /// Run `work` on the calling thread and on `helpers` workers of `pool`, returning once the
@@ -502,7 +539,7 @@ fn run(
 /// VM, waking an idle worker took ~80 µs (median, measured); a scope would make every
 /// parallel call wait that long, while here the caller simply does all items itself and the
 /// only cost of a late helper is the spawn (~1–2 µs).
-fn par_run(pool: &rayon::ThreadPool, helpers: usize, work: &(dyn Fn() + Sync)) {
+fn par_run(pool: &rayon::ThreadPool, helpers: usize, work: &(dyn Fn() + Sync)) -> Result<()> {
     use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
     /// Set in `state` once the job is closed to newcomers; the other bits count the helpers
     /// inside `work`.
@@ -541,6 +578,7 @@ fn par_run(pool: &rayon::ThreadPool, helpers: usize, work: &(dyn Fn() + Sync)) {
     // `state` while it is open, and `Close` (run before `work` goes out of scope, on return or
     // unwind) closes the job and waits until every registered helper has deregistered.
     let job: *const (dyn Fn() + Sync + '_) = work;
+    // SAFETY: lifetime erasure only; see the protocol note above.
     let job: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(job) };
     for _ in 0..helpers {
         let shared = shared.clone();
@@ -576,8 +614,9 @@ fn par_run(pool: &rayon::ThreadPool, helpers: usize, work: &(dyn Fn() + Sync)) {
         work();
     }
     if shared.panicked.load(Ordering::Acquire) {
-        panic!("a kernel worker thread panicked");
+        return Err(Error::Internal("a kernel worker thread panicked".into()));
     }
+    Ok(())
 }
 
 /// `y = x · Wᵀ` for f32 activations `x` (`n × cols`): int8 per-row absmax quantization of `x`,
@@ -620,15 +659,4 @@ pub fn ternary_linear(
         }
     }
     Ok(())
-}
-
-/// The f32 scale a kernel caller applies to row `i`'s accumulators (kept for bindings that
-/// quantize activations themselves).
-pub fn output_scale(w: &TernaryView, x_row: &[f32]) -> f32 {
-    w.scale * act_row_scale(x_row).1
-}
-
-/// Row count of blocks for a weight of `cols` columns (helper for callers sizing buffers).
-pub const fn blocks_per_row(cols: usize) -> usize {
-    cols / QK_K
 }

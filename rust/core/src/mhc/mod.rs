@@ -28,11 +28,7 @@ pub use sinkhorn::{sinkhorn_backward, sinkhorn_forward, Real, DEFAULT_ITERS};
 // same thread budget ([`crate::kernels::num_threads`]), so `set_num_threads` governs both.
 use crate::kernels::thread_pool;
 
-/// Resolve a thread count (0 = the shared default).
-fn resolve_threads(threads: usize) -> usize {
-    if threads == 0 {
-        crate::kernels::num_threads()
-    } else {
-        threads
-    }
+/// Resolve a thread count (0 = the shared default; too many is an error).
+fn resolve_threads(threads: usize) -> crate::Result<usize> {
+    crate::kernels::resolve_threads(threads, "sinkhorn")
 }

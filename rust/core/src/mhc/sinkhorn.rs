@@ -84,6 +84,42 @@ pub const DEFAULT_ITERS: usize = 20;
 /// stay above ~`e^{−400}/n`, far from f64 underflow (`e^{−708}`).
 pub const EXP_DOMAIN_MAX_SPREAD: f64 = 200.0;
 
+/// Most iterations accepted. Sinkhorn converges in tens of iterations; an absurd count
+/// (`2**40`) would otherwise run for hours.
+pub const MAX_ITERS: usize = 10_000;
+
+/// Most `n² · iters` for one matrix: a matrix is projected without a pause, so this bounds how
+/// long a caller waits between [`interrupt_chunk`]s (~1 s here) and so how late Ctrl-C lands.
+pub const MAX_MATRIX_WORK: usize = 1 << 28;
+
+/// Entries × iterations per [`interrupt_chunk`] (~0.05–0.1 s of work on one core).
+const CHUNK_WORK: usize = 1 << 24;
+
+/// Refuse iteration counts above [`MAX_ITERS`] or one matrix's work above [`MAX_MATRIX_WORK`].
+pub fn check_iters(n: usize, iters: usize) -> Result<()> {
+    if iters > MAX_ITERS {
+        return Err(Error::Value(format!(
+            "sinkhorn: iters = {iters} is above the limit {MAX_ITERS} (it converges in tens)"
+        )));
+    }
+    let work = n.saturating_mul(n).saturating_mul(iters);
+    if work > MAX_MATRIX_WORK {
+        return Err(Error::Value(format!(
+            "sinkhorn: {iters} iterations of a {n} × {n} matrix ({work} entry-iterations) exceed \
+             the limit {MAX_MATRIX_WORK}; use fewer iterations or smaller matrices"
+        )));
+    }
+    Ok(())
+}
+
+/// Matrices per call for a caller that splits a long batch into calls (to check for Ctrl-C
+/// between them): about `CHUNK_WORK` entry-iterations, a whole number of SIMD blocks, at least
+/// one block. Each matrix's result does not depend on how the batch is split.
+pub fn interrupt_chunk(n: usize, iters: usize) -> usize {
+    let per = n.saturating_mul(n).saturating_mul(iters.max(1)).max(1);
+    (CHUNK_WORK / per).max(1).next_multiple_of(LANES)
+}
+
 /// Cap on the per-task iterate store of the backward (`2·iters·n²` f64).
 const MAX_TRACE_BYTES: usize = 1 << 30;
 
@@ -644,7 +680,7 @@ fn for_each_chunk<T: Real>(
     f: impl Fn(usize, &mut [T]) + Sync + Send,
 ) -> Result<()> {
     let nn = n * n;
-    let threads = resolve_threads(threads);
+    let threads = resolve_threads(threads)?;
     let work = b.saturating_mul(nn).saturating_mul(iters.max(1));
     if threads <= 1 || b < 2 * LANES || work < PAR_MIN_WORK {
         f(0, out);
@@ -669,6 +705,7 @@ fn forward_impl<T: Real>(
     domain: Domain,
 ) -> Result<()> {
     let b = batch_len(logits.len(), n, "sinkhorn logits")?;
+    check_iters(n, iters)?;
     if out.len() != logits.len() {
         return Err(shape_err!(
             "sinkhorn output holds {} values, logits {}",
@@ -696,6 +733,7 @@ fn backward_impl<T: Real>(
     domain: Domain,
 ) -> Result<()> {
     let b = batch_len(logits.len(), n, "sinkhorn logits")?;
+    check_iters(n, iters)?;
     if grad_out.len() != logits.len() || grad_logits.len() != logits.len() {
         return Err(shape_err!(
             "sinkhorn backward: logits hold {} values, grad_out {}, grad_logits {}",
@@ -1024,5 +1062,46 @@ mod tests {
         // Empty batches are fine.
         sinkhorn_forward::<f64>(&[], 4, 20, &mut [], 1).unwrap();
         sinkhorn_backward::<f64>(&[], &[], 0, 20, &mut [], 1).unwrap();
+    }
+
+    #[test]
+    fn iteration_limits_are_clear_errors_at_once() {
+        let x = vec![0.5f64; 16];
+        let mut out = vec![0.0; 16];
+        for iters in [MAX_ITERS + 1, 1 << 40, usize::MAX] {
+            let e = sinkhorn_forward(&x, 4, iters, &mut out, 1).unwrap_err();
+            assert!(e.to_string().contains("above the limit"), "{e}");
+            let e = sinkhorn_backward(&x, &x, 4, iters, &mut out, 1).unwrap_err();
+            assert!(e.to_string().contains("above the limit"), "{e}");
+        }
+        // One big matrix with many iterations: bounded by the per-matrix work.
+        let n = 2048;
+        let big = vec![0.0f32; n * n];
+        let mut o = vec![0.0f32; n * n];
+        let e = sinkhorn_forward(&big, n, 100, &mut o, 1).unwrap_err();
+        assert!(e.to_string().contains("entry-iterations"), "{e}");
+        sinkhorn_forward(&x, 4, MAX_ITERS, &mut out, 1).unwrap();
+        // Absurd thread counts are refused before any pool is built.
+        let e = sinkhorn_forward(&x, 4, 20, &mut out, 1 << 40).unwrap_err();
+        assert!(e.to_string().contains("threads requested"), "{e}");
+    }
+
+    #[test]
+    fn split_batches_equal_one_call() {
+        let (n, b, iters) = (4usize, 37usize, 20usize);
+        let x: Vec<f64> = (0..b * n * n)
+            .map(|i| ((i * 7919) % 23) as f64 / 5.0 - 2.0)
+            .collect();
+        let mut whole = vec![0.0; x.len()];
+        sinkhorn_forward(&x, n, iters, &mut whole, 1).unwrap();
+        let chunk = interrupt_chunk(n, iters);
+        assert_eq!(chunk % LANES, 0);
+        for m in [LANES, 2 * LANES, chunk] {
+            let mut split = vec![0.0; x.len()];
+            for (xs, os) in x.chunks(m * n * n).zip(split.chunks_mut(m * n * n)) {
+                sinkhorn_forward(xs, n, iters, os, 1).unwrap();
+            }
+            assert_eq!(split, whole, "chunks of {m} matrices");
+        }
     }
 }

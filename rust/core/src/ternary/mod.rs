@@ -93,13 +93,19 @@ pub fn quantize_acts_i8(x: &[f32], k: usize) -> Result<QuantizedActs> {
 }
 
 /// `(127 / absmax, absmax / 127)` for one activation row (absmax clamped to 1e-5).
-/// NaN entries are ignored by the max and then quantize to 0.
+///
+/// A row holding NaN or ±inf gets `(NaN, NaN)`: its values then quantize to 0 and every output
+/// of the row is NaN, as on the torch path (where `amax` is NaN or inf and `inf · 0 = NaN`).
+/// (`f32::max` skips NaN, so without the flag a NaN would silently give finite outputs.)
 #[inline]
 pub fn act_row_scale(row: &[f32]) -> (f32, f32) {
-    let amax = row
-        .iter()
-        .fold(0f32, |m, v| m.max(v.abs()))
-        .max(MIN_ACT_ABSMAX);
+    let (amax, nan) = row.iter().fold((0f32, false), |(m, nan), v| {
+        (m.max(v.abs()), nan | v.is_nan())
+    });
+    if nan || amax.is_infinite() {
+        return (f32::NAN, f32::NAN);
+    }
+    let amax = amax.max(MIN_ACT_ABSMAX);
     (127.0 / amax, amax / 127.0)
 }
 
@@ -163,5 +169,19 @@ mod tests {
             }
         }
         assert!(quantize_acts_i8(&x, 30).is_err());
+    }
+
+    #[test]
+    fn non_finite_rows_give_nan_scales_and_other_rows_are_untouched() {
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            let mut x: Vec<f32> = (0..64).map(|i| i as f32 / 7.0 - 4.0).collect();
+            x[40] = bad;
+            let q = quantize_acts_i8(&x, 32).unwrap();
+            assert!(q.scales[1].is_nan(), "{bad}: {:?}", q.scales);
+            assert!(q.values[32..].iter().all(|&v| v == 0));
+            let good = quantize_acts_i8(&x[..32], 32).unwrap();
+            assert_eq!(q.scales[0], good.scales[0]);
+            assert_eq!(q.values[..32], good.values[..]);
+        }
     }
 }

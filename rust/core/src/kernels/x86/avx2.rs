@@ -28,39 +28,43 @@ pub fn prepare(acts: &mut PreparedActs) {
 /// [`prepare`] for `w.cols` columns, and rows `r0 .. r0 + out.len()/n` must exist.
 #[target_feature(enable = "avx2")]
 pub unsafe fn rows(w: &TernaryView, r0: usize, acts: &PreparedActs, out: &mut [i32]) {
-    let n = acts.n;
-    let nrows = out.len() / n;
-    assert!(w.qs.len() == w.rows * (w.cols / 4) && w.cols.is_multiple_of(QK_K));
-    assert!(r0 + nrows <= w.rows && acts.x.len() == n * w.cols && acts.cols == w.cols);
-    let ctx = Ctx {
-        w: w.qs.as_ptr().add(r0 * (w.cols / 4)),
-        rb: w.cols / 4,
-        x: acts.x.as_ptr(),
-        cols: w.cols,
-    };
-    let mut r = 0;
-    while r < nrows {
-        let rt = if n == 1 && nrows - r >= 4 {
-            4
-        } else if n == 2 && nrows - r >= 2 {
-            2
-        } else {
-            1
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe {
+        let n = acts.n;
+        let nrows = out.len() / n;
+        assert!(w.qs.len() == w.rows * (w.cols / 4) && w.cols.is_multiple_of(QK_K));
+        assert!(r0 + nrows <= w.rows && acts.x.len() == n * w.cols && acts.cols == w.cols);
+        let ctx = Ctx {
+            w: w.qs.as_ptr().add(r0 * (w.cols / 4)),
+            rb: w.cols / 4,
+            x: acts.x.as_ptr(),
+            cols: w.cols,
         };
-        for (i0, ni) in super::act_tiles(n, 4) {
-            let mut put = |dr: usize, di: usize, v: i32| {
-                out[(r + dr) * n + i0 + di] = v - acts.sums[i0 + di];
+        let mut r = 0;
+        while r < nrows {
+            let rt = if n == 1 && nrows - r >= 4 {
+                4
+            } else if n == 2 && nrows - r >= 2 {
+                2
+            } else {
+                1
             };
-            match (rt, ni) {
-                (4, 1) => emit(tile::<4, 1>(&ctx, r, i0), &mut put),
-                (2, 2) => emit(tile::<2, 2>(&ctx, r, i0), &mut put),
-                (_, 1) => emit(tile::<1, 1>(&ctx, r, i0), &mut put),
-                (_, 2) => emit(tile::<1, 2>(&ctx, r, i0), &mut put),
-                (_, 3) => emit(tile::<1, 3>(&ctx, r, i0), &mut put),
-                _ => emit(tile::<1, 4>(&ctx, r, i0), &mut put),
+            for (i0, ni) in super::act_tiles(n, 4) {
+                let mut put = |dr: usize, di: usize, v: i32| {
+                    out[(r + dr) * n + i0 + di] = v - acts.sums[i0 + di];
+                };
+                match (rt, ni) {
+                    (4, 1) => emit(tile::<4, 1>(&ctx, r, i0), &mut put),
+                    (2, 2) => emit(tile::<2, 2>(&ctx, r, i0), &mut put),
+                    (_, 1) => emit(tile::<1, 1>(&ctx, r, i0), &mut put),
+                    (_, 2) => emit(tile::<1, 2>(&ctx, r, i0), &mut put),
+                    (_, 3) => emit(tile::<1, 3>(&ctx, r, i0), &mut put),
+                    _ => emit(tile::<1, 4>(&ctx, r, i0), &mut put),
+                }
             }
+            r += rt;
         }
-        r += rt;
     }
 }
 
@@ -93,49 +97,53 @@ unsafe fn hsum(v: __m256i) -> i32 {
 /// `Σ code·x` for weight rows `r .. r+R` (relative to `ctx.w`) and activation rows `i0 .. i0+N`.
 #[target_feature(enable = "avx2")]
 unsafe fn tile<const R: usize, const N: usize>(ctx: &Ctx, r: usize, i0: usize) -> [[i32; N]; R] {
-    let m03 = _mm256_set1_epi8(0x03);
-    let m0c = _mm256_set1_epi8(0x0c);
-    let ones = _mm256_set1_epi16(1);
-    let w = ctx.w.add(r * ctx.rb);
-    let x = ctx.x.add(i0 * ctx.cols);
-    let mut acc = [[_mm256_setzero_si256(); N]; R];
-    for b in 0..ctx.cols / QK_K {
-        for (dr, acc_r) in acc.iter_mut().enumerate() {
-            // Planes 0, 2 into `a`, the 4×-scaled planes 1, 3 into `bb`, over both halves.
-            let mut a = [_mm256_setzero_si256(); N];
-            let mut bb = [_mm256_setzero_si256(); N];
-            for h in 0..2 {
-                let wv = _mm256_loadu_si256(w.add(dr * ctx.rb + 64 * b + 32 * h) as *const _);
-                let w4 = _mm256_srli_epi16::<4>(wv);
-                let c0 = _mm256_and_si256(wv, m03);
-                let c1 = _mm256_and_si256(wv, m0c);
-                let c2 = _mm256_and_si256(w4, m03);
-                let c3 = _mm256_and_si256(w4, m0c);
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe {
+        let m03 = _mm256_set1_epi8(0x03);
+        let m0c = _mm256_set1_epi8(0x0c);
+        let ones = _mm256_set1_epi16(1);
+        let w = ctx.w.add(r * ctx.rb);
+        let x = ctx.x.add(i0 * ctx.cols);
+        let mut acc = [[_mm256_setzero_si256(); N]; R];
+        for b in 0..ctx.cols / QK_K {
+            for (dr, acc_r) in acc.iter_mut().enumerate() {
+                // Planes 0, 2 into `a`, the 4×-scaled planes 1, 3 into `bb`, over both halves.
+                let mut a = [_mm256_setzero_si256(); N];
+                let mut bb = [_mm256_setzero_si256(); N];
+                for h in 0..2 {
+                    let wv = _mm256_loadu_si256(w.add(dr * ctx.rb + 64 * b + 32 * h) as *const _);
+                    let w4 = _mm256_srli_epi16::<4>(wv);
+                    let c0 = _mm256_and_si256(wv, m03);
+                    let c1 = _mm256_and_si256(wv, m0c);
+                    let c2 = _mm256_and_si256(w4, m03);
+                    let c3 = _mm256_and_si256(w4, m0c);
+                    for di in 0..N {
+                        let xp = x.add(di * ctx.cols + QK_K * b + 128 * h);
+                        let x0 = _mm256_loadu_si256(xp as *const _);
+                        let x1 = _mm256_loadu_si256(xp.add(32) as *const _);
+                        let x2 = _mm256_loadu_si256(xp.add(64) as *const _);
+                        let x3 = _mm256_loadu_si256(xp.add(96) as *const _);
+                        let p0 = _mm256_maddubs_epi16(c0, x0);
+                        let p1 = _mm256_maddubs_epi16(c1, x1);
+                        let p2 = _mm256_maddubs_epi16(c2, x2);
+                        let p3 = _mm256_maddubs_epi16(c3, x3);
+                        a[di] = _mm256_add_epi16(a[di], _mm256_add_epi16(p0, p2));
+                        bb[di] = _mm256_add_epi16(bb[di], _mm256_add_epi16(p1, p3));
+                    }
+                }
                 for di in 0..N {
-                    let xp = x.add(di * ctx.cols + QK_K * b + 128 * h);
-                    let x0 = _mm256_loadu_si256(xp as *const _);
-                    let x1 = _mm256_loadu_si256(xp.add(32) as *const _);
-                    let x2 = _mm256_loadu_si256(xp.add(64) as *const _);
-                    let x3 = _mm256_loadu_si256(xp.add(96) as *const _);
-                    let p0 = _mm256_maddubs_epi16(c0, x0);
-                    let p1 = _mm256_maddubs_epi16(c1, x1);
-                    let p2 = _mm256_maddubs_epi16(c2, x2);
-                    let p3 = _mm256_maddubs_epi16(c3, x3);
-                    a[di] = _mm256_add_epi16(a[di], _mm256_add_epi16(p0, p2));
-                    bb[di] = _mm256_add_epi16(bb[di], _mm256_add_epi16(p1, p3));
+                    let s = _mm256_add_epi16(_mm256_slli_epi16::<2>(a[di]), bb[di]);
+                    acc_r[di] = _mm256_add_epi32(acc_r[di], _mm256_madd_epi16(s, ones));
                 }
             }
-            for di in 0..N {
-                let s = _mm256_add_epi16(_mm256_slli_epi16::<2>(a[di]), bb[di]);
-                acc_r[di] = _mm256_add_epi32(acc_r[di], _mm256_madd_epi16(s, ones));
+        }
+        let mut res = [[0i32; N]; R];
+        for (res_r, acc_r) in res.iter_mut().zip(&acc) {
+            for (v, &a) in res_r.iter_mut().zip(acc_r) {
+                *v = hsum(a) >> 2;
             }
         }
+        res
     }
-    let mut res = [[0i32; N]; R];
-    for (res_r, acc_r) in res.iter_mut().zip(&acc) {
-        for (v, &a) in res_r.iter_mut().zip(acc_r) {
-            *v = hsum(a) >> 2;
-        }
-    }
-    res
 }

@@ -49,7 +49,9 @@ pub fn prepare(acts: &mut PreparedActs) {
 /// have been prepared by [`prepare`] for `w.cols` columns; rows `r0 .. r0 + out.len()/n` exist.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni,gfni")]
 pub unsafe fn rows_gfni(w: &TernaryView, r0: usize, acts: &PreparedActs, out: &mut [i32]) {
-    rows_impl::<true>(w, r0, acts, out)
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe { rows_impl::<true>(w, r0, acts, out) }
 }
 
 /// The kernel for CPUs without GFNI (shift + mask instead of the bit-matrix product).
@@ -58,7 +60,9 @@ pub unsafe fn rows_gfni(w: &TernaryView, r0: usize, acts: &PreparedActs, out: &m
 /// As [`rows_gfni`], without the GFNI requirement.
 #[target_feature(enable = "avx512f,avx512bw,avx512vnni")]
 pub unsafe fn rows_shift(w: &TernaryView, r0: usize, acts: &PreparedActs, out: &mut [i32]) {
-    rows_impl::<false>(w, r0, acts, out)
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe { rows_impl::<false>(w, r0, acts, out) }
 }
 
 #[inline(always)]
@@ -68,45 +72,49 @@ unsafe fn rows_impl<const GFNI: bool>(
     acts: &PreparedActs,
     out: &mut [i32],
 ) {
-    let n = acts.n;
-    let nrows = out.len() / n;
-    assert!(w.qs.len() == w.rows * (w.cols / 4) && w.cols.is_multiple_of(QK_K));
-    assert!(r0 + nrows <= w.rows && acts.extra.len() == n * w.cols && acts.cols == w.cols);
-    let ctx = Ctx {
-        w: w.qs.as_ptr().add(r0 * (w.cols / 4)),
-        rb: w.cols / 4,
-        x: acts.extra.as_ptr(),
-        cols: w.cols,
-        n,
-        sums: &acts.sums,
-    };
-    // Rows outer, activation tiles inner: a weight row tile stays in L1 while every activation
-    // tile passes over it, so weights stream from memory once per call whatever `n` is.
-    let mut r = 0;
-    while r < nrows {
-        let left = nrows - r;
-        let rt = match n {
-            1 if left >= 16 => 16,
-            2 if left >= 8 => 8,
-            _ if left >= 4 => 4,
-            _ => 1,
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe {
+        let n = acts.n;
+        let nrows = out.len() / n;
+        assert!(w.qs.len() == w.rows * (w.cols / 4) && w.cols.is_multiple_of(QK_K));
+        assert!(r0 + nrows <= w.rows && acts.extra.len() == n * w.cols && acts.cols == w.cols);
+        let ctx = Ctx {
+            w: w.qs.as_ptr().add(r0 * (w.cols / 4)),
+            rb: w.cols / 4,
+            x: acts.extra.as_ptr(),
+            cols: w.cols,
+            n,
+            sums: &acts.sums,
         };
-        for (i0, ni) in super::act_tiles(n, 4) {
-            let o = &mut out[..];
-            match (rt, ni) {
-                (16, _) => tile::<GFNI, 16, 1>(&ctx, r, i0, o),
-                (8, _) => tile::<GFNI, 8, 2>(&ctx, r, i0, o),
-                (4, 1) => tile::<GFNI, 4, 1>(&ctx, r, i0, o),
-                (4, 2) => tile::<GFNI, 4, 2>(&ctx, r, i0, o),
-                (4, 3) => tile::<GFNI, 4, 3>(&ctx, r, i0, o),
-                (4, _) => tile::<GFNI, 4, 4>(&ctx, r, i0, o),
-                (_, 1) => tile::<GFNI, 1, 1>(&ctx, r, i0, o),
-                (_, 2) => tile::<GFNI, 1, 2>(&ctx, r, i0, o),
-                (_, 3) => tile::<GFNI, 1, 3>(&ctx, r, i0, o),
-                _ => tile::<GFNI, 1, 4>(&ctx, r, i0, o),
+        // Rows outer, activation tiles inner: a weight row tile stays in L1 while every activation
+        // tile passes over it, so weights stream from memory once per call whatever `n` is.
+        let mut r = 0;
+        while r < nrows {
+            let left = nrows - r;
+            let rt = match n {
+                1 if left >= 16 => 16,
+                2 if left >= 8 => 8,
+                _ if left >= 4 => 4,
+                _ => 1,
+            };
+            for (i0, ni) in super::act_tiles(n, 4) {
+                let o = &mut out[..];
+                match (rt, ni) {
+                    (16, _) => tile::<GFNI, 16, 1>(&ctx, r, i0, o),
+                    (8, _) => tile::<GFNI, 8, 2>(&ctx, r, i0, o),
+                    (4, 1) => tile::<GFNI, 4, 1>(&ctx, r, i0, o),
+                    (4, 2) => tile::<GFNI, 4, 2>(&ctx, r, i0, o),
+                    (4, 3) => tile::<GFNI, 4, 3>(&ctx, r, i0, o),
+                    (4, _) => tile::<GFNI, 4, 4>(&ctx, r, i0, o),
+                    (_, 1) => tile::<GFNI, 1, 1>(&ctx, r, i0, o),
+                    (_, 2) => tile::<GFNI, 1, 2>(&ctx, r, i0, o),
+                    (_, 3) => tile::<GFNI, 1, 3>(&ctx, r, i0, o),
+                    _ => tile::<GFNI, 1, 4>(&ctx, r, i0, o),
+                }
             }
+            r += rt;
         }
-        r += rt;
     }
 }
 
@@ -130,20 +138,24 @@ unsafe fn plane<const GFNI: bool>(
     mats: &[__m512i; 4],
     hi2: __m512i,
 ) -> __m512i {
-    if k == 3 {
-        // Already in place: a mask (ports 0 and 5) beats the affine product (port 0 only).
-        _mm512_and_si512(w, hi2)
-    } else if GFNI {
-        _mm512_gf2p8affine_epi64_epi8::<0>(w, mats[k])
-    } else {
-        let s = match k {
-            0 => _mm512_slli_epi16::<6>(w),
-            1 => _mm512_slli_epi16::<4>(w),
-            2 => _mm512_slli_epi16::<2>(w),
-            _ => w,
-        };
-        // A 16-bit shift carries bits across the byte boundary, but only into bits below 6.
-        _mm512_and_si512(s, hi2)
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe {
+        if k == 3 {
+            // Already in place: a mask (ports 0 and 5) beats the affine product (port 0 only).
+            _mm512_and_si512(w, hi2)
+        } else if GFNI {
+            _mm512_gf2p8affine_epi64_epi8::<0>(w, mats[k])
+        } else {
+            let s = match k {
+                0 => _mm512_slli_epi16::<6>(w),
+                1 => _mm512_slli_epi16::<4>(w),
+                2 => _mm512_slli_epi16::<2>(w),
+                _ => w,
+            };
+            // A 16-bit shift carries bits across the byte boundary, but only into bits below 6.
+            _mm512_and_si512(s, hi2)
+        }
     }
 }
 
@@ -163,79 +175,86 @@ unsafe fn tile<const GFNI: bool, const R: usize, const N: usize>(
     i0: usize,
     out: &mut [i32],
 ) {
-    let mats = [
-        _mm512_set1_epi64(plane_matrix(0)),
-        _mm512_set1_epi64(plane_matrix(1)),
-        _mm512_set1_epi64(plane_matrix(2)),
-        _mm512_set1_epi64(plane_matrix(3)),
-    ];
-    let hi2 = _mm512_set1_epi8(0xc0u8 as i8);
-    let w = ctx.w.add(r * ctx.rb);
-    let x = ctx.x.add(i0 * ctx.cols);
-    let mut acc = [[_mm512_setzero_si512(); N]; R];
-    for b in 0..ctx.cols / QK_K {
-        if N == 1 {
-            // One activation row: its 4 plane vectors stay in registers (the compiler hoists
-            // the loads) while R = 16 rows stream past.
-            for (dr, acc_r) in acc.iter_mut().enumerate() {
-                let wv = _mm512_loadu_si512(w.add(dr * ctx.rb + 64 * b) as *const _);
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe {
+        let mats = [
+            _mm512_set1_epi64(plane_matrix(0)),
+            _mm512_set1_epi64(plane_matrix(1)),
+            _mm512_set1_epi64(plane_matrix(2)),
+            _mm512_set1_epi64(plane_matrix(3)),
+        ];
+        let hi2 = _mm512_set1_epi8(0xc0u8 as i8);
+        let w = ctx.w.add(r * ctx.rb);
+        let x = ctx.x.add(i0 * ctx.cols);
+        let mut acc = [[_mm512_setzero_si512(); N]; R];
+        for b in 0..ctx.cols / QK_K {
+            if N == 1 {
+                // One activation row: its 4 plane vectors stay in registers (the compiler hoists
+                // the loads) while R = 16 rows stream past.
+                for (dr, acc_r) in acc.iter_mut().enumerate() {
+                    let wv = _mm512_loadu_si512(w.add(dr * ctx.rb + 64 * b) as *const _);
+                    for k in 0..4 {
+                        let c = plane::<GFNI>(wv, k, &mats, hi2);
+                        let xv = _mm512_loadu_si512(x.add(QK_K * b + 64 * k) as *const _);
+                        acc_r[0] = _mm512_dpbusd_epi32(acc_r[0], c, xv);
+                    }
+                }
+            } else {
+                // Several activation rows: keep the R weight vectors and, per plane, the N
+                // activation vectors in registers (16 accumulators + R + N + constants ≤ 32), so
+                // each load is used R or N times.
+                let mut wv = [_mm512_setzero_si512(); R];
+                for (dr, v) in wv.iter_mut().enumerate() {
+                    *v = _mm512_loadu_si512(w.add(dr * ctx.rb + 64 * b) as *const _);
+                }
                 for k in 0..4 {
-                    let c = plane::<GFNI>(wv, k, &mats, hi2);
-                    let xv = _mm512_loadu_si512(x.add(QK_K * b + 64 * k) as *const _);
-                    acc_r[0] = _mm512_dpbusd_epi32(acc_r[0], c, xv);
-                }
-            }
-        } else {
-            // Several activation rows: keep the R weight vectors and, per plane, the N
-            // activation vectors in registers (16 accumulators + R + N + constants ≤ 32), so
-            // each load is used R or N times.
-            let mut wv = [_mm512_setzero_si512(); R];
-            for (dr, v) in wv.iter_mut().enumerate() {
-                *v = _mm512_loadu_si512(w.add(dr * ctx.rb + 64 * b) as *const _);
-            }
-            for k in 0..4 {
-                let mut xv = [_mm512_setzero_si512(); N];
-                for (di, v) in xv.iter_mut().enumerate() {
-                    *v = _mm512_loadu_si512(x.add(di * ctx.cols + QK_K * b + 64 * k) as *const _);
-                }
-                for (acc_r, &wr) in acc.iter_mut().zip(&wv) {
-                    let c = plane::<GFNI>(wr, k, &mats, hi2);
-                    for (a, &xi) in acc_r.iter_mut().zip(&xv) {
-                        *a = _mm512_dpbusd_epi32(*a, c, xi);
+                    let mut xv = [_mm512_setzero_si512(); N];
+                    for (di, v) in xv.iter_mut().enumerate() {
+                        *v = _mm512_loadu_si512(
+                            x.add(di * ctx.cols + QK_K * b + 64 * k) as *const _
+                        );
+                    }
+                    for (acc_r, &wr) in acc.iter_mut().zip(&wv) {
+                        let c = plane::<GFNI>(wr, k, &mats, hi2);
+                        for (a, &xi) in acc_r.iter_mut().zip(&xv) {
+                            *a = _mm512_dpbusd_epi32(*a, c, xi);
+                        }
                     }
                 }
             }
         }
-    }
-    // Reduce all R·N accumulators at once (flattened row-major, padded to 16 with zeros).
-    let mut flat = [_mm512_setzero_si512(); 16];
-    for (dr, acc_r) in acc.iter().enumerate() {
-        flat[dr * N..dr * N + N].copy_from_slice(acc_r);
-    }
-    let mut sums = [0i32; 16];
-    for (j, s) in sums.iter_mut().enumerate().take(R * N) {
-        *s = ctx.sums[i0 + j % N];
-    }
-    // Codes were scaled by 64; the subtraction of Σx turns Σ code·x into Σ trit·x.
-    let v = _mm512_sub_epi32(
-        _mm512_srai_epi32::<6>(hsum16(&flat)),
-        _mm512_loadu_si512(sums.as_ptr() as *const _),
-    );
-    let n = ctx.n;
-    if N == n {
-        // The tile covers whole output rows: its R·N results are contiguous.
-        let mask: __mmask16 = if R * N == 16 {
-            0xffff
+        // Reduce all R·N accumulators at once (flattened row-major, padded to 16 with zeros).
+        let mut flat = [_mm512_setzero_si512(); 16];
+        for (dr, acc_r) in acc.iter().enumerate() {
+            flat[dr * N..dr * N + N].copy_from_slice(acc_r);
+        }
+        let mut sums = [0i32; 16];
+        for (j, s) in sums.iter_mut().enumerate().take(R * N) {
+            *s = ctx.sums[i0 + j % N];
+        }
+        // Codes were scaled by 64; the subtraction of Σx turns Σ code·x into Σ trit·x.
+        let v = _mm512_sub_epi32(
+            _mm512_srai_epi32::<6>(hsum16(&flat)),
+            _mm512_loadu_si512(sums.as_ptr() as *const _),
+        );
+        let n = ctx.n;
+        if N == n {
+            // The tile covers whole output rows: its R·N results are contiguous.
+            let mask: __mmask16 = if R * N == 16 {
+                0xffff
+            } else {
+                (1 << (R * N)) - 1
+            };
+            assert!((r + R) * n <= out.len());
+            _mm512_mask_storeu_epi32(out.as_mut_ptr().add(r * n) as *mut _, mask, v);
         } else {
-            (1 << (R * N)) - 1
-        };
-        assert!((r + R) * n <= out.len());
-        _mm512_mask_storeu_epi32(out.as_mut_ptr().add(r * n) as *mut _, mask, v);
-    } else {
-        let mut res = [0i32; 16];
-        _mm512_storeu_si512(res.as_mut_ptr() as *mut _, v);
-        for dr in 0..R {
-            out[(r + dr) * n + i0..(r + dr) * n + i0 + N].copy_from_slice(&res[dr * N..dr * N + N]);
+            let mut res = [0i32; 16];
+            _mm512_storeu_si512(res.as_mut_ptr() as *mut _, v);
+            for dr in 0..R {
+                out[(r + dr) * n + i0..(r + dr) * n + i0 + N]
+                    .copy_from_slice(&res[dr * N..dr * N + N]);
+            }
         }
     }
 }
@@ -243,26 +262,30 @@ unsafe fn tile<const GFNI: bool, const R: usize, const N: usize>(
 /// Horizontal sums of 16 vectors: lane `j` of the result is the sum of `v[j]`'s 16 lanes.
 #[inline(always)]
 unsafe fn hsum16(v: &[__m512i; 16]) -> __m512i {
-    // 32-bit interleave: per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3].
-    let mut p = [_mm512_setzero_si512(); 8];
-    for (j, pj) in p.iter_mut().enumerate() {
-        let (a, b) = (v[2 * j], v[2 * j + 1]);
-        *pj = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+    // SAFETY: the caller upholds this function's contract (the CPU features it is compiled for were
+    // detected; pointers and lengths are in bounds, see its docs).
+    unsafe {
+        // 32-bit interleave: per 128-bit lane [a0+a2, b0+b2, a1+a3, b1+b3].
+        let mut p = [_mm512_setzero_si512(); 8];
+        for (j, pj) in p.iter_mut().enumerate() {
+            let (a, b) = (v[2 * j], v[2 * j + 1]);
+            *pj = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+        }
+        // 64-bit interleave: per 128-bit lane L, [a_L, b_L, c_L, d_L] (each a lane's full sum).
+        let mut q = [_mm512_setzero_si512(); 4];
+        for (j, qj) in q.iter_mut().enumerate() {
+            let (a, b) = (p[2 * j], p[2 * j + 1]);
+            *qj = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
+        }
+        // 128-bit lanes: [abcd_01, abcd_23, efgh_01, efgh_23] and the same for i..p.
+        let fold = |a: __m512i, b: __m512i| {
+            _mm512_add_epi32(
+                _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b),
+                _mm512_shuffle_i32x4::<0b11_01_11_01>(a, b),
+            )
+        };
+        let w0 = fold(q[0], q[1]);
+        let w1 = fold(q[2], q[3]);
+        fold(w0, w1)
     }
-    // 64-bit interleave: per 128-bit lane L, [a_L, b_L, c_L, d_L] (each a lane's full sum).
-    let mut q = [_mm512_setzero_si512(); 4];
-    for (j, qj) in q.iter_mut().enumerate() {
-        let (a, b) = (p[2 * j], p[2 * j + 1]);
-        *qj = _mm512_add_epi32(_mm512_unpacklo_epi64(a, b), _mm512_unpackhi_epi64(a, b));
-    }
-    // 128-bit lanes: [abcd_01, abcd_23, efgh_01, efgh_23] and the same for i..p.
-    let fold = |a: __m512i, b: __m512i| {
-        _mm512_add_epi32(
-            _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b),
-            _mm512_shuffle_i32x4::<0b11_01_11_01>(a, b),
-        )
-    };
-    let w0 = fold(q[0], q[1]);
-    let w1 = fold(q[2], q[3]);
-    fold(w0, w1)
 }
