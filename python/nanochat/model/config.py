@@ -50,6 +50,22 @@ TRAIN_KEYS = (
 )
 
 
+# Upper bounds: far above any model this project (or llama.cpp's largest bitnet files) would build, low enough that
+# a typo (n_layer = 100000000, n_embd = 1048576) is refused at once instead of allocating for minutes.
+MAX_VALUES = {
+    "vocab_size": 1 << 22,  # 4M tokens (the largest public vocabularies are ~256k)
+    "seq_len": 1 << 24,  # 16M positions (RoPE tables are built per forward, never for the whole context)
+    "n_layer": 1024,
+    "n_head": 1024,
+    "n_kv_head": 1024,
+    "n_embd": 65536,
+    "mlp_hidden": 1 << 18,
+    "n_streams": 64,  # mHC variants are held to <= 6 below; "standard" ignores it
+    "sinkhorn_iters": 10_000,
+}
+MAX_PARAMS = 1 << 40  # ~1.1T parameters: anything larger is a typo, not a model
+
+
 class ConfigError(ValueError):
     """A config value or key is invalid; the message names the key."""
 
@@ -131,11 +147,11 @@ def _validate(cfg: GPTConfig) -> None:
         _expect(cfg, key, bool)
     for key in ("mlp", "residual", "quant"):
         _expect(cfg, key, str)
-    for key in ints:
+    for key in (*ints, "sinkhorn_iters"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg, key)}")
-    if cfg.sinkhorn_iters < 1:
-        raise ConfigError(f"model.sinkhorn_iters must be >= 1, got {cfg.sinkhorn_iters}")
+        if getattr(cfg, key) > MAX_VALUES[key]:
+            raise ConfigError(f"model.{key} = {getattr(cfg, key)} is beyond the sane limit {MAX_VALUES[key]}")
     for key in ("rope_theta", "norm_eps", "init_std"):
         v = getattr(cfg, key)
         if not (math.isfinite(v) and v > 0):
@@ -155,6 +171,11 @@ def _validate(cfg: GPTConfig) -> None:
     if cfg.residual != "standard" and cfg.n_streams > 6:
         # mhc_lite materialises all n! permutations; mhc is fine but n > 6 streams has no use at these sizes
         raise ConfigError(f"model.n_streams must be <= 6 for residual {cfg.residual!r}, got {cfg.n_streams}")
+    if approx_params(cfg) > MAX_PARAMS:
+        raise ConfigError(
+            f"model of ~{approx_params(cfg):.3g} parameters (n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, mlp_hidden "
+            f"{cfg.mlp_hidden}, vocab_size {cfg.vocab_size}) is beyond the sane limit of {MAX_PARAMS:.3g}"
+        )
     if cfg.quant == "ternary":
         for key in ("n_embd", "mlp_hidden"):
             if getattr(cfg, key) % QK_K != 0:
@@ -164,17 +185,32 @@ def _validate(cfg: GPTConfig) -> None:
                 )
 
 
+def approx_params(cfg: GPTConfig) -> int:
+    """Parameter count from the config alone (embedding, head, attention and MLP matrices; norms and mHC left out):
+    enough to refuse an absurd model before building one."""
+    kv = cfg.n_kv_head * cfg.head_dim
+    attn = cfg.n_embd * (2 * cfg.n_embd + 2 * kv)  # q, o, k, v
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * cfg.n_embd * cfg.mlp_hidden
+    head = 0 if cfg.tie_embeddings else cfg.vocab_size * cfg.n_embd
+    return cfg.vocab_size * cfg.n_embd + head + cfg.n_layer * (attn + mlp)
+
+
 # ----------------------------------------------------------------------------- TOML loading
 
 
 def config_path(name_or_path: str | Path) -> Path:
     """Resolve a config name (``"d20"``) to the packaged TOML file, or return an existing path as is."""
     p = Path(name_or_path)
-    if p.suffix == ".toml" or p.is_file():  # a directory that happens to share a config's name is not a config
-        if not p.is_file():
-            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
-        return p
     res = importlib.resources.files("nanochat") / "configs" / f"{name_or_path}.toml"
+    shipped = p.suffix != ".toml" and "/" not in str(name_or_path) and res.is_file()
+    if p.is_dir() and not shipped:  # a directory that happens to share a shipped config's name is not a config
+        raise ConfigError(f"config {str(p)!r} is a directory; expected a .toml file or a shipped config name")
+    if p.suffix == ".toml" or p.is_file():
+        if not p.exists():
+            raise FileNotFoundError(f"config file {str(p)!r} does not exist")
+        if not p.is_file():
+            raise ConfigError(f"config {str(p)!r} is not a regular file")
+        return p
     if not res.is_file():
         names = sorted(
             e.name.removesuffix(".toml")
@@ -192,16 +228,23 @@ def load_config(name_or_path: str | Path) -> tuple[GPTConfig, dict[str, Any]]:
     TOML file. Unknown ``[model]`` keys and unknown top-level tables raise :class:`ConfigError`.
     """
     path = config_path(name_or_path)
-    with open(path, "rb") as f:
-        try:
+    try:
+        with open(path, "rb") as f:
             doc = tomllib.load(f)
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{path}: invalid TOML: {e}") from e
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: invalid TOML: {e}") from None
+    except UnicodeDecodeError as e:  # a binary file: tomllib decodes before it parses
+        raise ConfigError(f"{path}: not a TOML file (not UTF-8 text: {e.reason} at byte {e.start})") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot read the config ({e.strerror or e})") from None
     extra = sorted(set(doc) - {"model", "train"})
     if extra:
         raise ConfigError(f"{path}: unknown table(s) {extra}; expected [model] and [train]")
     if "model" not in doc:
         raise ConfigError(f"{path}: missing [model] table")
+    for table in ("model", "train"):
+        if not isinstance(doc.get(table, {}), dict):
+            raise ConfigError(f"{path}: {table} must be a table ([{table}]), got {type(doc[table]).__name__}")
     try:
         cfg = GPTConfig.from_dict(dict(doc["model"]))
     except TypeError as e:  # pragma: no cover - from_dict checks keys first
@@ -209,10 +252,15 @@ def load_config(name_or_path: str | Path) -> tuple[GPTConfig, dict[str, Any]]:
     except ConfigError as e:
         raise ConfigError(f"{path}: {e}") from e
     train = dict(doc.get("train", {}))
-    if "seq_len" in train and train["seq_len"] > cfg.seq_len:
+    # (types are the trainer's to check, with the key's name: compare only what is already a number)
+    if _is_int(train.get("seq_len")) and train["seq_len"] > cfg.seq_len:
         raise ConfigError(f"{path}: train.seq_len ({train['seq_len']}) exceeds model.seq_len ({cfg.seq_len})")
-    if "vocab_size" in train and train["vocab_size"] > cfg.vocab_size:
+    if _is_int(train.get("vocab_size")) and train["vocab_size"] > cfg.vocab_size:
         raise ConfigError(
             f"{path}: train.vocab_size ({train['vocab_size']}) exceeds model.vocab_size ({cfg.vocab_size})"
         )
     return cfg, train
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)

@@ -14,6 +14,7 @@ Examples::
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,10 +50,28 @@ def main(
     quant: Annotated[
         str | None, typer.Option(help="ternary | fp (full-precision baseline)", rich_help_panel=MODEL)
     ] = None,
-    residual: Annotated[str | None, typer.Option(help="mhc_lite | mhc | standard", rich_help_panel=MODEL)] = None,
+    residual: Annotated[
+        str | None,
+        typer.Option(
+            help="mhc_lite | mhc | standard (standard turns QK-norm off unless --qk-norm: llama.cpp's bitnet has none)",
+            rich_help_panel=MODEL,
+        ),
+    ] = None,
     mlp: Annotated[
         str | None, typer.Option(help="swiglu (llama.cpp bitnet) | relu2 (nanochat arch only)", rich_help_panel=MODEL)
     ] = None,
+    qk_norm: Annotated[
+        bool | None,
+        typer.Option("--qk-norm/--no-qk-norm", help="RMSNorm on q and k per head", rich_help_panel=MODEL),
+    ] = None,
+    llama_compatible: Annotated[
+        bool,
+        typer.Option(
+            "--llama-compatible",
+            help="a model llama.cpp's bitnet runs: residual standard, swiglu, no QK-norm, tied head, ternary",
+            rich_help_panel=MODEL,
+        ),
+    ] = False,
     steps: Annotated[int | None, typer.Option(help="optimizer steps", rich_help_panel=OPT)] = None,
     time_budget: Annotated[
         str | None,
@@ -137,16 +156,37 @@ def main(
         bool, typer.Option("--dry-run", help="print the resolved config and parameter counts, then exit")
     ] = False,
 ) -> None:
-    """Train a ternary (BitNet b1.58) GPT with mHC residual streams. See the module docstring for examples."""
+    """Train a ternary (BitNet b1.58) GPT with mHC residual streams.
+
+    Examples:
+
+        nanochat-train --config d20
+
+        nanochat-train --config tiny_cpu --steps 50
+
+        nanochat-train --resume runs/d20-20261124-101500
+
+    Options left out take the --config's values (d20 by default): nanochat-train --config d20 --dry-run prints them.
+    """
+    model_flags = {"quant": quant, "residual": residual, "mlp": mlp, "qk_norm": qk_norm}
     cli = {
-        k: v for k, v in locals().items() if v is not None and k not in ("dry_run", "quant", "residual", "mlp", "lr")
+        k: v
+        for k, v in locals().items()
+        if v is not None and k not in ("dry_run", "lr", "llama_compatible", "model_flags", *model_flags)
     }
     try:
         if time_budget is not None:
             cli["time_budget"] = parse_duration(time_budget)
-        cfg = resolve_config(cli, quant=quant, residual=residual, lr_scale=lr, mlp=mlp)
-    except (ValueError, FileNotFoundError, KeyError, TypeError) as e:
+        cfg = resolve_config(
+            cli,
+            lr_scale=lr,
+            llama_compatible=llama_compatible,
+            **{k: v for k, v in model_flags.items() if v is not None},
+        )
+    except (ValueError, OSError, TypeError) as e:
         _fail(str(e))
+    except KeyError as e:  # (nothing should raise one; if something does, say what was missing)
+        _fail(f"missing setting {e}")
     if dry_run:
         dry_run_report(cfg)
         return
@@ -154,7 +194,7 @@ def main(
 
     try:
         summary = train(cfg)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError, IsADirectoryError) as e:
         _fail(str(e))
     stopped = summary.get("stopped_by")
     if stopped:  # a stopped run is not a finished one: 128 + signal number, as shells report it
@@ -172,9 +212,40 @@ def parse_duration(text: str) -> float:
         value = float(num) * (mult or 1.0)
     except ValueError:
         raise ValueError(f"--time-budget {text!r}: expected a duration like 90s, 20m or 2h") from None
-    if not value > 0:
-        raise ValueError(f"--time-budget {text!r} must be positive")
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"--time-budget {text!r} must be a positive, finite duration")
     return value
+
+
+# [train] keys a TOML may not set: they name the config, the run or the model, which come from elsewhere
+NOT_IN_TOML = ("config", "resume", "model_overrides", "stop_after")
+# what --llama-compatible sets: the model llama.cpp's `bitnet` graph runs (export/gguf_io.check_bitnet_compatible)
+LLAMA_COMPATIBLE = {
+    "residual": "standard",
+    "mlp": "swiglu",
+    "qk_norm": False,
+    "tie_embeddings": True,
+    "quant": "ternary",
+}
+
+
+def read_run_config(run: str | Path) -> dict[str, Any]:
+    """A run directory's ``config.json`` (``{"train": ..., "model": ...}``); errors name the file and what is wrong."""
+    path = Path(run) / "config.json"
+    if not Path(run).is_dir():
+        raise FileNotFoundError(f"--resume {run}: no such directory (expected a run directory with config.json)")
+    if not path.is_file():
+        raise FileNotFoundError(f"--resume {run}: no config.json there (is it a run directory?)")
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: unreadable or invalid JSON ({e})") from None
+    if not isinstance(doc, dict):
+        raise ValueError(f"{path}: expected a JSON object with 'train' and 'model', got {type(doc).__name__}")
+    for key in ("train", "model"):
+        if not isinstance(doc.get(key), dict):
+            raise ValueError(f"{path}: {key!r} is missing or not an object (was the run written by nanochat-train?)")
+    return doc
 
 
 def resolve_config(
@@ -183,16 +254,30 @@ def resolve_config(
     residual: str | None = None,
     lr_scale: float | None = None,
     mlp: str | None = None,
+    qk_norm: bool | None = None,
+    llama_compatible: bool = False,
 ) -> TrainConfig:
-    """Defaults < config's [train] table (or the resumed run's settings) < command-line flags."""
-    from nanochat.model import load_config
+    """Defaults < config's [train] table (or the resumed run's settings) < command-line flags.
 
+    Everything is validated here, before any data is prepared or any model is built: every key (unknown ones are
+    errors), type, range and path, and the model config the run will build; errors are one line naming the key."""
+    from nanochat.model import GPTConfig, load_config
+    from nanochat.model.config import config_path
+
+    model_flags = {"quant": quant, "residual": residual, "mlp": mlp, "qk_norm": qk_norm}
+    model_flags = {k: v for k, v in model_flags.items() if v is not None}
+    if llama_compatible:
+        clash = {k: v for k, v in model_flags.items() if v != LLAMA_COMPATIBLE[k]}
+        if clash:
+            flags = ", ".join(_flag(k, v) for k, v in clash.items())
+            raise ValueError(f"--llama-compatible builds a bitnet-compatible model; {flags} contradicts it")
+        model_flags = dict(LLAMA_COMPATIBLE)
     cfg = TrainConfig()
+    saved_model: dict[str, Any] | None = None
     if cli.get("resume"):
-        saved = Path(cli["resume"]) / "config.json"
-        if not saved.exists():
-            raise FileNotFoundError(f"--resume {cli['resume']}: no config.json there (is it a run directory?)")
-        cfg.update(json.loads(saved.read_text())["train"], f"{saved}")
+        saved = read_run_config(cli["resume"])
+        cfg.update(saved["train"], f"{Path(cli['resume']) / 'config.json'} 'train'")
+        saved_model = saved["model"]
         cfg.stop_after = None  # an interruption point is not a setting to inherit
         # the model is the run's: a flag that would build a different one cannot apply to its checkpoint
         for key in ("config", "vocab_size"):
@@ -201,35 +286,82 @@ def resolve_config(
                     f"--resume {cli['resume']}: the run was trained with {key} = {getattr(cfg, key)!r}; "
                     f"--{key.replace('_', '-')} {cli[key]!r} would build a different model (leave it out)"
                 )
-        if quant is not None or residual is not None or mlp is not None:
-            raise ValueError(f"--resume {cli['resume']}: --quant/--residual/--mlp cannot change a run's model")
+        if model_flags or llama_compatible:
+            raise ValueError(
+                f"--resume {cli['resume']}: --quant/--residual/--mlp/--qk-norm/--llama-compatible cannot change a "
+                "run's model"
+            )
     else:
-        _, train_defaults = load_config(cli.get("config", cfg.config))
-        cfg.update(
-            {k: v for k, v in train_defaults.items() if k in TrainConfig.field_names()},
-            f"config {cli.get('config', cfg.config)} [train]",
-        )
+        name = cli.get("config", cfg.config)
+        if not isinstance(name, str):
+            raise ValueError(f"config must be a config name or a .toml path, got {name!r}")
+        _, train_defaults = load_config(name)
+        source = f"{config_path(name)} [train]"
+        bad = sorted(set(train_defaults) & set(NOT_IN_TOML))
+        if bad:
+            raise ValueError(f"{source}: {bad} cannot be set in a config file (they are command-line settings)")
+        cfg.update(train_defaults, source)
+        if model_flags.get("residual") == "standard" and "qk_norm" not in model_flags and not llama_compatible:
+            # a standard-residual model is the one llama.cpp's bitnet graph runs, and that graph has no QK-norm
+            model_flags["qk_norm"] = False
+            print(
+                "note: --residual standard: QK-norm off so the model exports to llama.cpp (--qk-norm keeps it)",
+                file=sys.stderr,
+            )
     cfg.update(cli, "command line")
     if "steps" in cli and "time_budget" not in cli and not cli.get("resume"):
         cfg.time_budget = None  # an explicit --steps wins over a config's time budget
-    overrides = dict(cfg.model_overrides)
-    if quant is not None:
-        overrides["quant"] = quant
-    if residual is not None:
-        overrides["residual"] = residual
-    if mlp is not None:
-        overrides["mlp"] = mlp
-    cfg.model_overrides = overrides
+    cfg.model_overrides = {**cfg.model_overrides, **model_flags}
     if lr_scale is not None:
+        if not (math.isfinite(lr_scale) and lr_scale > 0):
+            raise ValueError(f"--lr must be a positive, finite factor, got {lr_scale}")
         cfg.lr_muon *= lr_scale
         cfg.lr_lion *= lr_scale
+    try:
+        cfg.validate()
+    except ValueError as e:
+        raise ValueError(f"command line: {e}") from None
     for k in sorted(set(cli) - {"resume", "config"}):
         if cli.get("resume") and k not in ("threads", "numa_node", "device", "resume", "out"):
             print(f"note: --{k.replace('_', '-')} {cli[k]!r} overrides the resumed run's setting", file=sys.stderr)
-    # validate the model part now so a bad value is a one-line error, not a traceback mid-setup
-    model_cfg, _ = load_config(cfg.config)
-    model_cfg.replace(vocab_size=cfg.vocab_size, **cfg.model_overrides)
+    # the model the run will build, validated now so a bad value is a one-line error, not a traceback mid-setup
+    if saved_model is not None:
+        try:
+            model_cfg = GPTConfig.from_dict(saved_model)
+        except (ValueError, TypeError) as e:
+            raise ValueError(f"{Path(cli['resume']) / 'config.json'} 'model': {e}") from None
+        where = "the resumed run's model"
+    else:
+        model_cfg, _ = load_config(cfg.config)
+        model_cfg = model_cfg.replace(vocab_size=cfg.vocab_size, **cfg.model_overrides)
+        where = f"model.seq_len in {cfg.config}"
+    if cfg.seq_len > model_cfg.seq_len:
+        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model_cfg.seq_len} ({where})")
+    check_paths(cfg)
     return cfg
+
+
+def _flag(key: str, value: Any) -> str:
+    if isinstance(value, bool):
+        return f"--{'' if value else 'no-'}{key.replace('_', '-')}"
+    return f"--{key.replace('_', '-')} {value}"
+
+
+def check_paths(cfg: TrainConfig) -> None:
+    """Paths the run will write or read, checked before any work: a clear error instead of a traceback later."""
+    if cfg.out is not None and not cfg.resume and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+        raise ValueError(f"--out {cfg.out} is an existing file; the run directory must be a directory")
+    if cfg.data_dir is not None and Path(cfg.data_dir).exists() and not Path(cfg.data_dir).is_dir():
+        raise ValueError(f"--data-dir {cfg.data_dir} is an existing file; the data cache must be a directory")
+    if cfg.data is not None:
+        from nanochat.data.sources import parse_spec
+
+        try:
+            parse_spec(cfg.data)  # cheap: checks that each named source exists, reads nothing
+        except (ValueError, OSError) as e:
+            raise ValueError(f"--data {cfg.data}: {e}") from None
+    if cfg.teacher is not None and not Path(cfg.teacher).exists():
+        raise FileNotFoundError(f"--teacher {cfg.teacher}: no such checkpoint or run directory")
 
 
 def dry_run_report(cfg: TrainConfig) -> None:

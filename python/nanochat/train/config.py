@@ -1,10 +1,46 @@
-"""Training settings: one dataclass, filled from a config's ``[train]`` table then CLI overrides."""
+"""Training settings: one dataclass, filled from a config's ``[train]`` table then CLI overrides.
+
+Every value is checked when it is set (:meth:`TrainConfig.update`), against the type its field declares (an ``int``
+field refuses ``2.7`` and ``"2"``, a float field NaN and infinities) and its range, so a bad setting is a one-line
+error naming the key and where it came from, before any data is prepared or any model is built.
+"""
 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import math
+import os
+import re
+import types
+import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from nanochat.model.config import MAX_VALUES
+
+DEVICE_RE = re.compile(r"^(auto|cpu|mps|cuda(:\d+)?)$")
+# (low, high) per integer field; None = unbounded on that side. High bounds only catch typos.
+INT_RANGES: dict[str, tuple[int | None, int | None]] = {
+    "vocab_size": (1, MAX_VALUES["vocab_size"]),
+    "steps": (1, 10**9),
+    "batch_size": (1, 1 << 20),
+    "seq_len": (1, MAX_VALUES["seq_len"]),
+    "grad_accum": (1, 1 << 20),
+    "warmup_steps": (0, None),
+    "threads": (0, max(8, 4 * (os.cpu_count() or 1))),  # 0 = torch's default; the Rust core's own cap
+    "numa_node": (0, 4095),
+    "seed": (0, 2**63 - 1),
+    "log_every": (0, None),
+    "eval_every": (0, None),
+    "eval_batches": (1, 1 << 20),
+    "final_eval_batches": (0, 1 << 20),
+    "mhc_diag_every": (0, None),
+    "eval_lines_problems": (0, None),
+    "save_every": (0, None),
+    "keep_last": (1, None),
+    "stop_after": (1, None),
+}
 
 
 @dataclass
@@ -63,24 +99,46 @@ class TrainConfig:
         return {f.name for f in dataclasses.fields(cls)}
 
     def update(self, values: dict[str, Any], source: str) -> None:
-        """Set fields from a mapping; unknown keys are an error naming ``source``."""
+        """Set fields from a mapping; unknown keys and bad values are errors naming the key and ``source``."""
         unknown = sorted(set(values) - self.field_names())
         if unknown:
-            raise ValueError(f"{source}: unknown training setting(s) {unknown}")
+            near = {k: difflib.get_close_matches(k, self.field_names(), n=1) for k in unknown}
+            hints = "; ".join(f"did you mean {m[0]!r} for {k!r}?" for k, m in near.items() if m)
+            raise ValueError(f"{source}: unknown training setting(s) {unknown}" + (f" ({hints})" if hints else ""))
+        for k, v in values.items():
+            problem = _type_problem(k, v)
+            if problem:
+                raise ValueError(f"{source}: {problem}")
         for k, v in values.items():
             setattr(self, k, v)
-        self.validate()
+        try:
+            self.validate()
+        except ValueError as e:
+            raise ValueError(f"{source}: {e}") from None
 
     def validate(self) -> None:
-        if int(self.eval_lines_problems) < 0:
-            raise ValueError(f"eval_lines_problems must be >= 0, got {self.eval_lines_problems}")
-        positive = ["steps", "batch_size", "seq_len", "grad_accum", "vocab_size", "eval_batches", "keep_last"]
-        for k in positive:
-            if int(getattr(self, k)) < 1:
-                raise ValueError(f"{k} must be ≥ 1, got {getattr(self, k)}")
+        """Types, ranges and finiteness of every field; a ValueError naming the key."""
+        for f in dataclasses.fields(self):
+            problem = _type_problem(f.name, getattr(self, f.name))
+            if problem:
+                raise ValueError(problem)
+        for k, (lo, hi) in INT_RANGES.items():
+            v = getattr(self, k)
+            if v is None:
+                continue
+            if lo is not None and v < lo:
+                raise ValueError(f"{k} must be ≥ {lo}, got {v}")
+            if hi is not None and v > hi:
+                raise ValueError(f"{k} = {v} is beyond the sane limit {hi}")
         for k in ["lr_muon", "lr_lion", "weight_decay", "grad_clip"]:
             if float(getattr(self, k)) < 0:
                 raise ValueError(f"{k} must be ≥ 0, got {getattr(self, k)}")
+        if not self.distill_temp > 0:
+            raise ValueError(f"distill_temp must be > 0, got {self.distill_temp}")
+        if not 0 < self.val_fraction < 1:
+            raise ValueError(f"val_fraction must be in (0, 1), got {self.val_fraction}")
+        if not DEVICE_RE.match(self.device):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {self.device!r}")
         if not 0 <= self.decay_frac <= 1:
             raise ValueError(f"decay_frac must be in [0, 1], got {self.decay_frac}")
         if self.time_budget is not None and not float(self.time_budget) > 0:
@@ -97,3 +155,31 @@ class TrainConfig:
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+_HINTS: dict[str, Any] = {}
+
+
+def _type_problem(key: str, value: Any) -> str | None:
+    """Why ``value`` does not fit field ``key``'s declared type (None when it does). Strict where TOML and JSON are
+    loose: bool is not an int, a float with a fraction is not an int, and floats must be finite."""
+    if not _HINTS:
+        _HINTS.update(typing.get_type_hints(TrainConfig))
+    hint = _HINTS[key]
+    allowed = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        return None if type(None) in allowed else f"{key} must be set, got null"
+    for t in allowed:
+        base = typing.get_origin(t) or t
+        if base is bool and isinstance(value, bool):
+            return None
+        if base is int and isinstance(value, int) and not isinstance(value, bool):
+            return None
+        if base is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return None if math.isfinite(value) else f"{key} must be a finite number, got {value}"
+        if base in (str, dict) and isinstance(value, base):
+            return None
+    want = " or ".join(
+        "number" if t is float else getattr(t, "__name__", str(t)) for t in allowed if t is not type(None)
+    )
+    return f"{key} must be {'an' if want[0] in 'aeiou' else 'a'} {want}, got {type(value).__name__} {value!r}"[:300]

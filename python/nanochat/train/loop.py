@@ -80,6 +80,10 @@ def setup_runtime(cfg: TrainConfig) -> Runtime:
         device = torch.device(cfg.device)
         if device.type == "cuda" and not torch.cuda.is_available():
             raise ValueError("--device cuda requested but no CUDA device is available")
+        if device.type == "cuda" and device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(f"--device {cfg.device}: only {torch.cuda.device_count()} CUDA device(s) here")
+        if device.type == "mps" and not torch.backends.mps.is_available():
+            raise ValueError("--device mps requested but MPS is not available")
         if device.type == "cuda" and world > 1:
             device = torch.device(f"cuda:{local}")
     if world > 1 and not dist.is_initialized():
