@@ -264,9 +264,11 @@ def test_prompt_cache_takes_the_longest_shared_prefix() -> None:
     assert PromptCache(size=0).take([1, 2]) is None
 
 
-def test_a_cached_prefix_generates_what_a_fresh_prefill_does(tiny_model: Path) -> None:
-    cached = EngineBackend.from_path(tiny_model, threads=1, prompt_cache=4)
-    fresh = EngineBackend.from_path(tiny_model, threads=1, prompt_cache=0)
+@pytest.mark.parametrize("engine", ["rust", "torch"])
+def test_a_cached_prefix_generates_what_a_fresh_prefill_does(tiny_model: Path, engine: str) -> None:
+    cached = EngineBackend.from_path(tiny_model, threads=1, prompt_cache=4, engine=engine)
+    fresh = EngineBackend.from_path(tiny_model, threads=1, prompt_cache=0, engine=engine)
+    assert cached.mode == fresh.mode == f"engine:{engine}"
     tok = cached.tokenizer
     turns: list[dict[str, str]] = []
     previous: list[int] = []

@@ -239,7 +239,8 @@ class EngineBackend:
     batched decode step per token (continuous batching: requests join and leave between steps).
 
     A model the engine cannot run is an error here (the CLI prints it and exits), never a silent fallback to a slow
-    path. ``prompt_cache``: idle KV sessions kept for reuse by prompts that share their prefix (0 = off).
+    path. ``prompt_cache``: idle KV sessions kept for reuse by prompts that share their prefix (0 = off);
+    ``engine``: ``Engine``'s backend choice (``"auto"``: Rust for ternary models on CPU, else torch).
     """
 
     def __init__(
@@ -249,6 +250,7 @@ class EngineBackend:
         device: str = "cpu",
         threads: int | None = None,
         prompt_cache: int = 4,
+        engine: str = "auto",
     ) -> None:
         from nanochat.engine import Engine
 
@@ -258,7 +260,7 @@ class EngineBackend:
         self.context_length = int(loaded.config.seq_len)
         self.stop_token_ids = _stop_ids_of(loaded.tokenizer)
         self.device = device
-        self.engine = Engine(loaded, device=device, threads=threads)
+        self.engine = Engine(loaded, device=device, threads=threads, backend=engine)
         self.batcher = Batcher(self.engine, PromptCache(prompt_cache))
         self.mode = f"engine:{self.engine.backend_name}"
 
