@@ -15,16 +15,21 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from nanochat import ops
 from nanochat.data.tokenizer import Tokenizer
 from nanochat.export.gguf_file import LoadError, check_regular_file, open_regular
 from nanochat.export.gguf_io import GGUFModel, gguf_to_torch, read_gguf
 from nanochat.export.names import is_ternary
-from nanochat.model import GPT, GPTConfig
+from nanochat.model.config import GPTConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from nanochat.model import GPT
 
 
 @dataclass
@@ -87,6 +92,10 @@ def _load_checkpoint_dir(path: Path) -> LoadedModel:
         raise
     except Exception as e:  # the tokenizers library raises a bare Exception for a malformed file
         raise CheckpointError(f"{tok_path}: not a valid tokenizer ({e})") from None
+    import torch
+
+    from nanochat.model import GPT
+
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")

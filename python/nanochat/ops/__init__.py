@@ -4,8 +4,9 @@ Each op is a ``torch.library.custom_op`` in the ``nanochat::`` namespace: its CP
 calls Rust, other devices (CUDA) run the same math in plain torch, and a fake implementation lets
 ``torch.compile`` trace it. Model, engine and training code call these functions, never ``_core``.
 
-Names are re-exported lazily (:func:`nanochat.lazy_exports`): the Rust engine (:mod:`.engine`) serves a GGUF with
-numpy alone, and the custom ops (:mod:`.ternary`, :mod:`.mhc`) are registered with torch when first used.
+Names are re-exported lazily (:func:`nanochat.lazy_exports`): the Rust engine (:mod:`.engine`) and the GGUF block
+helpers (:mod:`.native`) need numpy alone, and the custom ops (:mod:`.ternary`, :mod:`.mhc`) are registered with torch
+when first used.
 """
 
 from __future__ import annotations
@@ -13,6 +14,18 @@ from __future__ import annotations
 from nanochat import lazy_exports
 
 _EXPORTS = {
+    **dict.fromkeys(
+        [
+            "available_kernels",
+            "default_kernel",
+            "get_num_threads",
+            "pack_gguf",
+            "set_num_threads",
+            "tq1_0_to_kernel_layout",
+            "tq2_0_to_kernel_layout",
+        ],
+        "native",
+    ),
     **dict.fromkeys(
         ["EngineSession", "RustEngine", "build_rust_engine", "engine_weights", "rust_engine_from_weights"], "engine"
     ),
@@ -33,18 +46,11 @@ _EXPORTS = {
     **dict.fromkeys(
         [
             "absmean_quantize",
-            "available_kernels",
-            "default_kernel",
-            "get_num_threads",
-            "pack_gguf",
             "pack_ternary",
             "quantize_acts_int8",
             "set_kernel",
-            "set_num_threads",
             "ternary_linear",
             "ternary_linear_reference",
-            "tq1_0_to_kernel_layout",
-            "tq2_0_to_kernel_layout",
             "unpack_ternary",
         ],
         "ternary",

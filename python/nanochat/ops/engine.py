@@ -25,7 +25,6 @@ from collections.abc import Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from nanochat import _core
 
@@ -140,6 +139,8 @@ def rust_engine_from_weights(
 
 def engine_weights(model: GPT) -> tuple[dict[str, tuple[np.ndarray, float]], dict[str, np.ndarray]]:
     """``(ternary, dense)`` weights of a torch ``GPT`` keyed by state-dict name (BitLinears packed)."""
+    import torch  # here, not at the top: serving a GGUF needs no torch
+
     from nanochat.model.bitlinear import BitLinear
 
     bitlinear = {f"{n}.weight": m for n, m in model.named_modules() if isinstance(m, BitLinear)}

@@ -16,6 +16,15 @@ import torch
 from torch import Tensor
 
 from nanochat import _core
+from nanochat.ops.native import (  # noqa: F401 - numpy-only, re-exported here for existing callers
+    available_kernels,
+    default_kernel,
+    get_num_threads,
+    pack_gguf,
+    set_num_threads,
+    tq1_0_to_kernel_layout,
+    tq2_0_to_kernel_layout,
+)
 
 QK_K = 256
 MIN_WEIGHT_SCALE = 1e-5
@@ -30,24 +39,6 @@ def set_kernel(name: str | None) -> None:
     if name is not None and name not in _core.available_kernels():
         raise ValueError(f"kernel {name!r} is not available here (available: {_core.available_kernels()})")
     _kernel = name
-
-
-def available_kernels() -> list[str]:
-    return list(_core.available_kernels())
-
-
-def default_kernel() -> tuple[str, str]:
-    """The kernel used when none is forced, and the reason it was chosen."""
-    return _core.default_kernel()
-
-
-def set_num_threads(n: int) -> None:
-    """Threads for the Rust kernels (0 = automatic)."""
-    _core.set_num_threads(int(n))
-
-
-def get_num_threads() -> int:
-    return int(_core.get_num_threads())
 
 
 # ----------------------------------------------------------------------------- quantizers (torch)
@@ -182,28 +173,3 @@ def _ternary_linear_fake(x: Tensor, packed: Tensor, scale: Tensor) -> Tensor:
 
 
 # ----------------------------------------------------------------------------- GGUF blocks (numpy in/out)
-
-
-def pack_gguf(trits: np.ndarray, scale: float, quant: str = "tq2_0") -> np.ndarray:
-    """Pack int8 trits (``rows × cols``) into GGUF TQ2_0/TQ1_0 blocks, every block's ``d = fp16(scale)``."""
-    if quant == "tq2_0":
-        return _core.pack_tq2_0(np.ascontiguousarray(trits, dtype=np.int8), float(scale))
-    if quant == "tq1_0":
-        return _core.pack_tq1_0(np.ascontiguousarray(trits, dtype=np.int8), float(scale))
-    raise ValueError(f"unknown ternary GGUF type {quant!r} (tq2_0 or tq1_0)")
-
-
-def tq2_0_to_kernel_layout(data: np.ndarray) -> tuple[np.ndarray, float]:
-    """TQ2_0 bytes (``rows × bytes``) -> (kernel-layout packed ``rows × cols/4``, per-tensor scale)."""
-    packed, scale = _core.tq2_0_to_kernel_layout(np.ascontiguousarray(data, dtype=np.uint8))
-    return packed, float(scale)
-
-
-def tq1_0_to_kernel_layout(data: np.ndarray) -> tuple[np.ndarray, float]:
-    """TQ1_0 bytes -> (kernel-layout packed, per-tensor scale); refuses per-block scales that differ."""
-    trits, d = _core.unpack_tq1_0(np.ascontiguousarray(data, dtype=np.uint8))
-    nz = d[d != 0]
-    scale = float(np.abs(nz).max()) if nz.size else 0.0
-    if nz.size and not np.all(nz == scale):
-        raise ValueError("TQ1_0 blocks carry different scales; the ternary kernels need one per-tensor scale")
-    return _core.pack_trits(trits), scale
