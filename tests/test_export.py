@@ -225,3 +225,45 @@ def test_expected_shapes_match_the_model(residual, kw):
     with torch.device("meta"):
         m = GPT(cfg)
     assert expected_shapes(cfg) == {k: tuple(v.shape) for k, v in m.state_dict().items()}
+
+
+def test_export_writes_llama_cpp_end_of_generation_and_add_bos_keys(tmp_path, tok):
+    """Keys named by gguf-py's constants: llama.cpp stops at EOS, EOT and EOM (plus tokens it knows by text), so both
+    our end of message and our end of text end its generation; add_bos_token says what our prompts do."""
+    path = export_gguf(make_model(), tok, tmp_path / "m.gguf")
+    K = gguf.Keys.Tokenizer
+    r = gguf.GGUFReader(str(path))
+    f = {k: r.fields[k].contents() for k in (K.BOS_ID, K.EOS_ID, K.EOT_ID, K.PAD_ID, K.ADD_BOS, K.ADD_EOS)}
+    assert f == {K.BOS_ID: tok.bos_id, K.EOS_ID: tok.eos_id, K.EOT_ID: tok.end_id, K.PAD_ID: tok.pad_id,
+                 K.ADD_BOS: False, K.ADD_EOS: False}  # fmt: skip
+    # llama.cpp's special_eog_ids (llama-vocab.cpp): tokens matched by text, then the eos/eot/eom ids
+    tokens = r.fields[K.LIST].contents()
+    by_text = {"<|eot_id|>", "<|im_end|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "<|eom_id|>", "<EOT>"}
+    eog = {i for i, t in enumerate(tokens) if t in by_text} | {f[K.EOS_ID], f[K.EOT_ID]}
+    assert {tok.eos_id, tok.end_id} <= eog
+    back = load(path).tokenizer
+    assert (back.add_bos, back.eot_id, back.eog_ids) == (False, tok.end_id, frozenset({tok.eos_id, tok.end_id}))
+    # a tokenizer whose prompts start with BOS says so, and that survives the round trip
+    tok.add_bos = True
+    try:
+        p2 = export_gguf(make_model(), tok, tmp_path / "bos.gguf")
+    finally:
+        tok.add_bos = False
+    assert gguf.GGUFReader(str(p2)).fields[K.ADD_BOS].contents() is True
+    back = load(p2).tokenizer
+    assert back.add_bos is True and back.encode_prompt("x = 1") == [tok.bos_id, *tok.encode("x = 1")]
+
+
+def test_exported_chat_template_renders_what_render_chat_builds(tmp_path, tok):
+    """The template other runtimes read (jinja2, as llama.cpp's --jinja and HF do) gives our chat ids."""
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    path = export_gguf(make_model(), tok, tmp_path / "m.gguf")
+    template = gguf.GGUFReader(str(path)).fields[gguf.Keys.Tokenizer.CHAT_TEMPLATE].contents()
+    msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "def f(x):"}]
+    text = (
+        ImmutableSandboxedEnvironment()
+        .from_string(template)
+        .render(messages=msgs, add_generation_prompt=True, bos_token="<|bos|>", eos_token="<|eos|>")
+    )
+    assert tok.encode(text, allow_special=True) == tok.render_chat(msgs)

@@ -17,6 +17,12 @@ Notable choices:
 - Every non-special token is a string of byte symbols, one character per byte, so the UTF-8 byte length
   of a token is the length of its string: :meth:`Tokenizer.token_bytes` is exact, which bits-per-byte needs.
 - ``save`` writes ``tokenizer.json`` atomically (temp file + rename).
+- **Base-model tokenizers.** A tokenizer from someone else's GGUF file (GPT-2 style, ``<|endoftext|>`` as BOS and
+  EOS) has none of our chat tokens. Built with explicit ``bos_id``/``eos_id`` (the file's
+  ``tokenizer.ggml.*_token_id`` keys), it encodes, decodes and completes; :meth:`Tokenizer.render_chat` then uses
+  the file's ``tokenizer.chat_template`` (rendered with jinja2 in a sandbox, as HF transformers does) or raises
+  :class:`ChatTemplateError`, a ``ValueError``, so a server answers 400. ``add_bos`` (the file's
+  ``tokenizer.ggml.add_bos_token``) says whether a prompt starts with BOS (:meth:`Tokenizer.encode_prompt`).
 """
 
 from __future__ import annotations
@@ -26,6 +32,7 @@ import os
 import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from tokenizers import Tokenizer as HFTokenizer
@@ -67,21 +74,55 @@ def atomic_write_text(path: str | os.PathLike[str], text: str) -> None:
         raise
 
 
-class Tokenizer:
-    """Byte-level BPE with nanochat's special tokens and chat template."""
+class ChatTemplateError(ValueError):
+    """The tokenizer cannot render a chat: no chat tokens and no usable chat template (a client error, HTTP 400)."""
 
-    def __init__(self, raw: HFTokenizer) -> None:
+
+class Tokenizer:
+    """Byte-level BPE with nanochat's special tokens and chat template, or a base model's BOS/EOS (see above)."""
+
+    def __init__(
+        self,
+        raw: HFTokenizer,
+        *,
+        bos_id: int | None = None,
+        eos_id: int | None = None,
+        eot_id: int | None = None,
+        pad_id: int | None = None,
+        add_bos: bool = False,
+        chat_template: str | None = None,
+    ) -> None:
+        """``raw`` with nanochat's special tokens, or, for a base model without them, explicit ``bos_id`` and
+        ``eos_id`` (``eot_id``: end of turn, ``pad_id``: padding, both optional). Explicit ids win over the
+        tokens found by name: they are what a GGUF file's ``tokenizer.ggml.*_token_id`` keys say."""
         missing = [t for t in REQUIRED_SPECIAL_TOKENS if raw.token_to_id(t) is None]
-        if missing:
-            raise ValueError(f"tokenizer lacks special tokens {missing}")
+        if missing and (bos_id is None or eos_id is None):
+            raise ValueError(f"tokenizer lacks special tokens {missing} (and no BOS/EOS ids were given)")
         present_fim = [t for t in FIM_TOKENS if raw.token_to_id(t) is not None]
         if present_fim and len(present_fim) != len(FIM_TOKENS):
             raise ValueError(f"tokenizer has the FIM tokens {present_fim} but not all of {list(FIM_TOKENS)}")
+        n = int(raw.get_vocab_size(with_added_tokens=True))
+        for what, i in (("bos_id", bos_id), ("eos_id", eos_id), ("eot_id", eot_id), ("pad_id", pad_id)):
+            if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n):
+                raise ValueError(f"{what} = {i!r} is not a token id of this {n}-token vocabulary")
         # `raw` parses special-token text (what exporters and llama.cpp see); `_plain` does not.
         self.raw: HFTokenizer = raw
         self._plain = HFTokenizer.from_str(raw.to_str())
         self._plain.encode_special_tokens = True
-        self.special_ids: dict[str, int] = {t: int(i) for t in SPECIAL_TOKENS if (i := raw.token_to_id(t)) is not None}
+        self.has_chat_tokens = not missing
+        if self.has_chat_tokens:
+            self.special_ids: dict[str, int] = {
+                t: int(i) for t in SPECIAL_TOKENS if (i := raw.token_to_id(t)) is not None
+            }
+        else:  # a base model: its own control tokens (e.g. <|endoftext|>), so decoding skips them
+            self.special_ids = {t.content: int(i) for i, t in raw.get_added_tokens_decoder().items() if t.special}
+        self._bos = bos_id if bos_id is not None else self.special_ids["<|bos|>"]
+        self._eos = eos_id if eos_id is not None else self.special_ids["<|eos|>"]
+        self._eot = eot_id
+        self._pad = pad_id
+        self.add_bos = bool(add_bos)
+        self.chat_template = chat_template
+        self._template: Any = None  # the compiled jinja2 template, on first use
         self._token_bytes: np.ndarray | None = None
 
     # ----------------------------------------------------------------- construction
@@ -140,19 +181,35 @@ class Tokenizer:
 
     @property
     def bos_id(self) -> int:
-        return self.special_ids["<|bos|>"]
+        return self._bos
 
     @property
     def eos_id(self) -> int:
-        return self.special_ids["<|eos|>"]
+        return self._eos
 
     @property
     def pad_id(self) -> int:
-        return self.special_ids["<|pad|>"]
+        """Padding: the explicit id, ``<|pad|>``, or (a base model without one) EOS."""
+        if self._pad is not None:
+            return self._pad
+        return self.special_ids.get("<|pad|>", self._eos)
 
     @property
     def end_id(self) -> int:
-        return self.special_ids["<|end|>"]
+        """End of a chat message: ``<|end|>``, or a base model's end-of-turn id (its EOS when it has none)."""
+        if self.has_chat_tokens:
+            return self.special_ids["<|end|>"]
+        return self._eot if self._eot is not None else self._eos
+
+    @property
+    def eot_id(self) -> int | None:
+        """End of turn as written to GGUF's ``tokenizer.ggml.eot_token_id``: ``<|end|>``, or the base model's."""
+        return self.special_ids["<|end|>"] if self.has_chat_tokens else self._eot
+
+    @property
+    def eog_ids(self) -> frozenset[int]:
+        """Every id that ends a generation by default: EOS and the end of turn (llama.cpp's ``special_eog_ids``)."""
+        return frozenset(i for i in (self._eos, self.eot_id) if i is not None)
 
     def fim_ids(self) -> tuple[int, int, int] | None:
         """``(prefix, suffix, middle)`` sentinel ids, or ``None`` for a tokenizer trained before FIM support."""
@@ -164,6 +221,8 @@ class Tokenizer:
     def role_id(self, role: str) -> int:
         if role not in CHAT_ROLES:
             raise ValueError(f"unknown chat role {role!r}; expected one of {CHAT_ROLES}")
+        if not self.has_chat_tokens:
+            raise ChatTemplateError(f"this tokenizer has no chat role tokens (no <|{role}|>): a base model")
         return self.special_ids[f"<|{role}|>"]
 
     def id_to_token(self, i: int) -> str | None:
@@ -177,6 +236,12 @@ class Tokenizer:
         """Token ids of ``text``; special-token text is plain text unless ``allow_special``."""
         enc = self.raw if allow_special else self._plain
         return enc.encode(text, add_special_tokens=False).ids
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """Ids of a prompt to complete: ``[bos] + encode(text)`` when the model's files ask for BOS (``add_bos``,
+        GGUF's ``tokenizer.ggml.add_bos_token``), else ``encode(text)`` — what ``llama-tokenize`` gives."""
+        ids = self.encode(text)
+        return [self.bos_id, *ids] if self.add_bos else ids
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
         """:meth:`encode` over many texts, in parallel in the Rust library."""
@@ -204,18 +269,62 @@ class Tokenizer:
         """Chat template: ``<|bos|>`` then per message ``<|role|> content <|end|>``, then ``<|assistant|>``.
 
         With ``add_generation_prompt`` (the default) the ids end with ``<|assistant|>``, ready for generation;
-        the model's reply ends when it emits ``<|end|>``.
+        the model's reply ends when it emits ``<|end|>``. A base-model tokenizer renders its ``chat_template``
+        instead, or raises :class:`ChatTemplateError` when it has none.
         """
+        if not self.has_chat_tokens:
+            return self._render_template(messages, add_generation_prompt)
         ids, _ = self.render_conversation(messages)
         if add_generation_prompt:
             ids.append(self.role_id("assistant"))
         return ids
 
+    def _render_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool) -> list[int]:
+        """The file's jinja2 chat template, sandboxed like HF transformers' ``apply_chat_template``; the text is
+        tokenized with special tokens parsed (as llama.cpp tokenizes a templated prompt), with no BOS added."""
+        if not self.chat_template:
+            raise ChatTemplateError(
+                "this model has no chat tokens and no chat template (tokenizer.chat_template): it is a base model; "
+                "use completions instead of chat"
+            )
+        if self._template is None:
+            try:
+                from jinja2 import TemplateError
+                from jinja2.sandbox import ImmutableSandboxedEnvironment
+            except ImportError:  # pragma: no cover - jinja2 comes with torch
+                raise ChatTemplateError(
+                    "rendering the model's chat template needs jinja2, which is not installed"
+                ) from None
+
+            def raise_exception(message: str) -> None:
+                raise TemplateError(message)
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = raise_exception
+            try:
+                self._template = env.from_string(self.chat_template)
+            except TemplateError as e:
+                raise ChatTemplateError(f"the model's chat template does not compile: {e}") from None
+        from jinja2 import TemplateError
+
+        try:
+            text = self._template.render(
+                messages=[dict(m) for m in messages],
+                add_generation_prompt=add_generation_prompt,
+                bos_token=self.id_to_token(self.bos_id) or "",
+                eos_token=self.id_to_token(self.eos_id) or "",
+            )
+        except TemplateError as e:
+            raise ChatTemplateError(f"the model's chat template refused the messages: {e}") from None
+        return self.encode(text, allow_special=True)
+
     def render_conversation(self, messages: Sequence[Mapping[str, str]]) -> tuple[list[int], list[int]]:
         """Ids of a whole conversation and a 0/1 mask marking the tokens an SFT loss trains on.
 
-        The mask is 1 on assistant content and its closing ``<|end|>``, 0 elsewhere.
+        The mask is 1 on assistant content and its closing ``<|end|>``, 0 elsewhere. Needs nanochat's chat tokens.
         """
+        if not self.has_chat_tokens:
+            raise ChatTemplateError("this tokenizer has no chat tokens (a base model): conversations cannot be built")
         ids = [self.bos_id]
         mask = [0]
         for m in messages:

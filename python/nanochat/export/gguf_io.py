@@ -25,15 +25,15 @@ key instead of surfacing as the tokenizers library's ``Error while initializing 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
 from nanochat import ops
 from nanochat.data.tokenizer import Tokenizer
@@ -45,7 +45,16 @@ from nanochat.export.names import (
     is_ternary,
     to_gguf_name,
 )
-from nanochat.model import GPT, GPTConfig
+from nanochat.model.config import GPTConfig
+
+if TYPE_CHECKING:
+    import torch
+
+    from nanochat.model import GPT
+
+_log = logging.getLogger("nanochat.export")
+QK_K = 256  # weights per TQ2_0/TQ1_0 block: a ternary row is whole blocks
+MIN_WEIGHT_SCALE = 1e-5  # absmean's floor, as in nanochat.ops.ternary
 
 
 class GGUFError(LoadError):
@@ -123,8 +132,11 @@ def write_tokenizer(w: Any, tokenizer: Tokenizer, vocab_size: int) -> None:
     w.add_token_merges(tf["merges"])
     w.add_bos_token_id(tokenizer.bos_id)
     w.add_eos_token_id(tokenizer.eos_id)
+    if tokenizer.eot_id is not None:  # end of turn: llama.cpp stops at EOS, EOT and EOM (its special_eog_ids)
+        w.add_eot_token_id(tokenizer.eot_id)
     w.add_pad_token_id(tokenizer.pad_id)
-    w.add_add_bos_token(False)
+    w.add_add_bos_token(tokenizer.add_bos)  # what our prompts do, so llama-tokenize gives the same ids
+    w.add_add_eos_token(False)
     fim = tokenizer.fim_ids()
     if fim is not None:  # what llama.cpp's /infill needs (its PSM prompt is the layout we train)
         for key, i in zip(FIM_KEYS, fim, strict=True):
@@ -141,6 +153,7 @@ def export_gguf(
 ) -> Path:
     """Write ``model`` (+ tokenizer) as a GGUF file; atomic (temp file then rename). Returns the path."""
     import gguf
+    import torch
 
     cfg = model.config
     if arch is None:
@@ -174,7 +187,9 @@ def export_gguf(
             w.add_bool(f"{arch}.tie_embeddings", cfg.tie_embeddings)
             w.add_string(f"{arch}.quant", cfg.quant)
         write_tokenizer(w, tokenizer, cfg.vocab_size)
-        w.add_chat_template(CHAT_TEMPLATE)
+        template = CHAT_TEMPLATE if tokenizer.has_chat_tokens else tokenizer.chat_template
+        if template:
+            w.add_chat_template(template)
 
         for pname, t in model.state_dict().items():
             gname = to_gguf_name(pname)
@@ -199,9 +214,10 @@ def export_gguf(
     return out
 
 
-# A ChatML-like template with the tokenizer's role tokens (informational for other runtimes).
+# A ChatML-like template with the tokenizer's role tokens, for other runtimes: renders exactly what
+# ``Tokenizer.render_chat`` builds (a test holds them equal), BOS included, since we write ``add_bos_token = false``.
 CHAT_TEMPLATE = (
-    "{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
+    "{{ bos_token }}{% for m in messages %}<|{{ m['role'] }}|>{{ m['content'] }}<|end|>{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>{% endif %}"
 )
 
@@ -280,6 +296,19 @@ def _check_tokenizer_arrays(path: Path, tokens: list[str], types: list[int], mer
     return vocab
 
 
+def _token_id(reader: Any, key: str, n_tokens: int) -> int | None:
+    """An optional ``tokenizer.ggml.*_token_id``, checked to name a token of the vocabulary."""
+    v = _field(reader, key, required=False)
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or not 0 <= v < n_tokens):
+        raise GGUFError(f"{reader.path}: {key} = {v!r} is not a token id (the vocabulary has {n_tokens})"[:300])
+    return v
+
+
+# tokenizer.ggml.pre values whose pre-tokenizer is GPT-2's regex (what our Tokenizer splits with); llama.cpp's
+# converter names the pre-tokenizer by hashing the HF tokenizer's output, and other names split text differently
+GPT2_PRE_TOKENIZERS = ("gpt-2", "gpt2")
+
+
 def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
@@ -287,6 +316,12 @@ def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
         raise GGUFError(f"tokenizer.ggml.model {model!r} is not supported (byte-level BPE 'gpt2' only)")
+    pre = _field(reader, "tokenizer.ggml.pre", required=False)
+    if pre is not None and pre not in GPT2_PRE_TOKENIZERS:
+        raise GGUFError(
+            f"{reader.path}: tokenizer.ggml.pre {pre!r} is not supported (only GPT-2's pre-tokenizer, 'gpt-2'): "
+            "its text would split differently"[:300]
+        )
     tokens = _string_list(reader, "tokenizer.ggml.tokens") or []
     types = _field(reader, "tokenizer.ggml.token_type", required=False)
     if types is None:
@@ -313,8 +348,30 @@ def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
     for i, t in specials:
         if raw.token_to_id(t) != i:
             raise GGUFError(f"special token {t!r} has id {i} in the file but {raw.token_to_id(t)} when rebuilt")
+    ids = {k: _token_id(reader, f"tokenizer.ggml.{k}_token_id", len(tokens)) for k in ("bos", "eos", "eot", "padding")}
+    if ids["eos"] is None and raw.token_to_id("<|eos|>") is None:
+        raise GGUFError(
+            f"{reader.path}: the tokenizer has neither tokenizer.ggml.eos_token_id nor nanochat's special tokens, "
+            "so generation would never stop"
+        )
+    if ids["bos"] is None and raw.token_to_id("<|bos|>") is None:
+        ids["bos"] = ids["eos"]  # GPT-2: one <|endoftext|> separates documents both ways
+    add_bos = _field(reader, "tokenizer.ggml.add_bos_token", required=False)
+    if add_bos is not None and not isinstance(add_bos, bool):
+        raise GGUFError(f"{reader.path}: tokenizer.ggml.add_bos_token must be a boolean, got {add_bos!r}"[:300])
+    template = _field(reader, "tokenizer.chat_template", required=False)
+    if template is not None and not isinstance(template, str):
+        raise GGUFError(f"{reader.path}: tokenizer.chat_template must be a string")
     try:
-        tok = Tokenizer(raw)
+        tok = Tokenizer(
+            raw,
+            bos_id=ids["bos"],
+            eos_id=ids["eos"],
+            eot_id=ids["eot"],
+            pad_id=ids["padding"],
+            add_bos=bool(add_bos),
+            chat_template=template,
+        )
     except ValueError as e:
         raise GGUFError(f"{reader.path}: {e}") from None
     # FIM ids: we find the sentinels by name; the keys llama.cpp reads must name the same tokens
@@ -365,7 +422,9 @@ def _config_from_gguf(reader: Any, arch: str) -> GPTConfig:
         rope_theta=float(f"{num_key('rope.freq_base', 10000.0):.7g}"),
     )
     if arch == ARCH_BITNET:
-        kw.update(residual="standard", mlp="swiglu", qk_norm=False, tie_embeddings=True, quant="ternary")
+        # llama.cpp's bitnet graph always ties the head; a file with an explicit output.weight still runs here
+        untied = any(t.name == "output.weight" for t in reader.tensors)
+        kw.update(residual="standard", mlp="swiglu", qk_norm=False, tie_embeddings=not untied, quant="ternary")
     else:
         kw.update(
             residual=str(key("residual")),
@@ -467,6 +526,52 @@ def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
+def _float_tensor(path: Path, name: str, ttype: Any, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    """A float view (F32/F16) or copy (BF16, and what ``llama-quantize`` writes: Q8_0, Q6_K, Q4_K, ...) of a
+    tensor, dequantized with ``gguf.quants``; embeddings and heads arrive this way, as do norms in some files."""
+    from gguf.constants import GGMLQuantizationType as T
+
+    if ttype in (T.F32, T.F16):
+        return np.asarray(data).reshape(shape)
+    if ttype == T.BF16:
+        return (np.asarray(data).view(np.uint16).astype(np.uint32) << 16).view(np.float32).reshape(shape)
+    from gguf.quants import dequantize
+
+    try:
+        out = dequantize(np.asarray(data, dtype=np.uint8).reshape(shape[0], -1), ttype)
+    except NotImplementedError:
+        raise GGUFError(f"{path}: tensor {name!r} has type {ttype.name}, which cannot be dequantized here") from None
+    return np.asarray(out, dtype=np.float32).reshape(shape)
+
+
+def _ternarize(path: Path, name: str, w: np.ndarray) -> tuple[np.ndarray, float, bool]:
+    """A float BitLinear weight as ``(kernel-layout packed, scale, exact)``, so the Rust engine runs float files.
+
+    llama.cpp's converter writes BitNet weights already quantized, ``trits · s`` in f16/f32: every non-zero has the
+    same magnitude ``s``, taken exactly (``exact``; the absmean of such a tensor is ``s`` times the fraction of
+    non-zeros, not ``s``). Anything else (latent float weights) gets BitNet b1.58's absmean rule, what ``BitLinear``
+    computes with them; a runtime doing float matmuls on the same file computes something else (the caller warns).
+    """
+    w32 = np.asarray(w, dtype=np.float32)
+    if w32.shape[-1] % QK_K:
+        raise GGUFError(
+            f"{path}: tensor {name!r} has {w32.shape[-1]} columns; ternary kernels need a multiple of {QK_K}"
+        )
+    if not np.isfinite(w32).all():
+        raise GGUFError(f"{path}: tensor {name!r} holds non-finite values")
+    mags = np.abs(w32[w32 != 0])
+    exact = bool(mags.size) and mags.min() == mags.max()
+    if exact:
+        scale = float(mags[0])
+        trits = np.sign(w32)
+    else:  # ops.absmean_quantize in numpy (round half to even, like torch.round), so no torch import here
+        scale = max(float(np.abs(w32).mean(dtype=np.float32)), MIN_WEIGHT_SCALE)
+        trits = np.clip(np.round(w32 / np.float32(scale)), -1, 1)
+    # to the kernel layout through TQ2_0 bytes (the numpy-only helpers); the block d (fp16) is not used
+    packed, _ = ops.tq2_0_to_kernel_layout(ops.pack_gguf(trits.astype(np.int8), 1.0, "tq2_0"))
+    return packed, scale, exact
+
+
 def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     """Open a GGUF file (memory-mapped) and map it onto our model; raises GGUFError on any problem."""
     from gguf.constants import GGMLQuantizationType as T
@@ -500,6 +605,9 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     ternary: dict[str, tuple[np.ndarray, float]] = {}
     dense: dict[str, np.ndarray] = {}
     scales: dict[str, float] = {}
+    dequantized: list[str] = []
+    exact_float: list[str] = []  # float BitLinear weights already ternary-valued (the converter's f16/f32 output)
+    latent_float: list[str] = []  # float BitLinear weights quantized here with the absmean rule
     for t in reader.tensors:
         ttype = T(t.type)
         if t.name.endswith(".scale"):
@@ -526,13 +634,33 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
             else:
                 packed, scale = ops.tq1_0_to_kernel_layout(data)
             ternary[name] = (packed, scale)
-        elif ttype in (T.F32, T.F16, T.BF16):
-            arr = np.asarray(t.data)
-            if ttype == T.BF16:
-                arr = (arr.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-            dense[name] = arr.reshape(want)
+            continue
+        arr = _float_tensor(path, t.name, ttype, t.data, want)
+        if is_ternary(name) and cfg.quant == "ternary":
+            packed, scale, exact = _ternarize(path, t.name, arr)
+            ternary[name] = (packed, scale)
+            (exact_float if exact else latent_float).append(t.name)
         else:
-            raise GGUFError(f"{path}: tensor {t.name!r} has type {ttype.name}, not supported")
+            dense[name] = arr
+        if ttype not in (T.F32, T.F16, T.BF16):
+            dequantized.append(f"{t.name} ({ttype.name})")
+    if dequantized:
+        _log.info("%s: dequantized to float32 at load: %s", path.name, ", ".join(dequantized))
+    if exact_float:
+        _log.info(
+            "%s: %d float BitLinear weights hold ternary values (trits x scale): packed exactly for the ternary "
+            "kernels",
+            path.name,
+            len(exact_float),
+        )
+    if latent_float:
+        _log.warning(
+            "%s: %d BitLinear weights are float, not ternary (%s...): quantized at load with BitNet b1.58's absmean "
+            "rule, as BitLinear does; a runtime doing float matmuls with this file computes something else",
+            path.name,
+            len(latent_float),
+            latent_float[0],
+        )
     for wname, s in scales.items():
         try:
             name = from_gguf_name(wname)
@@ -554,6 +682,8 @@ def latent_from_ternary(packed: np.ndarray, scale: float) -> torch.Tensor:
     ``clamp(round(W/scale), -1, 1) = trits`` (``|1/p| ≥ 1``), so a BitLinear holding ``W`` computes with the file's
     ternary weights and scale.
     """
+    import torch
+
     trits = ops.unpack_ternary(torch.from_numpy(np.ascontiguousarray(packed)))
     p = float((trits != 0).float().mean())
     if p == 0.0:
@@ -563,6 +693,10 @@ def latent_from_ternary(packed: np.ndarray, scale: float) -> torch.Tensor:
 
 def gguf_to_torch(g: GGUFModel) -> GPT:
     """Materialise a torch GPT (float latent weights) from a loaded GGUF: the CUDA path and the test reference."""
+    import torch
+
+    from nanochat.model import GPT
+
     with torch.device("meta"):
         model = GPT(g.config)
     model.to_empty(device="cpu")
