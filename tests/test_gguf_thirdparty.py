@@ -370,8 +370,13 @@ def test_base_model_tokenizer(tmp_path, hf_tok):
     eng = Engine(load(tmp_path / "base.gguf"), backend="rust")
     assert eng._stop_ids(None) == frozenset({eot})
 
-    no_bos = load(write_converter_gguf(tmp_path / "nobos.gguf", m, hf_tok, add_bos=False)).tokenizer
+    text = "def add(a, b):"
+    assert eng.generate(text, max_new_tokens=1, temperature=0).prompt_tokens == len(tok.encode(text)) + 1  # BOS
+    no_bos_model = load(write_converter_gguf(tmp_path / "nobos.gguf", m, hf_tok, add_bos=False))
+    no_bos = no_bos_model.tokenizer
     assert no_bos.add_bos is False and no_bos.encode_prompt("x = 1") == no_bos.encode("x = 1")
+    res = Engine(no_bos_model, backend="rust").generate(text, max_new_tokens=1, temperature=0)
+    assert res.prompt_tokens == len(tok.encode(text))
 
     chat = load(write_converter_gguf(tmp_path / "chat.gguf", m, hf_tok, chat_template=CHATML)).tokenizer
     msgs = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hi"}]

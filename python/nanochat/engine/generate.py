@@ -296,7 +296,9 @@ class Engine:
         if isinstance(prompt, str):
             if self.tokenizer is None:
                 raise ValueError("a text prompt needs a tokenizer")
-            ids = list(self.tokenizer.encode(prompt))
+            # a text prompt starts with BOS when the model's file asks for it (GGUF tokenizer.ggml.add_bos_token)
+            encode = getattr(self.tokenizer, "encode_prompt", self.tokenizer.encode)
+            ids = list(encode(prompt))
         else:
             ids = [int(t) for t in prompt]
         if not ids:
