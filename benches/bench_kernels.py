@@ -4,7 +4,10 @@ For each shape (rows × cols of the weight) and thread count, times one GEMV (on
 this CPU runs, plus the baselines ``torch_fp32`` (``F.linear`` on an fp32 weight of the same shape, with
 ``torch.set_num_threads`` set to the same count) and ``scalar`` (the oracle kernel). On shapes above 4M weights
 the scalar kernel is timed on a slice of the rows and scaled up (marked ``~`` in the table, ``"scaled": true`` in
-the JSON). A second table compares a batched call (n activation rows at once) with n separate GEMV calls.
+the JSON). A second table compares a batched call (n activation rows at once) with n separate GEMV calls. A third
+(``--stream-shape``, default 65536×65536: 1 GiB of packed weights, twice this machine's 480 MiB L3) streams the
+weights from RAM, not from cache, and compares the GEMV's GB/s with a plain read of the same bytes (numpy summing
+them as uint64, the rows split over the same number of threads) measured in the same run.
 
     python benches/bench_kernels.py
     python benches/bench_kernels.py --quick
@@ -17,7 +20,7 @@ better estimate of what the kernel does on an idle machine (the load average is 
 
 ``--json PATH`` writes a list of records with keys:
 
-    section   "gemv" or "batched"
+    section   "gemv", "batched" or "stream" (kernel "read": the plain read of the same bytes)
     rows      weight rows (output features)
     cols      weight columns (input features)
     threads   thread count (kernel threads; torch intra-op threads for torch_fp32)
@@ -163,6 +166,56 @@ def bench_batched(
     return out
 
 
+def _plain_read(packed: np.ndarray, threads: int) -> Callable[[], None]:
+    """Read every byte of ``packed`` once (summed as uint64), its rows split over ``threads`` threads."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    parts = [p.reshape(-1).view(np.uint64) for p in np.array_split(packed, threads)]
+    pool = ThreadPoolExecutor(threads)
+
+    def run() -> None:
+        list(pool.map(np.sum, parts))  # numpy releases the GIL inside the reduction
+
+    return run
+
+
+def bench_stream(
+    rows: int, cols: int, threads: list[int], kernels: list[str], args: argparse.Namespace, rng: np.random.Generator
+) -> list[dict]:
+    """GEMV on a matrix larger than the last-level cache vs a plain read of the same bytes, same thread counts."""
+    packed = packed_weights(rows, cols, rng)
+    x = rng.integers(-127, 128, size=(1, cols), dtype=np.int8)
+    out = []
+    repeat = max(3, args.repeat // 5)
+    for t in threads:
+        us, best = _time(_plain_read(packed, t), repeat, 0.0)
+        out.append(record("stream", rows, cols, t, "read", 1, "batched", us, best))
+        for k in kernels:
+            fn = functools.partial(_core.ternary_gemm_i32, packed, x, kernel=k, threads=t)
+            us, best = _time(fn, repeat, 0.0)
+            out.append(record("stream", rows, cols, t, k, 1, "batched", us, best))
+    return out
+
+
+def stream_table(recs: list[dict]) -> Table:
+    tab = Table(title="Streaming from RAM: GEMV on a matrix larger than the L3 vs a plain read of the same bytes")
+    for col in ("shape", "MiB packed", "threads", "kernel", "median ms", "best ms", "GB/s (best)", "vs plain read"):
+        tab.add_column(col, justify="left" if col in ("shape", "kernel") else "right")
+    for r in recs:
+        read = next(x for x in recs if x["threads"] == r["threads"] and x["kernel"] == "read")
+        tab.add_row(
+            f"{r['rows']}×{r['cols']}",
+            f"{r['rows'] * r['cols'] / 4 / 2**20:.0f}",
+            str(r["threads"]),
+            r["kernel"],
+            f"{r['us'] / 1e3:.1f}",
+            f"{r['best_us'] / 1e3:.1f}",
+            f"{r['rows'] * r['cols'] / 4 / r['best_us'] / 1e3:.1f}",
+            f"{read['best_us'] / r['best_us']:.2f}",
+        )
+    return tab
+
+
 def gemv_table(recs: list[dict]) -> Table:
     tab = Table(title="Ternary GEMV (1 activation row): time, throughput, ratios (same shape, same thread count)")
     for col in (
@@ -255,7 +308,10 @@ def main() -> None:
     ap.add_argument("--threads", default="1,2", help="comma-separated thread counts (default 1,2)")
     ap.add_argument("--kernels", default=None, help="comma-separated kernels (default: all available)")
     ap.add_argument("--batch-shapes", default="2048x2048,3072x768", help="shapes of the batched section ('' = skip)")
-    ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, fewer rounds")
+    ap.add_argument(
+        "--stream-shape", default="65536x65536", help="the larger-than-L3 shape of the streaming section ('' = skip)"
+    )
+    ap.add_argument("--quick", action="store_true", help=f"shapes {QUICK_SHAPES}, fewer rounds, no streaming")
     ap.add_argument("--repeat", type=int, default=None, help="timed rounds per measurement (default 30, quick 10)")
     ap.add_argument("--min-time", type=float, default=None, help="seconds per round (default 0.01, quick 0.005)")
     ap.add_argument("--no-torch", action="store_true", help="skip the torch fp32 baseline")
@@ -290,6 +346,13 @@ def main() -> None:
         brecs += bench_batched(rows, cols, threads, simd, args, rng)
     if brecs:
         con.print(batched_table(brecs))
+    srecs: list[dict] = []
+    if args.stream_shape and not args.quick:
+        (rows, cols), *_ = parse_shapes(args.stream_shape)
+        con.print(f"[dim]stream {rows}×{cols} ({rows * cols / 4 / 2**30:.2f} GiB packed) ...[/dim]")
+        srecs = bench_stream(rows, cols, threads, simd, args, rng)
+        con.print(stream_table(srecs))
+    brecs += srecs
     con.print(f"load average after: {os.getloadavg()}")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
