@@ -3,8 +3,9 @@
 Order of operations (the engine and the tests' KV-cache-free reference loop, ``tests/serve_fakes.py``, both call
 :func:`sample`, so both draw the same token from the same logits and generator state): temperature 0 is ``argmax``
 (the first maximum); otherwise shift the logits so their maximum is 0, divide by the temperature, keep the ``top_k``
-largest (ties at the k-th value are kept), then the smallest prefix of the sorted distribution whose probability reaches ``top_p`` (the most likely token
-always stays), and draw once with ``torch.multinomial`` from a CPU ``torch.Generator``.
+largest (ties at the k-th value are kept), then the smallest prefix of the sorted distribution whose probability
+reaches ``top_p`` (the most likely token always stays), and draw once with ``torch.multinomial`` from a CPU
+``torch.Generator``.
 
 Numerical safety (one bad request must not be able to raise inside a batched decode step):
 - the shift before the division means a tiny temperature gives ``0`` for the best token and ``-inf`` for the others
