@@ -637,6 +637,54 @@ fn weight_errors_name_the_tensor() {
 }
 
 #[test]
+fn absurd_sizes_and_thread_counts_are_errors_before_allocating() {
+    let c = cfg(Residual::Standard, MlpKind::SwiGlu, false, 2);
+    // More layers than the weights can hold: refused before anything is sized by n_layer.
+    for n_layer in [1000usize, 4096] {
+        let big = Config {
+            n_layer,
+            ..c.clone()
+        };
+        let e = Model::new(big, weights(&c, 1), Options::default())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("n_layer"), "{e}");
+        assert!(e.to_string().contains("weights"), "{e}");
+    }
+    // Beyond any real model: refused by the config check itself.
+    for n_layer in [4097usize, 1 << 40, usize::MAX] {
+        let big = Config {
+            n_layer,
+            ..c.clone()
+        };
+        let e = Model::new(big, weights(&c, 1), Options::default())
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("above the limit"), "{e}");
+    }
+    for threads in [
+        crate::kernels::max_threads() + 1,
+        100_000,
+        1 << 40,
+        usize::MAX,
+    ] {
+        let opts = Options {
+            threads,
+            ..Default::default()
+        };
+        let e = Model::new(c.clone(), weights(&c, 1), opts).err().unwrap();
+        assert!(e.to_string().contains("threads requested"), "{e}");
+    }
+    let m = model(&c, 1, 1);
+    for n in [100_000usize, 1 << 40, usize::MAX] {
+        assert!(m.set_threads(n).is_err());
+    }
+    assert_eq!(m.threads(), 1);
+    m.set_threads(2).unwrap();
+    assert_eq!(m.threads(), 2);
+}
+
+#[test]
 fn profile_counts_sections() {
     let c = cfg(Residual::MhcLite, MlpKind::SwiGlu, true, 2);
     let opts = Options {
