@@ -101,8 +101,9 @@ def test_infill_prompt_is_the_trained_psm_layout(
     extra = [{"filename": "a.py", "text": "x = 1\n"}, {"text": "y = 2\n"}]
     r = httpx.post(srv.url + "/infill", json={**body, "input_extra": extra, "prompt": "ret"}, timeout=60)
     assert r.status_code == 200, r.text
-    want = [tok.bos_id, *tok.encode(SNIPPET_SEPARATOR + "x = 1\n"), *tok.encode(SNIPPET_SEPARATOR + "y = 2\n"), pre,
-            *tok.encode(body["input_prefix"]), suf, *tok.encode(body["input_suffix"]), mid, *tok.encode("ret")]  # fmt: skip
+    extra_ids = [*tok.encode(SNIPPET_SEPARATOR + "x = 1\n"), *tok.encode(SNIPPET_SEPARATOR + "y = 2\n")]
+    want = [tok.bos_id, *extra_ids, pre, *tok.encode(body["input_prefix"]), suf, *tok.encode(body["input_suffix"]),
+            mid, *tok.encode("ret")]  # fmt: skip
     assert rec.calls[-1][0] == want
     stops = rec.calls[-1][1].stop_token_ids
     assert middle_stop_ids(tok) <= stops  # the trained end of a middle, and every sentinel

@@ -240,7 +240,12 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
 
     def whole(texts: list[str], finish: list[str], use: Usage, lps: list[list[TokenLogprob]]) -> dict[str, Any]:
         choices = [
-            CompletionChoice(index=i, text=t, finish_reason=f, logprobs=comp_logprobs(lps[i], i))  # type: ignore[arg-type]
+            CompletionChoice(
+                index=i,
+                text=t,
+                finish_reason=f,  # type: ignore[arg-type]
+                logprobs=comp_logprobs(lps[i], i),
+            )
             for i, (t, f) in enumerate(zip(texts, finish, strict=True))
         ]
         return Completion(id=rid, created=now, model=model, choices=choices, usage=use).model_dump()
