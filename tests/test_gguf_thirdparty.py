@@ -136,6 +136,32 @@ def quantize_q6_k(x: np.ndarray) -> np.ndarray:
     return out.reshape(rows, -1)
 
 
+def quantize_q4_k(x: np.ndarray) -> np.ndarray:
+    """ggml's block_q4_K, 144 bytes per 256 weights: fp16 ``d`` and ``dmin``, 12 bytes of 6-bit sub-block scales
+    and mins, ``qs[128]`` nibbles; weight = d·sc·q − dmin·m per 32-weight sub-block. A plain quantizer, like
+    :func:`quantize_q6_k` (gguf-py dequantizes Q4_K only)."""
+    rows = x.shape[0]
+    sub = x.reshape(-1, 8, 32).astype(np.float32)
+    n = sub.shape[0]
+    lo = np.minimum(sub.min(-1), 0)  # (n, 8): weight = scale·q − min, q in 0..15
+    scale_f = (sub.max(-1) - lo) / 15
+    d16 = (scale_f.max(-1) / 63).astype(np.float16)
+    dmin16 = (-lo.min(-1) / 63).astype(np.float16)
+    d, dmin = d16.astype(np.float32)[:, None], dmin16.astype(np.float32)[:, None]
+    sc = np.where(d > 0, np.round(scale_f / np.where(d > 0, d, 1)), 0).clip(0, 63).astype(np.uint8)
+    mn = np.where(dmin > 0, np.round(-lo / np.where(dmin > 0, dmin, 1)), 0).clip(0, 63).astype(np.uint8)
+    eff = (d * sc)[..., None]
+    q = np.where(eff > 0, np.round((sub + (dmin * mn)[..., None]) / np.where(eff > 0, eff, 1)), 0)
+    q = q.clip(0, 15).astype(np.uint8)  # (n, 8, 32)
+    scales = np.zeros((n, 12), np.uint8)
+    scales[:, 0:4] = sc[:, :4] | ((sc[:, 4:] >> 4) << 6)
+    scales[:, 4:8] = mn[:, :4] | ((mn[:, 4:] >> 4) << 6)
+    scales[:, 8:12] = (sc[:, 4:] & 0xF) | ((mn[:, 4:] & 0xF) << 4)
+    qs = (q[:, 0::2] | (q[:, 1::2] << 4)).reshape(n, 128)  # sub-block 2k in the low nibbles of qs[32k:32k+32]
+    out = np.concatenate([d16.view(np.uint8).reshape(n, 2), dmin16.view(np.uint8).reshape(n, 2), scales, qs], 1)
+    return out.reshape(rows, -1)
+
+
 def encode_tensor(x: np.ndarray, qtype: T) -> np.ndarray:
     if qtype == T.F32:
         return x.astype(np.float32)
@@ -143,6 +169,8 @@ def encode_tensor(x: np.ndarray, qtype: T) -> np.ndarray:
         return x.astype(np.float16)
     if qtype == T.Q6_K:
         return quantize_q6_k(x)
+    if qtype == T.Q4_K:
+        return quantize_q4_k(x)
     return gguf.quants.quantize(x.astype(np.float32), qtype)
 
 
@@ -244,6 +272,7 @@ VARIANTS = {
     "tq2_0+f16": (T.TQ2_0, T.F16),
     "tq1_0+f16": (T.TQ1_0, T.F16),
     "tq2_0+q6_k": (T.TQ2_0, T.Q6_K),  # llama-quantize's default for bitnet
+    "tq2_0+q4_k": (T.TQ2_0, T.Q4_K),
     "tq2_0+q8_0": (T.TQ2_0, T.Q8_0),
     "tq2_0+bf16": (T.TQ2_0, T.BF16),
     "f16+f16": (T.F16, T.F16),  # the converter's --outtype f16: ternary-valued floats
@@ -274,7 +303,7 @@ def test_converter_files_load_and_both_backends_agree(tmp_path, hf_tok, variant)
         assert scale == pytest.approx(s_ref, rel=1e-3)  # the fp16 block d or the f16 value: 2^-11
         torch.testing.assert_close(trits, torch.sign(ref), rtol=0, atol=0)
     wte = m.state_dict()["wte.weight"].numpy()
-    err = {T.F16: 1e-3, T.BF16: 1e-2, T.F32: 0.0, T.Q8_0: 2e-2, T.Q6_K: 4e-2}[embd]
+    err = {T.F16: 1e-3, T.BF16: 1e-2, T.F32: 0.0, T.Q8_0: 2e-2, T.Q6_K: 3e-2, T.Q4_K: 8e-2}[embd]
     np.testing.assert_allclose(np.asarray(dense["wte.weight"], np.float32), wte, atol=err * np.abs(wte).max())
 
     # the independent reference: the float model the file was converted from, with the embedding it was stored as
@@ -293,17 +322,19 @@ def test_converter_files_load_and_both_backends_agree(tmp_path, hf_tok, variant)
     assert (got_rust.argmax(-1) == got_torch.argmax(-1)).float().mean() >= 0.75  # near-ties may flip
     # generation: greedy on both backends follows the torch model's argmax
     for backend in ("rust", "torch"):
-        res = Engine(loaded, backend=backend).generate(prompt, max_new_tokens=12, temperature=0, stop_token_ids=[])
-        assert len(res.token_ids) == 12
+        res = Engine(loaded, backend=backend).generate(prompt, max_new_tokens=8, temperature=0, stop_token_ids=[])
+        assert len(res.token_ids) == 8
         assert_greedy_agrees(res.token_ids, torch_model, prompt)
 
 
-def test_q6_k_test_quantizer_matches_gguf_dequantize():
-    """The Q6_K writer above is a test double: ggml's layout is what gguf-py's dequantizer reads back."""
+@pytest.mark.parametrize("qtype,budget", [(T.Q6_K, 0.03), (T.Q4_K, 0.08)])
+def test_k_quant_test_quantizers_match_gguf_dequantize(qtype, budget):
+    """The Q6_K/Q4_K writers above are test doubles: ggml's layout is what gguf-py's dequantizer reads back."""
     x = np.random.default_rng(0).standard_normal((4, 512)).astype(np.float32)
-    back = gguf.quants.dequantize(quantize_q6_k(x), T.Q6_K)
+    back = gguf.quants.dequantize(encode_tensor(x, qtype), qtype)
     assert back.shape == x.shape
-    assert np.abs(back - x).max() < 0.04 * np.abs(x).max()
+    assert np.abs(back - x).max() < budget * np.abs(x).max()
+    assert np.abs(back - x).mean() < budget / 4 * np.abs(x).max()
 
 
 def test_float_linear_weights_are_ternarized_at_load(tmp_path, hf_tok, caplog):
