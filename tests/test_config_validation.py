@@ -280,8 +280,13 @@ def test_model_upper_bounds_match_a_brute_force_parameter_count():
     from nanochat.model import GPT
 
     for key, limit in MAX_VALUES.items():
+        at, over = GPTConfig(), GPTConfig()
+        object.__setattr__(at, key, limit)  # (past the structural checks: only the limits are under test here)
+        object.__setattr__(over, key, limit + 1)
+        if key in ("vocab_size", "seq_len", "n_layer", "sinkhorn_iters", "n_streams"):
+            at.check_limits()  # exactly at the limit passes (the others exceed the total at their limit)
         with pytest.raises(ConfigError, match=rf"model\.{key} = {limit + 1} is beyond"):
-            GPTConfig(**{key: limit + 1})
+            over.check_limits()
     # the config-only parameter estimate agrees with a model built on the meta device (norms and mHC left out)
     for cfg in (GPTConfig(residual="standard"), GPTConfig(n_kv_head=2, mlp="relu2", tie_embeddings=False)):
         with torch.device("meta"):
@@ -290,5 +295,5 @@ def test_model_upper_bounds_match_a_brute_force_parameter_count():
         assert approx_params(cfg) == big
     # each key within its bound, together beyond any sane model: refused by the total, at once
     with pytest.raises(ConfigError, match="parameters"):
-        GPTConfig(n_layer=1024, n_embd=65536, n_head=256, n_kv_head=256, mlp_hidden=1 << 18)
+        GPTConfig(n_layer=1024, n_embd=65536, n_head=256, n_kv_head=256, mlp_hidden=1 << 18).check_limits()
     assert approx_params(GPTConfig(n_layer=1024, n_embd=4096, n_head=32, n_kv_head=32, mlp_hidden=16384)) < MAX_PARAMS

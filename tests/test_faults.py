@@ -777,3 +777,83 @@ def test_safetensors_export_errors_name_the_file(tmp_path, tok):
         with pytest.raises(LoadError, match=f"{tmp_path / name}: .*{what}"):
             load(tmp_path / name)
     assert torch.equal(load(good).torch_model().wte.weight, model.wte.weight)
+
+
+# ----------------------------------------------------------------------------- item 12: checksums, silent fallbacks
+
+
+def flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0xFF
+    path.write_bytes(bytes(data))
+
+
+def tensor_data_offset(path: Path) -> int:
+    """First byte of a safetensors file's tensor data (after the 8-byte length and the JSON header)."""
+    return 8 + struct.unpack("<Q", path.read_bytes()[:8])[0]
+
+
+def test_a_flipped_byte_in_checkpoint_tensor_data_is_an_error(tmp_path, tok):
+    import hashlib
+
+    run, model, _ = run_with_checkpoint(tmp_path, tok, optimizers=True)
+    ckpt = run / "checkpoints" / "step_000001"
+    manifest = json.loads((ckpt / MANIFEST).read_text())
+    for name in ("model.safetensors", "optim.safetensors"):  # the recorded sums are the files' real SHA-256
+        assert manifest["sha256"][name] == hashlib.sha256((ckpt / name).read_bytes()).hexdigest()
+    ids = tok.encode("def f(x):")
+    want = logits(model, ids)
+    fresh = tiny_gpt(seed=1)
+    opts = list(build_optimizers(fresh))
+    good = {n: (ckpt / n).read_bytes() for n in ("model.safetensors", "optim.safetensors")}
+    rng = random.Random(0)
+    for name in ("model.safetensors", "optim.safetensors"):
+        start, size = tensor_data_offset(ckpt / name), len(good[name])
+        for offset in [start, size - 1, rng.randrange(start, size), 9]:  # tensor data, and one header byte
+            flip_byte(ckpt / name, offset)
+            with pytest.raises(CheckpointError, match=f"{ckpt / name}: corrupt"):
+                load_checkpoint(ckpt, tiny_gpt(seed=1), list(build_optimizers(fresh)))
+            if name == "model.safetensors":
+                with pytest.raises(CheckpointError, match=f"{ckpt / name}: corrupt"):
+                    load(run)  # inference loading verifies what it reads
+            else:  # inference never reads the optimizer state, so its damage does not block it
+                torch.testing.assert_close(logits(load(run).torch_model(), ids), want, rtol=0, atol=0)
+            (ckpt / name).write_bytes(good[name])
+    state, _ = load_checkpoint(ckpt, fresh, opts)  # whole again: loads, and gives the saved model
+    torch.testing.assert_close(logits(fresh.eval(), ids), want, rtol=0, atol=0)
+    # a checkpoint from before checksums (manifest without sha256) still loads, unverified
+    (ckpt / MANIFEST).write_text(json.dumps({k: v for k, v in manifest.items() if k != "sha256"}))
+    flip_byte(ckpt / "optim.safetensors", len(good["optim.safetensors"]) - 1)
+    load_checkpoint(ckpt, tiny_gpt(seed=1), list(build_optimizers(fresh)))
+
+
+def test_a_latest_checkpoint_without_state_json_is_a_warned_fallback_naming_it(tmp_path, tok):
+    run = tmp_path / "run"
+    run.mkdir()
+    tok.save(run / "tokenizer.json")
+    mgr = CheckpointManager(run, keep_last=5)
+    models = {}
+    for s in (1, 2, 3):
+        models[s] = tiny_gpt(seed=s)
+        mgr.save(s, models[s], [], {"model_config": models[s].config.to_dict(), "s": s})
+    (mgr.ckpt_dir / "step_000003" / "state.json").unlink()
+    ids = tok.encode("x = 1")
+    for pointer in (True, False):  # with latest.json naming step 3, and without any pointer (was silent)
+        if not pointer:
+            (mgr.ckpt_dir / "latest.json").unlink()
+        with pytest.warns(RuntimeWarning, match=r"step_000003.* missing or incomplete \(.*state\.json.*falling back"):
+            assert mgr.latest().name == "step_000002"
+        with pytest.warns(RuntimeWarning, match=r"step_000003.*state\.json.*falling back to the older step_000002"):
+            assert find_checkpoint(run).name == "step_000002"
+        with pytest.warns(RuntimeWarning, match="step_000003"):
+            got = load(run).torch_model()
+        torch.testing.assert_close(logits(got, ids), logits(models[2], ids), rtol=0, atol=0)
+    # nothing newer is broken: no warning at all
+    shutil.rmtree(mgr.ckpt_dir / "step_000003")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert mgr.latest().name == "step_000002"
+    # a pointer to a directory that is gone entirely is named too
+    write_json_atomic(mgr.ckpt_dir / "latest.json", {"step": 7, "dir": "step_000007"})
+    with pytest.warns(RuntimeWarning, match=r"latest\.json names step_000007.*gone.*falling back to the older step_0"):
+        assert mgr.latest().name == "step_000002"

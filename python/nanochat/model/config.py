@@ -50,8 +50,10 @@ TRAIN_KEYS = (
 )
 
 
-# Upper bounds: far above any model this project (or llama.cpp's largest bitnet files) would build, low enough that
-# a typo (n_layer = 100000000, n_embd = 1048576) is refused at once instead of allocating for minutes.
+# Upper bounds for a model about to be built from a config (GPTConfig.check_limits): far above any model this project
+# (or llama.cpp's largest bitnet files) would build, low enough that a typo (n_layer = 100000000, n_embd = 1048576)
+# is refused at once instead of allocating for minutes. Loaders do not need them: they check a file's numbers against
+# the tensors it really holds, which says more ("n_layer is 100000, but the file has tensors for 2 blocks").
 MAX_VALUES = {
     "vocab_size": 1 << 22,  # 4M tokens (the largest public vocabularies are ~256k)
     "seq_len": 1 << 24,  # 16M positions (RoPE tables are built per forward, never for the whole context)
@@ -92,6 +94,20 @@ class GPTConfig:
 
     def __post_init__(self) -> None:
         _validate(self)
+
+    def check_limits(self) -> GPTConfig:
+        """Refuse (:class:`ConfigError` naming the key) a model beyond :data:`MAX_VALUES` or :data:`MAX_PARAMS`,
+        before anyone builds it; returns ``self``."""
+        for key, limit in MAX_VALUES.items():
+            if getattr(self, key) > limit:
+                raise ConfigError(f"model.{key} = {getattr(self, key)} is beyond the sane limit {limit}")
+        if approx_params(self) > MAX_PARAMS:
+            raise ConfigError(
+                f"model of ~{approx_params(self):.3g} parameters (n_layer {self.n_layer}, n_embd {self.n_embd}, "
+                f"mlp_hidden {self.mlp_hidden}, vocab_size {self.vocab_size}) is beyond the sane limit of "
+                f"{MAX_PARAMS:.3g}"
+            )
+        return self
 
     @property
     def head_dim(self) -> int:
@@ -150,8 +166,6 @@ def _validate(cfg: GPTConfig) -> None:
     for key in (*ints, "sinkhorn_iters"):
         if getattr(cfg, key) < 1:
             raise ConfigError(f"model.{key} must be >= 1, got {getattr(cfg, key)}")
-        if getattr(cfg, key) > MAX_VALUES[key]:
-            raise ConfigError(f"model.{key} = {getattr(cfg, key)} is beyond the sane limit {MAX_VALUES[key]}")
     for key in ("rope_theta", "norm_eps", "init_std"):
         v = getattr(cfg, key)
         if not (math.isfinite(v) and v > 0):
@@ -171,11 +185,6 @@ def _validate(cfg: GPTConfig) -> None:
     if cfg.residual != "standard" and cfg.n_streams > 6:
         # mhc_lite materialises all n! permutations; mhc is fine but n > 6 streams has no use at these sizes
         raise ConfigError(f"model.n_streams must be <= 6 for residual {cfg.residual!r}, got {cfg.n_streams}")
-    if approx_params(cfg) > MAX_PARAMS:
-        raise ConfigError(
-            f"model of ~{approx_params(cfg):.3g} parameters (n_layer {cfg.n_layer}, n_embd {cfg.n_embd}, mlp_hidden "
-            f"{cfg.mlp_hidden}, vocab_size {cfg.vocab_size}) is beyond the sane limit of {MAX_PARAMS:.3g}"
-        )
     if cfg.quant == "ternary":
         for key in ("n_embd", "mlp_hidden"):
             if getattr(cfg, key) % QK_K != 0:
@@ -246,7 +255,7 @@ def load_config(name_or_path: str | Path) -> tuple[GPTConfig, dict[str, Any]]:
         if not isinstance(doc.get(table, {}), dict):
             raise ConfigError(f"{path}: {table} must be a table ([{table}]), got {type(doc[table]).__name__}")
     try:
-        cfg = GPTConfig.from_dict(dict(doc["model"]))
+        cfg = GPTConfig.from_dict(dict(doc["model"])).check_limits()
     except TypeError as e:  # pragma: no cover - from_dict checks keys first
         raise ConfigError(f"{path}: {e}") from e
     except ConfigError as e:

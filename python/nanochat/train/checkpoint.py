@@ -17,8 +17,12 @@ Notable choices:
   so a kill mid-delete never leaves a ``step_*`` directory missing files. :meth:`CheckpointManager.clean_leftovers`
   removes ``.tmp-*``/``.trash-*`` directories and ``.*.json.tmp-PID`` files of dead processes (the trainer calls it
   at start; every save calls it too).
-- ``latest()`` is the newest complete checkpoint; ``latest.json`` is a pointer for people and tools, and a pointer
-  that names a missing or incomplete checkpoint is reported with a warning, not trusted.
+- ``latest()`` is the newest complete checkpoint; ``latest.json`` is a pointer for people and tools, not trusted.
+  Falling back past a newer checkpoint that is broken (its ``state.json`` gone, a file short) is never silent: a
+  warning names the skipped step, what is wrong with it, and the step used instead.
+- The manifest records a SHA-256 of each tensor file; loading verifies the files it reads against it, so a flipped
+  byte in tensor data is a :class:`CheckpointError`, never a model with silently different weights. (Hashing runs at
+  ~1-2 GB/s; checkpoints written before checksums existed load unverified.)
 - Retention keeps the last ``keep_last`` checkpoints plus the best one by validation loss.
 - Disk guard: before writing, free space is compared with the expected size plus a margin; old
   checkpoints are pruned per retention and, if space is still short, the save is skipped with a
@@ -36,6 +40,7 @@ Notable choices:
 from __future__ import annotations
 
 import errno
+import hashlib
 import json
 import math
 import os
@@ -56,7 +61,8 @@ from nanochat.model import GPTConfig
 
 CKPT_DIRNAME = "checkpoints"
 DISK_MARGIN_BYTES = 64 * 1024 * 1024
-MANIFEST = "complete.json"  # written last into a checkpoint: {"format": 1, "step": N, "files": {name: size}}
+MANIFEST = "complete.json"  # written last: {"format": 2, "step": N, "files": {name: size}, "sha256": {name: hex}}
+CHECKSUMMED = ("model.safetensors", "optim.safetensors")  # the tensor files, whose content the manifest vouches for
 CKPT_FILES = ("model.safetensors", "optim.safetensors", "state.json")
 INFERENCE_FILES = ("model.safetensors", "state.json")  # what loading a model needs: never the optimizer state
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
@@ -229,6 +235,34 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a file's bytes (streamed: a multi-GB checkpoint is never held in memory)."""
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def verify_checksum(ckpt: Path, name: str) -> None:
+    """Check ``ckpt/name`` against the size and SHA-256 its manifest recorded; :class:`CheckpointError` naming the
+    file when they differ. Checkpoints without a manifest, or whose manifest predates checksums, pass unverified."""
+    path = Path(ckpt) / name
+    mpath = Path(ckpt) / MANIFEST
+    if not mpath.exists():
+        return
+    try:
+        manifest = json.loads(mpath.read_text())
+        size, digest = manifest["files"][name], manifest.get("sha256", {}).get(name)
+    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise CheckpointError(f"{mpath}: unreadable or does not describe {name} ({e!r})") from None
+    got = check_regular_file(path).st_size
+    if got != size:
+        raise CheckpointError(f"{path}: corrupt or truncated ({got} bytes, {MANIFEST} recorded {size})")
+    if digest is not None and file_sha256(path) != digest:
+        raise CheckpointError(
+            f"{path}: corrupt: its content no longer matches the SHA-256 {MANIFEST} recorded when it was written "
+            "(a changed byte in the tensor data)"
+        )
+
+
 def incomplete_reason(ckpt: Path, files: tuple[str, ...] = CKPT_FILES) -> str | None:
     """Why ``ckpt`` does not hold ``files`` whole (by default all of it; :data:`INFERENCE_FILES` for loading a model),
     or None when it does: its manifest is there and lists them with the sizes they have, or (a checkpoint written
@@ -303,20 +337,34 @@ class CheckpointManager:
         return ptr if isinstance(ptr, dict) and isinstance(ptr.get("dir"), str) else None
 
     def latest(self, files: tuple[str, ...] = CKPT_FILES) -> Path | None:
-        """The newest complete checkpoint directory (``files=INFERENCE_FILES``: whole enough to load the model);
-        warns when ``latest.json`` names one that is gone or broken."""
+        """The newest complete checkpoint directory (``files=INFERENCE_FILES``: whole enough to load the model).
+
+        A fallback is never silent: when newer ``step_*`` directories are broken (``state.json`` gone, a file short),
+        or ``latest.json`` names a checkpoint that is not there, a warning names each skipped step, why, and the step
+        used instead. (With no complete checkpoint at all, the caller's error says why.)"""
         found = self._list(files)
-        newest = found[-1][1] if found else None
+        if not found:
+            return None
+        step, newest = found[-1]
+        complete = {p.name for _, p in found}
+        broken = [(p.name, incomplete_reason(p, files)) for s, p in self._step_dirs() if s > step]
+        broken = [(name, why) for name, why in broken if name not in complete]
         ptr = self._pointer("latest")
-        if ptr and newest is not None and ptr["dir"] != newest.name:  # (None: the caller's error says why)
-            target = self.ckpt_dir / ptr["dir"]
+        named = ptr["dir"] if ptr and ptr["dir"] != newest.name else None
+        m = _STEP_DIR.match(named or "")
+        if m and int(m.group(1)) < step:
+            named = None  # a stale pointer to an older checkpoint: the newer one is used, nothing is skipped
+        if named and named not in {name for name, _ in broken}:
+            target = self.ckpt_dir / named
             if not (target.is_dir() and is_complete(target, files)):
-                warnings.warn(
-                    f"{self.ckpt_dir / 'latest.json'} names {ptr['dir']}, which is missing or incomplete; using "
-                    f"{newest.name}",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                broken.insert(0, (named, "its directory is gone" if not target.exists() else incomplete_reason(target)))
+        for name, why in broken:
+            said = f"{self.ckpt_dir / 'latest.json'} names {name}, which" if name == named else f"{name}"
+            warnings.warn(
+                f"{said} is missing or incomplete ({why}); falling back to the older {newest.name}",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return newest
 
     def best(self) -> dict | None:
@@ -410,7 +458,9 @@ class CheckpointManager:
             for f in ("model.safetensors", "optim.safetensors"):
                 _fsync_file(tmp / f)
             files = {f: (tmp / f).stat().st_size for f in CKPT_FILES}
-            write_json_atomic(tmp / MANIFEST, {"format": 1, "step": step, "files": files})  # last: now it counts
+            sums = {f: file_sha256(tmp / f) for f in CHECKSUMMED}  # of the bytes on disk, read back after the fsync
+            manifest = {"format": 2, "step": step, "files": files, "sha256": sums}
+            write_json_atomic(tmp / MANIFEST, manifest)  # last: now it counts
             if final.exists():  # the same step saved again (a resumed run): keep it until the new one is in place
                 old = self.ckpt_dir / f".trash-{name}-{os.getpid()}"
                 shutil.rmtree(old, ignore_errors=True)
@@ -525,6 +575,7 @@ def load_checkpoint(
             f"{model_path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
             f"shape mismatches {wrong[:5]}"
         )
+    verify_checksum(ckpt, "model.safetensors")
     try:
         load_model(model, str(model_path), strict=False)
     except (OSError, RuntimeError, SafetensorError) as e:
@@ -534,9 +585,12 @@ def load_checkpoint(
         opt_path = ckpt / "optim.safetensors"
         try:
             check_regular_file(opt_path)
+            verify_checksum(ckpt, "optim.safetensors")
             tensors = load_file(str(opt_path))
         except FileNotFoundError:
             raise CheckpointError(f"{ckpt}: optim.safetensors is missing (needed to resume training)") from None
+        except CheckpointError:
+            raise
         except (OSError, ValueError, RuntimeError, SafetensorError) as e:
             raise CheckpointError(f"{opt_path}: corrupt or truncated ({e})") from None
         extra = {k[len("extra.") :]: v for k, v in tensors.items() if k.startswith("extra.")}

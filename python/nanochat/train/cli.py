@@ -327,13 +327,13 @@ def resolve_config(
     # the model the run will build, validated now so a bad value is a one-line error, not a traceback mid-setup
     if saved_model is not None:
         try:
-            model_cfg = GPTConfig.from_dict(saved_model)
+            model_cfg = GPTConfig.from_dict(saved_model).check_limits()
         except (ValueError, TypeError) as e:
             raise ValueError(f"{Path(cli['resume']) / 'config.json'} 'model': {e}") from None
         where = "the resumed run's model"
     else:
         model_cfg, _ = load_config(cfg.config)
-        model_cfg = model_cfg.replace(vocab_size=cfg.vocab_size, **cfg.model_overrides)
+        model_cfg = model_cfg.replace(vocab_size=cfg.vocab_size, **cfg.model_overrides).check_limits()
         where = f"model.seq_len in {cfg.config}"
     if cfg.seq_len > model_cfg.seq_len:
         raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model_cfg.seq_len} ({where})")
