@@ -407,3 +407,41 @@ def test_metrics_log_survives_a_full_disk(tmp_path):
     log.write({"step": 3, "loss": 0.5})  # no second warning, no exception
     log.close()
     assert [r["step"] for r in MetricsLog.read(tmp_path / "metrics.jsonl")] == [1]
+
+
+@pytest.mark.parametrize(
+    "flags", [["--residual", "standard"], ["--llama-compatible"]], ids=["residual-standard", "llama-compatible"]
+)
+def test_a_standard_model_from_the_cli_exports_as_llama_cpps_bitnet(tmp_path, corpus, data_dir, flags):
+    """Issue 15 item 6: `--residual standard` (or `--llama-compatible`) on a config with QK-norm on trains a model
+    the `bitnet` GGUF export accepts, with no hand-written TOML; `--qk-norm` keeps QK-norm (and `nanochat` arch)."""
+    from nanochat.export import load
+    from nanochat.export.cli import app as export_app
+    from nanochat.export.gguf_io import read_gguf
+
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY.format(residual="mhc_lite"))  # qk_norm is not set: GPTConfig's default, true
+    out = tmp_path / "run"
+    base = ["--config", str(toml), "--data", str(corpus), "--data-dir", str(data_dir), "--threads", "1"]
+    r = CliRunner().invoke(app, [*base, "--steps", "2", "--save-every", "0", "--out", str(out), *flags])
+    assert r.exit_code == 0, r.output
+    m = load(out)
+    assert (m.config.residual, m.config.qk_norm, m.config.mlp, m.config.tie_embeddings) == (
+        "standard",
+        False,
+        "swiglu",
+        True,
+    )
+    gguf_path = tmp_path / "model.gguf"
+    r = CliRunner().invoke(export_app, [str(out), "--format", "gguf", "--out", str(gguf_path), "--arch", "bitnet"])
+    assert r.exit_code == 0, r.output
+    g = read_gguf(gguf_path)
+    assert g.arch == "bitnet"
+    ids = m.tokenizer.encode("def add(a, b):")
+    with torch.no_grad():
+        want = m.torch_model()(torch.tensor([ids]))[0]
+        got = load(gguf_path).torch_model()(torch.tensor([ids]))[0]
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
+    # the flag is what made the difference: --qk-norm keeps QK-norm, which the bitnet export refuses
+    r = CliRunner().invoke(app, [*base, "--residual", "standard", "--qk-norm", "--dry-run"])
+    assert r.exit_code == 0 and json.loads(r.output)["model"]["qk_norm"] is True
