@@ -26,7 +26,7 @@ from tokenizers import Tokenizer as HFTokenizer
 
 from nanochat.data.tokenizer import ChatTemplateError
 from nanochat.engine import Engine
-from nanochat.export import load
+from nanochat.export import export_gguf, load
 from nanochat.model import GPT, GPTConfig, torch_path_only
 
 TEXTS = [
@@ -419,3 +419,21 @@ def test_base_model_tokenizer(tmp_path, hf_tok):
     refusing = "{{ raise_exception('system messages are not supported') }}"
     with pytest.raises(ChatTemplateError, match="not supported"):
         load(write_converter_gguf(tmp_path / "r.gguf", m, hf_tok, chat_template=refusing)).tokenizer.render_chat(msgs)
+
+
+def test_reexported_base_model_keeps_its_tokenizer_keys(tmp_path, hf_tok):
+    """A third-party file written back by our exporter keeps BOS/EOS, add_bos_token and its own chat template (not
+    ours, whose role tokens it lacks); llama.cpp reads the same keys from both."""
+    m = make_model()
+    src = load(write_converter_gguf(tmp_path / "src.gguf", m, hf_tok, chat_template=CHATML))
+    out = export_gguf(src.torch_model(), src.tokenizer, tmp_path / "ours.gguf")
+    K = gguf.Keys.Tokenizer
+    fields = gguf.GGUFReader(str(out)).fields
+    eot = hf_tok.token_to_id(EOT)
+    assert [fields[k].contents() for k in (K.BOS_ID, K.EOS_ID, K.ADD_BOS, K.CHAT_TEMPLATE)] == [eot, eot, True, CHATML]
+    back = load(out)
+    assert (back.tokenizer.bos_id, back.tokenizer.eos_id, back.tokenizer.add_bos) == (eot, eot, True)
+    text = "def add(a, b):\n    return a + b"
+    assert back.tokenizer.encode_prompt(text) == src.tokenizer.encode_prompt(text)
+    np.testing.assert_array_equal(back.packed_weights()[0]["blocks.0.attn.q_proj.weight"][0],
+                                  src.packed_weights()[0]["blocks.0.attn.q_proj.weight"][0])  # fmt: skip
