@@ -15,6 +15,13 @@ by llama.cpp's converter for ``bitnet`` load too: TQ1_0 or TQ2_0, the scale in t
 ``blk.N.<name>.scale`` tensor. Every problem (wrong magic, truncation, unknown architecture, missing or misshapen
 tensors) raises :class:`GGUFError` naming it.
 
+Files other people make (issue 15; ``tests/test_gguf_thirdparty.py``): a tokenizer without our chat tokens is a base
+model whose BOS/EOS/EOT/padding come from ``tokenizer.ggml.*_token_id`` (plus ``add_bos_token`` and
+``tokenizer.chat_template``); embeddings and heads in any type gguf-py dequantizes (``llama-quantize``'s Q6_K, Q4_K,
+Q8_0, BF16) become f32; float BitLinear weights are packed for the ternary kernels at load (exactly when they hold
+``trits · s``, as the converter writes them; with the absmean rule and a warning otherwise). Exports write
+``eot_token_id`` and ``add_bos_token`` the way llama.cpp reads them (``gguf.Keys.Tokenizer``).
+
 Header numbers are not trusted: ``block_count`` must match the blocks present in the tensor directory before any
 per-layer work (a patched ``1048576`` used to cost minutes and gigabytes), hyperparameters must be integers, and the
 tokenizer arrays are checked against each other (``token_type`` as long as ``tokens``, unique tokens, NORMAL tokens
