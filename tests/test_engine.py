@@ -16,6 +16,7 @@ projections, the zero-initialised output projections and the norms all matter.
 
 from __future__ import annotations
 
+import logging
 import threading
 
 import numpy as np
@@ -495,3 +496,29 @@ def test_sample_cli_bad_model_is_one_line_error(tmp_path) -> None:
         r = CliRunner().invoke(app, ["--model", str(bad), "--prompt", "x"])
         assert r.exit_code == 2, r.output
         assert "error:" in r.output and "Traceback" not in r.output
+
+
+def test_a_model_the_rust_engine_refuses_runs_on_the_cached_torch_forward_or_fails_loudly(tokenizer, caplog) -> None:
+    """head_dim 768 > 512: only the Rust engine's validation refuses it. ``backend="rust"`` raises that error; "auto"
+    runs the model on the torch engine with a warning naming the reason, one token per decode forward (a KV cache,
+    not an uncached O(T²) loop), and generates what the full forward's argmax does."""
+    m = make_model(16, residual="standard", n_layer=1, n_embd=768, n_head=1, n_kv_head=1, mlp_hidden=256)
+    assert m.config.head_dim == 768
+    with pytest.raises(ValueError, match="head_dim 768 > 512"):
+        Engine(m, tokenizer, backend="rust")
+    with caplog.at_level(logging.WARNING, logger="nanochat.engine.generate"):
+        eng = Engine(m, tokenizer)
+    assert eng.backend_name == "torch"
+    assert eng.backend_note is not None and "head_dim 768 > 512" in eng.backend_note
+    assert "head_dim 768 > 512" in caplog.text
+    fed: list[int] = []  # tokens per model forward
+    hook = m.wte.register_forward_pre_hook(lambda _m, args: fed.append(args[0].shape[1]))
+    prompt = tokenizer.encode("def fib(n):")
+    try:
+        res = eng.generate(prompt, max_new_tokens=8, temperature=0, stop_token_ids=[])
+    finally:
+        hook.remove()
+    assert fed == [len(prompt)] + [1] * 7
+    want, logits = reference_greedy(m, prompt, 8)
+    assert_same_greedy(res.token_ids, want, logits, rel_tie=3e-2)
+    assert Engine(make_model(17, quant="fp"), tokenizer).backend_note is None  # fp: torch by design, no note

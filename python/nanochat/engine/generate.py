@@ -15,6 +15,9 @@ Notable choices:
 - **Backends.** ``backend="auto"`` runs the Rust engine (``nanochat.ops.RustEngine``: KV cache, ternary kernels,
   batched decode) for ternary models on CPU, and :class:`~nanochat.engine.torch_engine.TorchEngine` otherwise
   (CUDA, ``quant="fp"``). Both expose ``new_session / prefill / decode_batch``; sampling is shared and runs on CPU.
+  The Rust engine's own validation decides what it runs (e.g. it refuses ``head_dim > 512``): under ``"auto"`` a
+  model it refuses runs on the torch engine (the model's own KV-cache forward, never an uncached O(T²) loop), with
+  a warning that gives the Rust engine's reason, kept in :attr:`Engine.backend_note`; ``backend="rust"`` raises it.
 - **Streaming text** (:class:`TextStream`). Byte-level BPE tokens are byte strings, so a character may span tokens
   and ``decode`` of a partial sequence ends in U+FFFD. Pending tokens are decoded together and held while their text
   ends in U+FFFD (at most :data:`MAX_PENDING` tokens, after which a genuinely invalid sequence is let through as
@@ -33,6 +36,7 @@ Notable choices:
 from __future__ import annotations
 
 import inspect
+import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -42,6 +46,8 @@ from torch import Tensor
 
 from nanochat.engine.sampling import SamplingParams, make_generator, sample
 from nanochat.engine.torch_engine import TorchEngine
+
+log = logging.getLogger(__name__)
 
 FinishReason = Literal["stop", "length"]
 MAX_PENDING = 8  # tokens held at most while their text ends in an incomplete UTF-8 sequence
@@ -235,7 +241,8 @@ class Engine:
     ``"auto"`` | ``"rust"`` | ``"torch"``. ``threads`` sizes the Rust engine's thread team (default: torch's thread
     count, the one budget both share). ``head``: the Rust engine's LM-head precision (``"f32"`` exact, ``"f16"``,
     ``"int8"``); ``kv``: its KV cache type (``"f32"`` exact, ``"f16"``). ``max_seq``: context per sequence (default:
-    the model's ``seq_len``).
+    the model's ``seq_len``). :attr:`backend_note` says why ``"auto"`` did not pick the Rust engine for a ternary CPU
+    model (the engine's own error), else ``None``.
     """
 
     def __init__(
@@ -258,21 +265,32 @@ class Engine:
         if device is None:
             device = "cpu" if loaded is not None else next(model.parameters()).device
         device = torch.device(device)
-        if backend == "auto":
+        self.backend_note: str | None = None
+        auto = backend == "auto"
+        if auto:
             backend = "rust" if device.type == "cpu" and config.quant == "ternary" else "torch"
+        self.backend: _RustBackend | _TorchBackend
         if backend == "rust":
             if device.type != "cpu":
                 raise ValueError(f"the Rust engine runs on CPU, not {device}")
             from nanochat import ops
 
             n = int(threads) if threads else torch.get_num_threads()
-            if loaded is not None:
-                ternary, dense = loaded.packed_weights()
-                eng = ops.rust_engine_from_weights(config, ternary, dense, threads=n, head=head, kv=kv)
+            try:
+                if loaded is not None:
+                    ternary, dense = loaded.packed_weights()
+                    eng = ops.rust_engine_from_weights(config, ternary, dense, threads=n, head=head, kv=kv)
+                else:
+                    eng = ops.build_rust_engine(model, threads=n, head=head, kv=kv)
+            except ValueError as e:  # the engine's validation refused the model (config, shapes or weight types)
+                if not auto:
+                    raise
+                self.backend_note = f"the Rust engine refuses this model ({e}): running it on the torch engine"
+                log.warning("%s (KV-cache forward of the torch model, slower on CPU)", self.backend_note)
+                backend = "torch"
             else:
-                eng = ops.build_rust_engine(model, threads=n, head=head, kv=kv)
-            self.backend: _RustBackend | _TorchBackend = _RustBackend(eng)
-        else:
+                self.backend = _RustBackend(eng)
+        if backend == "torch":
             if threads:
                 torch.set_num_threads(int(threads))
             tm = loaded.torch_model(device) if loaded is not None else model.to(device)
