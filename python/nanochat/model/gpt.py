@@ -1,6 +1,6 @@
 """The GPT decoder: a small ternary (BitNet b1.58) transformer with optional mHC residual streams.
 
-Read top to bottom: norms and RoPE, attention, MLP, the block, the model, its init and diagnostics.
+Read top to bottom: norms and RoPE, the KV cache, attention, MLP, the block, the model, its init and diagnostics.
 
 Notable choices:
 - Token embedding and LM head in full precision, the head tied to the embedding by default (llama.cpp's `bitnet`
@@ -18,11 +18,12 @@ Notable choices:
   forward. Generation (``nanochat.engine.TorchEngine``) runs this same forward; the Rust engine is its fast twin.
 - Causality. Every operation other than attention is per position (norms, per-token int8 activation quantization,
   mHC mappings), and attention is causal, so the logits at position t depend on tokens 0..t only: exactly so in
-  float64 (tested). In float32 a row's result also depends on how many rows one call holds, at rounding level: MKL's
-  sgemm takes another kernel for fewer than 16 rows and SDPA blocks by sequence length (~1e-6 relative), and the
-  int8 quantizer turns such an ulp into a whole code step when a value sits at a rounding boundary (a "flip",
-  ~1e-2 relative on the logits). Not a leak: the same logits with more or fewer tokens after them differ only
-  through such flips (tested), and not at all in float64.
+  float64 (tested). In float32 a row's result also depends on how many rows one call holds, at rounding level (MKL's
+  sgemm gave other sums for calls of fewer than 16 rows here, and SDPA's blocking follows the sequence length:
+  ~1e-6 relative), and the int8 quantizer turns such an ulp into a whole code step when a value sits at a rounding
+  boundary (a "flip": 0.5-1e-2 relative on the logits, what issue 15 saw between 8 and 36 tokens). Not a leak: the
+  logits of a prefix with or without later tokens differ only through such flips (tested), and not at all in
+  float64. The Rust kernels' own rows do not depend on the row count (exact integer sums).
 - Optional QK-norm (RMSNorm over each head of q and k, before RoPE; Dehghani et al. 2023) and grouped KV heads
   (GQA; Ainslie et al. 2023); causal ``F.scaled_dot_product_attention``.
 - MLP: SwiGLU ``down(sub_norm(silu(gate(x)) * up(x)))`` by default, or ReLU² ``down(sub_norm(relu(up(x))²))``
