@@ -103,7 +103,11 @@ def test_humaneval_with_model_and_report(run_dir):
     assert r.exit_code == 0, r.output
     res = json.loads(he.read_text())
     assert len(res["records"]) == 4
-    assert {s["status"] for s in res["records"]} <= {"passed", "failed", "timeout", "error"}
+    # every program ran in the sandbox: a wrong completion fails or times out, but a sandbox that cannot start
+    # (status "error") must turn this red
+    errors = [(s["task_id"], s.get("reason")) for s in res["records"] if s["status"] == "error"]
+    assert not errors, errors
+    assert {s["status"] for s in res["records"]} <= {"passed", "failed", "timeout"}
     assert "pass@1" in res["pass_at_k"]
     r = CliRunner().invoke(eval_app, ["report", str(run_dir)])
     assert r.exit_code == 0, r.output
