@@ -5,10 +5,16 @@ Examples::
     nanochat-train --config d20                      # the default job: ~15 min on a 2-core CPU
     nanochat-train --config tiny_cpu --steps 50      # a quick smoke run
     nanochat-train --config d20 --quant fp           # the full-precision twin (baseline)
+    nanochat-train --config d20 --llama-compatible   # a model llama.cpp runs: nanochat-export --arch bitnet
+    nanochat-train --config d20 --residual standard  # the same (QK-norm off unless --qk-norm)
     nanochat-train --config nano_125m --device cuda  # on a GPU (bf16 autocast)
     nanochat-train --resume runs/d20-20261124-101500 # continue exactly where it stopped
     nanochat-train --config d20 --dry-run            # print the resolved config and parameter counts
     torchrun --standalone --nproc_per_node=2 -m nanochat.train --config tiny_cpu   # DDP (gloo on CPU, nccl on GPU)
+
+The whole configuration (the TOML's tables, or a resumed run's config.json, then the flags) is checked before any data
+is prepared or any model is built: unknown keys, wrong types, non-finite numbers, out-of-range and absurd values,
+paths that cannot work. Each is one line, ``error: <file or "command line">: <key> ...``, with exit code 2.
 """
 
 from __future__ import annotations

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import math
-import os
 import re
 import types
 import typing
@@ -28,7 +27,9 @@ INT_RANGES: dict[str, tuple[int | None, int | None]] = {
     "seq_len": (1, MAX_VALUES["seq_len"]),
     "grad_accum": (1, 1 << 20),
     "warmup_steps": (0, None),
-    "threads": (0, max(8, 4 * (os.cpu_count() or 1))),  # 0 = torch's default; the Rust core's own cap
+    # 0 = torch's default. Not the machine's cap (the Rust core refuses more than 4 per core when the run starts): a
+    # run resumed on a smaller machine keeps its saved setting until then, and --threads can lower it
+    "threads": (0, 4096),
     "numa_node": (0, 4095),
     "seed": (0, 2**63 - 1),
     "log_every": (0, None),
