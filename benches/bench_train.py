@@ -11,7 +11,8 @@ the real training step (forward, cross-entropy, backward, clipping, Muon + Lion)
   default allocator thresholds): "today's fp32 default"
 - ``qat``: the new default: the dtype ``nanochat.hardware.choose_dtype`` picks here (bf16 where the CPU has
   AMX-BF16/AVX512-BF16) with BitLinear's exact-operand bf16 matmuls, bf16 batched Newton–Schulz, freed pages kept
-  (no page faults per step), and ``torch.compile`` (its compilation falls in the untimed warm-up steps; its cost,
+  (no page faults per step), the loss computed inside the model's forward (so it compiles with it, as the trainer
+  does), and ``torch.compile`` (its compilation falls in the untimed warm-up steps; its cost,
   ~40 s cold and ~8 s from the on-disk cache for d20, is reported by the trainer, not here)
 - ``qat_eager``: the same without ``torch.compile``, to separate the two gains
 - ``fp_fp32`` / ``fp``: the full-precision twin (``quant="fp"``) under the old and the new settings
@@ -132,9 +133,13 @@ def worker(spec: dict) -> dict:
     times = []
     for i in range(spec["warmup"] + spec["steps"]):
         t0 = time.perf_counter()
-        with ctx:
-            logits = model(x)
-        loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
+        if new and variant != "plain":  # the trainer's step: the loss inside the (compiled) forward
+            with ctx:
+                loss = model(x, y)
+        else:  # the old step: float32 logits out of the model, the loss outside it
+            with ctx:
+                logits = model(x)
+            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()

@@ -193,11 +193,16 @@ def raw_model(model: torch.nn.Module) -> GPT:
 def compute_loss(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: GPT | None, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(total loss to backprop, plain cross-entropy for logging)."""
+    """(total loss to backprop, plain cross-entropy for logging).
+
+    Without a teacher the model computes the loss in its own forward (``model(x, y)``), so that under
+    ``torch.compile`` the head's float cast, log-softmax and NLL (and their backward) fuse into the compiled graph
+    instead of writing and re-reading a (B, T, V) float32 logits tensor outside it."""
+    if teacher is None:
+        ce = model(x, y)
+        return ce, ce.detach()
     logits = model(x)  # (B, T, V)
     ce = F.cross_entropy(logits.float().view(-1, logits.size(-1)), y.view(-1), ignore_index=-1)
-    if teacher is None:
-        return ce, ce.detach()
     with torch.no_grad():
         t_logits = teacher(x).float()
     tau = cfg.distill_temp
