@@ -1,49 +1,91 @@
-"""GGUF load: time to first token ready and the memory loading adds, for a TQ2_0 file.
+"""GGUF load: time to first token ready, the memory loading adds, and what a command-line user waits.
 
-    python benches/bench_load.py [--config nano_125m] [--json PATH]
+    python benches/bench_load.py [--config nano_125m] [--repeat 3] [--json PATH] [--no-cli]
 
-Writes a random-weight model of the config as a TQ2_0 GGUF (the exporter's normal path), then in a fresh Python
-process (so imports and allocator state do not blur the numbers) measures, after ``import nanochat``/torch:
-``nanochat.load(path)`` (memory-mapped read + TQ2_0 → kernel layout), building the Rust engine, and one decode step
-— the time to the first token ready — and the resident-set growth (RSS after minus before) against the file size.
-Aims (DESIGN §6): ≤ 50 ms to first token ready; RSS growth ≤ 1.2× the file (no dequantized copies).
-``--json`` keys: ``config, file_mb, load_ms, engine_ms, first_token_ms, total_ms, rss_delta_mb, rss_ratio``.
+Writes a random-weight model of the config as a TQ2_0 GGUF (the exporter's normal path), then measures, each in a
+fresh Python process (so imports and allocator state do not blur the numbers):
+
+- **in process**, after ``import numpy, nanochat`` (the baseline): ``nanochat.load(path)`` (memory-mapped read +
+  TQ2_0 → kernel layout), building the Rust engine from the loaded blocks, and one prefill of ``<|bos|>`` — the time
+  to the first token ready — and the resident-set growth (RSS after minus before) against the file size; and whether
+  any of it imported torch (it should not: the Rust engine serves a GGUF with numpy alone);
+- **the command line** (unless ``--no-cli``): wall time of ``nanochat-sample --max-tokens 1`` on the file
+  (interpreter start-up, imports, load, engine, one token, exit: what issue 13 compares with ``llama-simple -n 1``)
+  and of ``--help`` of every console script.
+
+Best of ``--repeat`` runs each; the load average is printed before and after, since this is a shared machine.
+Aims (DESIGN §6, issues 13 and 16): ≤ 50 ms to first token ready; RSS growth ≤ 1.2× the file (no dequantized
+copies); ≤ 0.5 s for ``nanochat-sample --max-tokens 1`` and for each ``--help``.
+``--json`` keys: ``config, file_mb, load_ms, engine_ms, first_token_ms, total_ms, rss_delta_mb, rss_ratio,
+torch_imported, cli_sample_s, cli_help_s`` (``cli_help_s``: script name → seconds; the ``cli_*`` keys are null with
+``--no-cli``), ``loadavg`` (1-minute load average before and after).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import subprocess
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 CHILD = r"""
 import json, os, sys, time
-import torch, numpy  # imported before measuring: the process's baseline
-import nanochat.engine, nanochat.export
+import numpy  # the process's baseline: what any use of the package imports anyway
+import nanochat
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 r0 = rss(); t0 = time.perf_counter()
-m = nanochat.export.load(sys.argv[1])
+m = nanochat.load(sys.argv[1])
 t1 = time.perf_counter()
-eng = nanochat.engine.Engine(m)
+from nanochat import ops
+ternary, dense = m.packed_weights()
+eng = ops.rust_engine_from_weights(m.config, ternary, dense)
 t2 = time.perf_counter()
-s = eng.rust.new_session(64)
+s = eng.new_session(64)
 s.prefill([m.tokenizer.bos_id])
 t3 = time.perf_counter()
 print(json.dumps({"load_ms": (t1 - t0) * 1e3, "engine_ms": (t2 - t1) * 1e3, "first_token_ms": (t3 - t2) * 1e3,
-                  "total_ms": (t3 - t0) * 1e3, "rss_delta": rss() - r0}))
+                  "total_ms": (t3 - t0) * 1e3, "rss_delta": rss() - r0, "torch_imported": "torch" in sys.modules}))
 """
+
+SCRIPTS = ["nanochat-train", "nanochat-eval", "nanochat-sample", "nanochat-export", "nanochat-serve"]
+
+
+def loadavg() -> float:
+    return os.getloadavg()[0]
+
+
+def wall(cmd: list[str], repeat: int) -> float:
+    """Best wall time of ``cmd`` over ``repeat`` runs (it must succeed)."""
+    best = float("inf")
+    for _ in range(repeat):
+        t0 = time.perf_counter()
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def script(name: str) -> list[str]:
+    """The console script beside this interpreter (the venv's), else on PATH."""
+    here = Path(sys.executable).parent / name
+    found = str(here) if here.exists() else shutil.which(name)
+    if found is None:
+        raise SystemExit(f"error: {name} is not installed (pip install -e . puts it beside {sys.executable})")
+    return [found]
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--config", default="nano_125m")
-    ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--json", default=None)
+    ap.add_argument("--config", default="nano_125m", help="model config to build (default: nano_125m)")
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each measurement; the best is kept (default: 3)")
+    ap.add_argument("--json", default=None, help="write the record here")
+    ap.add_argument("--no-cli", action="store_true", help="skip the command-line timings")
     args = ap.parse_args()
     import torch
 
@@ -52,6 +94,7 @@ def main() -> None:
     from nanochat.model import GPT, load_config
 
     cfg, _ = load_config(args.config)
+    load_before = loadavg()
     with tempfile.TemporaryDirectory() as d:
         tok = Tokenizer.train(["def f(x):\n    return x\n"] * 50, 300)
         torch.manual_seed(0)
@@ -70,6 +113,11 @@ def main() -> None:
             )
             for _ in range(args.repeat)
         ]
+        cli_sample = cli_help = None
+        if not args.no_cli:
+            sample = [*script("nanochat-sample"), "--model", str(path), "--prompt", "def f(x):", "--max-tokens", "1"]
+            cli_sample = wall([*sample, "--temperature", "0"], args.repeat)
+            cli_help = {name: wall([*script(name), "--help"], args.repeat) for name in SCRIPTS}
     best = min(runs, key=lambda r: r["total_ms"])
     rec = {
         "config": args.config,
@@ -80,12 +128,20 @@ def main() -> None:
         "total_ms": best["total_ms"],
         "rss_delta_mb": best["rss_delta"] / 2**20,
         "rss_ratio": best["rss_delta"] / size,
+        "torch_imported": any(r["torch_imported"] for r in runs),
+        "cli_sample_s": cli_sample,
+        "cli_help_s": cli_help,
+        "loadavg": [load_before, loadavg()],
     }
+    print(f"load average {load_before:.2f} before, {rec['loadavg'][1]:.2f} after  [best of {args.repeat}]")
     print(
         f"{args.config}: GGUF {rec['file_mb']:.1f} MiB | load {rec['load_ms']:.1f} ms + engine {rec['engine_ms']:.1f} ms"
         f" + first token {rec['first_token_ms']:.1f} ms = {rec['total_ms']:.1f} ms | RSS +{rec['rss_delta_mb']:.1f} MiB"
-        f" ({rec['rss_ratio']:.2f}× the file)  [best of {args.repeat}]"
+        f" ({rec['rss_ratio']:.2f}× the file) | torch imported: {'yes' if rec['torch_imported'] else 'no'}"
     )
+    if cli_sample is not None and cli_help is not None:
+        print(f"nanochat-sample --max-tokens 1: {cli_sample:.2f} s wall (aim ≤ 0.5 s)")
+        print("--help: " + ", ".join(f"{name} {t:.2f} s" for name, t in cli_help.items()) + " (aim ≤ 0.5 s each)")
     if args.json:
         Path(args.json).write_text(json.dumps([rec], indent=2))
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import importlib
 import json
+import os
 import re
 import subprocess
 import sys
@@ -222,3 +223,18 @@ def test_sample_stats_reports_load_engine_first_token_and_rss(gguf) -> None:
     size = float(re.search(r"file ([\d.]+) MiB", line).group(1))
     assert 0 < rss <= peak
     assert size == pytest.approx(path.stat().st_size / 2**20, abs=0.05)
+
+
+def test_sample_console_script_output_is_complete_when_piped(gguf) -> None:
+    """The console script ends its process without the interpreter's teardown (torch's is slow): everything it
+    wrote must still arrive, in order, through pipes."""
+    path, _ = gguf
+    exe = Path(sys.executable).with_name("nanochat-sample")
+    if not exe.exists():
+        pytest.skip(f"{exe} is not installed")
+    args = ["--model", str(path), "--prompt", "def fib(n):", "--max-tokens", "4", "--temperature", "0", "--stats"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # pipes block-buffered, as for users
+    r = subprocess.run([str(exe), *args], capture_output=True, text=True, timeout=300, env=env)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.startswith("def fib(n):") and r.stdout.endswith("\n"), repr(r.stdout)
+    assert "4 new tokens" in r.stderr.strip().splitlines()[-1]

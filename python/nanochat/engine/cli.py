@@ -190,6 +190,20 @@ def main(
             f"RSS {rss:.0f} MiB (peak {peak:.0f})" + ("" if size is None else f", file {size:.1f} MiB"),
             err=True,
         )
+    _exit_now_if_console_script()
+
+
+def _exit_now_if_console_script() -> None:
+    """End the ``nanochat-sample`` process once its output is out, skipping the interpreter's teardown.
+
+    With torch imported, finalising its modules and unloading its libraries is a good part of a one-token run's wall
+    time: ``python -c "import torch"`` took 5.8-7.8 s with a normal exit and 4.2-5.2 s with ``os._exit`` (load 13,
+    interleaved). Only for the console script itself, never inside another program (or a test's CliRunner).
+    """
+    if "torch" in sys.modules and Path(sys.argv[0]).name == "nanochat-sample":
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
 
 
 if __name__ == "__main__":
