@@ -20,7 +20,9 @@
 //! from an atomic counter by the calling thread and `threads − 1` helpers from a rayon pool (one
 //! pool per thread count, built once). The caller starts at once; a helper that wakes late
 //! takes fewer items, or none, and is then not waited for. Calls whose estimated single-thread
-//! time is below [`PAR_MIN_US`] run on the calling thread alone.
+//! time is below [`PAR_MIN_US`] run on the calling thread alone. The mHC ops (Sinkhorn) use
+//! the same pool and protocol (`run_shared`), so a thread budget of `t` means the caller plus
+//! `t − 1` helpers for both. Thread counts above [`max_threads`] are refused.
 
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -271,9 +273,9 @@ fn available_names() -> String {
 /// Rows per parallel work item: a multiple of 32 (the widest row tile any kernel uses).
 const ROW_TILE: usize = 32;
 
-/// The crate's rayon pool of `threads` workers, built once per size and shared by the kernels and
-/// the mHC ops (their calls never overlap, so they never compete for cores).
-pub(crate) fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
+/// The crate's rayon pool of `threads` helper workers, built once per size and used only through
+/// [`run_shared`] (by the kernels and the mHC ops, with the calling thread as the extra thread).
+fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
     let mut pools = POOLS
         .get_or_init(Default::default)
@@ -527,8 +529,20 @@ fn run(
         }
         range(j * per_item, rows.min((j + 1) * per_item));
     };
+    run_shared(threads, &work)
+}
+
+/// Run `work` on the calling thread and `threads − 1` helpers of the crate's one shared pool
+/// (see [`par_run`]): the parallel protocol of the kernels and of the mHC ops alike, so one
+/// thread budget means one set of worker threads. `work` must take its items from a shared
+/// counter (every call of it returns once no items are left).
+pub(crate) fn run_shared(threads: usize, work: &(dyn Fn() + Sync)) -> Result<()> {
+    if threads <= 1 {
+        work();
+        return Ok(());
+    }
     let pool = thread_pool(threads - 1)?;
-    par_run(&pool, threads - 1, &work)
+    par_run(&pool, threads - 1, work)
 }
 
 /// Run `work` on the calling thread and on `helpers` workers of `pool`, returning once the

@@ -45,9 +45,8 @@
 //!   level, batch size or thread count.
 //! * Batches are split over the shared thread budget when there is enough work.
 
-use super::{resolve_threads, thread_pool};
+use super::{resolve_threads, run_shared};
 use crate::{shape_err, Error, Result};
-use rayon::prelude::*;
 
 /// The element types the Sinkhorn ops read and write; arithmetic is always f64.
 pub trait Real: Copy + Send + Sync + 'static {
@@ -99,7 +98,7 @@ const CHUNK_WORK: usize = 1 << 24;
 pub fn check_iters(n: usize, iters: usize) -> Result<()> {
     if iters > MAX_ITERS {
         return Err(Error::Value(format!(
-            "sinkhorn: iters = {iters} is above the limit {MAX_ITERS} (it converges in tens)"
+            "sinkhorn: {iters} iterations are above the limit {MAX_ITERS} (it converges in tens)"
         )));
     }
     let work = n.saturating_mul(n).saturating_mul(iters);
@@ -686,14 +685,24 @@ fn for_each_chunk<T: Real>(
         f(0, out);
         return Ok(());
     }
-    // ~4 tasks per thread for balance, whole blocks of LANES matrices each.
+    // ~4 tasks per thread for balance, whole blocks of LANES matrices each, taken from a shared
+    // counter by the caller and the pool's helpers.
     let per = b.div_ceil(threads * 4).next_multiple_of(LANES);
-    thread_pool(threads)?.install(|| {
-        out.par_chunks_mut(per * nn)
-            .enumerate()
-            .for_each(|(i, chunk)| f(i * per, chunk))
-    });
-    Ok(())
+    let tasks = b.div_ceil(per);
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let ptr = crate::engine::team::SendPtr::new(out);
+    let work = || loop {
+        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        if i >= tasks {
+            break;
+        }
+        let (first, last) = (i * per, b.min((i + 1) * per));
+        // SAFETY: task i alone owns matrices first..last of `out` (tasks are disjoint and each
+        // is taken once from the counter), and `out` outlives `run_shared`.
+        let chunk = unsafe { ptr.slice(first * nn, last * nn) };
+        f(first, chunk);
+    };
+    run_shared(threads, &work)
 }
 
 fn forward_impl<T: Real>(
@@ -994,19 +1003,22 @@ mod tests {
     #[test]
     fn f32_agrees_with_f64_and_threads_agree() {
         let n = 4;
-        let b = 3000;
+        // Not a whole number of SIMD blocks, and enough work to run on the shared pool.
+        let b = 3001;
         let x = random(b * n * n, 2.0, 3);
         let g = random(b * n * n, 1.0, 4);
         let mut p1 = vec![0.0; x.len()];
-        let mut p2 = vec![0.0; x.len()];
-        sinkhorn_forward(&x, n, 20, &mut p1, 1).unwrap();
-        sinkhorn_forward(&x, n, 20, &mut p2, 2).unwrap();
-        assert_eq!(p1, p2);
         let mut g1 = vec![0.0; x.len()];
-        let mut g2 = vec![0.0; x.len()];
+        sinkhorn_forward(&x, n, 20, &mut p1, 1).unwrap();
         sinkhorn_backward(&x, &g, n, 20, &mut g1, 1).unwrap();
-        sinkhorn_backward(&x, &g, n, 20, &mut g2, 2).unwrap();
-        assert_eq!(g1, g2);
+        for threads in [2, 3, 5] {
+            let mut p2 = vec![0.0; x.len()];
+            let mut g2 = vec![0.0; x.len()];
+            sinkhorn_forward(&x, n, 20, &mut p2, threads).unwrap();
+            assert_eq!(p1, p2, "{threads} threads");
+            sinkhorn_backward(&x, &g, n, 20, &mut g2, threads).unwrap();
+            assert_eq!(g1, g2, "{threads} threads");
+        }
 
         let x32: Vec<f32> = x.iter().map(|&v| v as f32).collect();
         let g32: Vec<f32> = g.iter().map(|&v| v as f32).collect();
