@@ -270,6 +270,16 @@ class Engine:
         if auto:
             backend = "rust" if device.type == "cpu" and config.quant == "ternary" else "torch"
         self.backend: _RustBackend | _TorchBackend
+        if threads is not None:
+            from nanochat import ops
+
+            # Checked here, before the backend choice: a bad thread count is the caller's error on either backend,
+            # never a reason to fall back from Rust to torch (whose set_num_threads overflows on 2**31).
+            if not 0 <= int(threads) <= ops.max_threads():
+                raise ValueError(
+                    f"threads = {threads} is out of range: 0 (automatic) to {ops.max_threads()} "
+                    "(4 × the cores, at least 8)"
+                )
         if backend == "rust":
             if device.type != "cpu":
                 raise ValueError(f"the Rust engine runs on CPU, not {device}")

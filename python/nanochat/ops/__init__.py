@@ -19,6 +19,7 @@ _EXPORTS = {
             "available_kernels",
             "default_kernel",
             "get_num_threads",
+            "max_threads",
             "pack_gguf",
             "set_num_threads",
             "tq1_0_to_kernel_layout",

@@ -29,6 +29,11 @@ def get_num_threads() -> int:
     return int(_core.get_num_threads())
 
 
+def max_threads() -> int:
+    """The most threads the Rust core accepts anywhere (4 × the cores, at least 8); more raise ValueError."""
+    return int(_core.max_threads())
+
+
 def pack_gguf(trits: np.ndarray, scale: float, quant: str = "tq2_0") -> np.ndarray:
     """Pack int8 trits (``rows × cols``) into GGUF TQ2_0/TQ1_0 blocks, every block's ``d = fp16(scale)``."""
     if quant == "tq2_0":
