@@ -192,8 +192,8 @@ def test_gguf_load_and_rust_engine_import_no_torch_and_compute_the_models_logits
 
 @pytest.mark.xfail(
     strict=True,
-    reason="the sampler runs on torch tensors: engine/generate.py:40 and engine/sampling.py:28 import torch "
-    "(issue 13 item 3: a numpy sampler would take torch off this path)",
+    reason="the sampler runs on torch tensors and generators: engine/generate.py and engine/sampling.py import torch "
+    "at the top (issue 13 item 3: a numpy sampler would take torch off this path)",
 )
 def test_sample_on_a_gguf_imports_no_torch(gguf) -> None:
     path, _ = gguf
