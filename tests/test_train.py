@@ -445,3 +445,24 @@ def test_a_standard_model_from_the_cli_exports_as_llama_cpps_bitnet(tmp_path, co
     # the flag is what made the difference: --qk-norm keeps QK-norm, which the bitnet export refuses
     r = CliRunner().invoke(app, [*base, "--residual", "standard", "--qk-norm", "--dry-run"])
     assert r.exit_code == 0 and json.loads(r.output)["model"]["qk_norm"] is True
+
+
+def test_resume_past_a_checkpoint_whose_state_json_is_gone_says_so(tmp_path, corpus, data_dir):
+    """Issue 14 item 12: the newest checkpoint lost its state.json; resume falls back to the older one, and says which
+    step was skipped and why (never silently), then finishes the run."""
+    toml = tmp_path / "tiny.toml"
+    toml.write_text(TINY.format(residual="standard"))
+    out = tmp_path / "run"
+    base = ["--data", str(corpus), "--data-dir", str(data_dir), "--threads", "1"]
+    r = CliRunner().invoke(
+        app, ["--config", str(toml), "--stop-after", "4", "--keep-last", "3", "--out", str(out), *base]
+    )
+    assert r.exit_code == 0, r.output
+    ckpts = out / "checkpoints"
+    assert sorted(p.name for p in ckpts.glob("step_*")) == ["step_000002", "step_000004"]
+    (ckpts / "step_000004" / "state.json").unlink()
+    with pytest.warns(RuntimeWarning, match=r"step_000004.*state\.json.*falling back to the older step_000002"):
+        r = CliRunner().invoke(app, ["--resume", str(out), *base])
+    assert r.exit_code == 0, r.output
+    assert "resumed from" in r.output and "step_000002 at step 2" in r.output.replace("\n", "")
+    assert json.loads((out / "summary.json").read_text())["steps"] == 6

@@ -342,7 +342,10 @@ def resolve_config(
         model_cfg = model_cfg.replace(vocab_size=cfg.vocab_size, **cfg.model_overrides).check_limits()
         where = f"model.seq_len in {cfg.config}"
     if cfg.seq_len > model_cfg.seq_len:
-        raise ValueError(f"seq_len {cfg.seq_len} exceeds the model's context of {model_cfg.seq_len} ({where})")
+        raise ValueError(
+            f"seq_len {cfg.seq_len} exceeds the model's context of {model_cfg.seq_len} ({where}); "
+            f"pass --seq-len {model_cfg.seq_len} or less"
+        )
     check_paths(cfg)
     return cfg
 
