@@ -437,3 +437,26 @@ def test_reexported_base_model_keeps_its_tokenizer_keys(tmp_path, hf_tok):
     assert back.tokenizer.encode_prompt(text) == src.tokenizer.encode_prompt(text)
     np.testing.assert_array_equal(back.packed_weights()[0]["blocks.0.attn.q_proj.weight"][0],
                                   src.packed_weights()[0]["blocks.0.attn.q_proj.weight"][0])  # fmt: skip
+
+
+def test_server_on_a_base_model_file(tmp_path, hf_tok):
+    """Served, a base-model file refuses chat with a 400 (not a 500) and ends a completion at its own EOS."""
+    import httpx
+    from serve_fakes import ServerThread
+
+    from nanochat.serve import EngineBackend, Settings, create_app
+
+    path = write_converter_gguf(tmp_path / "base.gguf", make_model(), hf_tok)
+    eot = hf_tok.token_to_id(EOT)
+    backend = EngineBackend.from_path(path, threads=1)
+    assert eot in backend.stop_token_ids
+    with ServerThread(create_app(backend, Settings())) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        r = c.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "hi"}]})
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "chat_unsupported" and "base model" in r.json()["error"]["message"]
+        # force <|endoftext|> first: the completion must end there, not run to max_tokens
+        body = {"prompt": "def add(a, b):", "max_tokens": 16, "temperature": 0, "logit_bias": {str(eot): 100}}
+        r = c.post("/v1/completions", json=body)
+        assert r.status_code == 200, r.text
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop" and r.json()["usage"]["completion_tokens"] <= 1, r.json()

@@ -230,7 +230,8 @@ def _stop_ids_of(tokenizer: Any) -> frozenset[int]:
     """End of message, end of text, and the tokens that would start a new document or turn."""
     special = getattr(tokenizer, "special_ids", {})
     names = ("<|end|>", "<|eos|>", "<|bos|>", "<|user|>", "<|system|>", "<|assistant|>")
-    return frozenset(int(special[n]) for n in names if n in special)
+    eog = getattr(tokenizer, "eog_ids", frozenset())  # a base model's own EOS/EOT (e.g. <|endoftext|>)
+    return frozenset({int(special[n]) for n in names if n in special} | {int(i) for i in eog})
 
 
 class EngineBackend:

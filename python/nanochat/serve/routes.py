@@ -19,6 +19,7 @@ from typing import Any
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from nanochat.data.tokenizer import ChatTemplateError
 from nanochat.serve.backend import TokenLogprob
 from nanochat.serve.errors import APIError, error_responses
 from nanochat.serve.generation import Service
@@ -165,7 +166,10 @@ async def chat_completions(body: ChatCompletionRequest, request: Request) -> Res
     tok = svc.backend.tokenizer
     messages = [{"role": m.template_role(), "content": m.text()} for m in body.messages]
     svc.check_chars(sum(len(m["content"]) for m in messages), 2 * len(messages) + 2, "messages")
-    prompt_ids = list(await svc.off_loop(tok.render_chat, messages))
+    try:
+        prompt_ids = list(await svc.off_loop(tok.render_chat, messages))
+    except ChatTemplateError as e:  # a base model without a usable chat template: use /v1/completions
+        raise APIError(400, f"{e}", param="messages", code="chat_unsupported") from None
     params = svc.generation_params(body, body.requested_max_tokens(), len(prompt_ids), svc.backend.context_length,
                                    "messages")  # fmt: skip
     rid, now, model = f"chatcmpl-{uuid.uuid4().hex}", int(time.time()), svc.backend.model_id
