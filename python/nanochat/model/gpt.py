@@ -114,7 +114,8 @@ class KVCache:
 
     @property
     def capacity(self) -> int:
-        return 0 if self.k[0] is None else self.k[0].shape[2]
+        k0 = self.k[0]
+        return 0 if k0 is None else k0.shape[2]
 
     def check_room(self, n: int) -> None:
         """Raise before any work if ``n`` more positions do not fit in ``max_seq``."""
