@@ -47,7 +47,7 @@ from serve_fakes import (
 
 from nanochat.engine.sampling import sample
 from nanochat.serve import EngineBackend, GenerationParams, Settings, create_app
-from nanochat.serve.backend import model_id_for
+from nanochat.serve.backend import Delta, model_id_for
 from nanochat.serve.cli import exposure_warning
 from nanochat.serve.generation import SlotPool
 from nanochat.serve.settings import find_latest_run, is_loopback_host
@@ -668,12 +668,21 @@ def test_batched_requests_equal_solo_requests(real_backend: EngineBackend) -> No
     prompts = [real_backend.tokenizer.render_chat([{"role": "user", "content": f"task {i}"}]) for i in range(4)]
     params = [gp(max_tokens=40 + 10 * i, temperature=0.8, top_k=50 * (i % 2), seed=i) for i in range(4)]
 
-    def run(i: int) -> str:
-        return "".join(d.text for d in real_backend.stream(prompts[i], params[i], threading.Event()))
+    batcher = real_backend.batcher
 
+    def drain(deltas: Iterator[Delta]) -> str:
+        return "".join(d.text for d in deltas)
+
+    # all four submitted before any is read: the shortest needs 40 decode steps, and each step admits what waits
+    batcher.max_batch = 0
+    streams = [real_backend.stream(prompts[i], params[i], threading.Event()) for i in range(4)]
     with ThreadPoolExecutor(4) as pool:
-        together = list(pool.map(run, range(4)))  # submitted at once: the batcher steps them together
-    assert together == [run(i) for i in range(4)]
+        together = list(pool.map(drain, streams))
+    assert batcher.max_batch == 4, f"the four requests were never stepped together (largest batch {batcher.max_batch})"
+    batcher.max_batch = 0
+    alone = [drain(real_backend.stream(prompts[i], params[i], threading.Event())) for i in range(4)]
+    assert batcher.max_batch == 1  # one at a time: the twin really ran alone
+    assert together == alone
 
 
 # ============================================================================ CLI
