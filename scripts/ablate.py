@@ -25,10 +25,11 @@ from pathlib import Path
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "fp": ["--quant", "fp"],
-    "standard": ["--residual", "standard"],
-    "standard_fp": ["--residual", "standard", "--quant", "fp"],
+    "standard": ["--residual", "standard", "--qk-norm"],  # one change from base: keep QK-norm on
+    "standard_fp": ["--residual", "standard", "--qk-norm", "--quant", "fp"],
     "relu2": ["--mlp", "relu2"],
     "fim0": ["--fim-rate", "0"],
+    "fim_lines": ["--fim-line-rate", "0.5"],  # half the FIM middles are whole lines (an editor's line request)
     "vocab8k": ["--vocab-size", "8192"],
     "lr_x2": ["--lr", "2"],
     "lr_half": ["--lr", "0.5"],

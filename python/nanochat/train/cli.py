@@ -116,6 +116,10 @@ def main(
         float | None,
         typer.Option(help="share of train chunks in fill-in-the-middle form (0 = off)", rich_help_panel=DATA),
     ] = None,
+    fim_line_rate: Annotated[
+        float | None,
+        typer.Option(help="share of FIM examples whose middle is whole lines (0 = off)", rich_help_panel=DATA),
+    ] = None,
     device: Annotated[str | None, typer.Option(help="cpu | cuda | cuda:N | auto", rich_help_panel=RUN)] = None,
     dtype: Annotated[str | None, typer.Option(help="float32 | bfloat16 | auto", rich_help_panel=RUN)] = None,
     compile: Annotated[
