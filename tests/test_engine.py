@@ -522,3 +522,12 @@ def test_a_model_the_rust_engine_refuses_runs_on_the_cached_torch_forward_or_fai
     want, logits = reference_greedy(m, prompt, 8)
     assert_same_greedy(res.token_ids, want, logits, rel_tie=3e-2)
     assert Engine(make_model(17, quant="fp"), tokenizer).backend_note is None  # fp: torch by design, no note
+
+
+def test_bad_engine_settings_are_the_callers_error_not_a_reason_to_fall_back(tokenizer) -> None:
+    m = make_model(18, residual="standard")
+    with pytest.raises(ValueError, match="head must be one of"):
+        Engine(m, tokenizer, head="f8")
+    with pytest.raises(ValueError, match="kv must be one of"):
+        Engine(m, tokenizer, kv="int4")
+    assert Engine(m, tokenizer, head="f16").backend_name == "rust"

@@ -284,7 +284,13 @@ class Engine:
             if device.type != "cpu":
                 raise ValueError(f"the Rust engine runs on CPU, not {device}")
             from nanochat import ops
+            from nanochat.ops.engine import HEAD_PRECISIONS, KV_PRECISIONS
 
+            # the caller's settings are checked before the build, so that only a model refusal can fall back below
+            if head not in HEAD_PRECISIONS:
+                raise ValueError(f"head must be one of {HEAD_PRECISIONS}, got {head!r}")
+            if kv not in KV_PRECISIONS:
+                raise ValueError(f"kv must be one of {KV_PRECISIONS}, got {kv!r}")
             n = int(threads) if threads else torch.get_num_threads()
             try:
                 if loaded is not None:
