@@ -10,8 +10,12 @@ Examples::
     nanochat-sample --model runs/d20 --prefix $'def add(a, b):\\n    ' --suffix $'\\n    return c\\n' --temperature 0
 
 ``--model`` is anything ``nanochat.export.load.load`` reads: a GGUF file (ternary tensors go straight to the Rust
-engine, memory-mapped), a training run or checkpoint directory, or a safetensors export. Timing (load, prefill,
-ms/token) goes to stderr with ``--stats``, so stdout is only the prompt and the completion.
+engine, memory-mapped), a training run or checkpoint directory, or a safetensors export.
+
+With ``--stats``, one line on stderr (stdout stays the prompt and the completion) gives the start-up (interpreter and
+imports), the model load, the engine build, the first token (after the prompt was submitted, and since the process
+started), throughput, and the resident set size beside the file's size. A GGUF loads into the Rust engine without
+torch; once the output is out, the console script exits without the interpreter's teardown.
 
 Infilling (``--prefix``/``--suffix``, either may be empty) sends the PSM prompt ``<|bos|><|fim_prefix|>prefix
 <|fim_suffix|>suffix<|fim_middle|>`` (:func:`nanochat.data.fim.infill_prompt`) and prints only the generated middle,
@@ -98,7 +102,13 @@ def main(
     device: Annotated[str, typer.Option(help="cpu | cuda (torch backend).", rich_help_panel="Runtime")] = "cpu",
     head: Annotated[str, typer.Option(help="Rust LM head: f32 | f16 | int8.", rich_help_panel="Runtime")] = "f32",
     kv: Annotated[str, typer.Option(help="Rust KV cache: f32 | f16.", rich_help_panel="Runtime")] = "f32",
-    stats: Annotated[bool, typer.Option(help="Print timings to stderr.", rich_help_panel="Runtime")] = False,
+    stats: Annotated[
+        bool,
+        typer.Option(
+            help="Print start-up, load, engine build and first-token times and RSS to stderr.",
+            rich_help_panel="Runtime",
+        ),
+    ] = False,
 ) -> None:
     """Generate a completion of --prompt with the model at --model, streaming it to stdout.
 
