@@ -1,4 +1,5 @@
-"""GGUF and safetensors export/load: round trips, llama.cpp's bitnet layout, foreign and damaged files."""
+"""GGUF and safetensors export/load: round trips, llama.cpp's bitnet layout (keys checked against hand-written names),
+our GGUF reader field by field against gguf-py's GGUFReader, foreign and damaged files."""
 
 from __future__ import annotations
 
@@ -112,18 +113,57 @@ def test_bitnet_refuses_what_llama_cpp_cannot_run(tmp_path, tok, kw, match):
     assert load(p).config == m.config
 
 
-def test_llama_cpp_converter_layout_loads(tmp_path, tok):
-    """A bitnet file laid out the way llama.cpp's converter writes it: trits*scale quantized by gguf itself
-    (per-block d = scale, or d = 0 for all-zero blocks), TQ1_0 for some tensors, a separate .scale tensor
-    (blocks at d = 1) for others."""
-    m = make_model()
-    cfg = m.config
-    path = tmp_path / "conv.gguf"
-    w = gguf.GGUFWriter(str(path), "bitnet")
-    from nanochat.export.gguf_io import write_hparams, write_tokenizer
+# llama.cpp's key names, written out by hand from gguf-py's constants (Keys.LLM / Keys.Attention / Keys.Rope /
+# Keys.Tokenizer with arch "bitnet") rather than through our own writer, with the GGUF value type each is read as
+UINT32, FLOAT32, STRING = gguf.GGUFValueType.UINT32, gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.STRING
 
-    write_hparams(w, cfg)
-    write_tokenizer(w, tok, cfg.vocab_size)
+
+def bitnet_hparams(cfg: GPTConfig) -> dict[str, tuple[object, gguf.GGUFValueType]]:
+    """The ``bitnet.*`` keys llama.cpp's converter writes for a config like make_model's, with literal values."""
+    assert (cfg.seq_len, cfg.n_embd, cfg.n_layer, cfg.mlp_hidden, cfg.n_head, cfg.n_kv_head) == (64, 256, 2, 512, 4, 2)
+    return {
+        "bitnet.context_length": (64, UINT32),
+        "bitnet.embedding_length": (256, UINT32),
+        "bitnet.block_count": (2, UINT32),
+        "bitnet.feed_forward_length": (512, UINT32),
+        "bitnet.attention.head_count": (4, UINT32),
+        "bitnet.attention.head_count_kv": (2, UINT32),
+        "bitnet.attention.layer_norm_rms_epsilon": (1e-5, FLOAT32),
+        "bitnet.rope.freq_base": (10000.0, FLOAT32),
+    }
+
+
+def hf_vocab(tok: Tokenizer, n_vocab: int) -> tuple[list[str], list[int], list[str]]:
+    """tokens / token_type / merges read straight from the HF tokenizer JSON, the way llama.cpp's converter does
+    (added special tokens are CONTROL = 3, the rest NORMAL = 1, rows past the tokenizer [PAD{i}] UNUSED = 5)."""
+    import json
+
+    spec = json.loads(tok.to_json())
+    by_id = {i: t for t, i in spec["model"]["vocab"].items()}
+    special = {a["id"]: a["content"] for a in spec["added_tokens"]}
+    by_id.update(special)
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(n_vocab)]
+    types = [3 if i in special else 1 if i in by_id else 5 for i in range(n_vocab)]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+    return tokens, types, merges
+
+
+def write_converter_file(path, m: GPT, tok: Tokenizer):
+    """A bitnet file laid out the way llama.cpp's converter writes it, keys spelled by hand: trits*scale quantized
+    by gguf itself (per-block d = scale, or d = 0 for all-zero blocks), TQ1_0 for some tensors, a separate .scale
+    tensor (blocks at d = 1) for others."""
+    cfg = m.config
+    w = gguf.GGUFWriter(str(path), "bitnet")
+    for key, (value, vtype) in bitnet_hparams(cfg).items():
+        w.add_key_value(key, value, vtype)
+    tokens, types, merges = hf_vocab(tok, cfg.vocab_size)
+    w.add_key_value("tokenizer.ggml.model", "gpt2", STRING)
+    w.add_key_value("tokenizer.ggml.pre", "gpt-2", STRING)
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", types)
+    w.add_array("tokenizer.ggml.merges", merges)
+    w.add_key_value("tokenizer.ggml.bos_token_id", tok.bos_id, UINT32)
+    w.add_key_value("tokenizer.ggml.eos_token_id", tok.eos_id, UINT32)
     from nanochat.export.names import is_ternary, to_gguf_name
 
     T = gguf.GGMLQuantizationType
@@ -144,10 +184,130 @@ def test_llama_cpp_converter_layout_loads(tmp_path, tok):
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
     w.close()
-    loaded = load(path)
+    return path
+
+
+def test_llama_cpp_converter_layout_loads(tmp_path, tok):
+    m = make_model()
+    loaded = load(write_converter_file(tmp_path / "conv.gguf", m, tok))
+    assert loaded.config == m.config
+    text = "def add(a, b):\n    return a + b\nclass Foo:"
+    assert loaded.tokenizer.encode(text) == tok.encode(text)
     ids = tok.encode("class Foo:")
     a, b = logits(m, ids), logits(loaded.torch_model(), ids)
     assert ((a - b).norm() / a.norm()).item() < 5e-2
+
+
+def test_export_writes_llama_cpp_bitnet_keys(tmp_path, tok):
+    """Our bitnet export holds llama.cpp's keys with the values and value types its loader reads (it refuses a key
+    of the wrong type), checked against the hand-written list and the HF tokenizer, not against our writer."""
+    m = make_model()
+    path = export_gguf(m, tok, tmp_path / "m.gguf")
+    r = gguf.GGUFReader(str(path))
+    assert r.fields["general.architecture"].contents() == "bitnet"
+    for key, (value, vtype) in bitnet_hparams(m.config).items():
+        f = r.fields[key]
+        assert f.types == [vtype], key
+        assert f.contents() == pytest.approx(value, rel=1e-7), key
+    tokens, types, merges = hf_vocab(tok, m.config.vocab_size)
+    assert r.fields["tokenizer.ggml.model"].contents() == "gpt2"
+    assert r.fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert r.fields["tokenizer.ggml.tokens"].contents() == tokens
+    assert r.fields["tokenizer.ggml.token_type"].contents() == types
+    assert r.fields["tokenizer.ggml.merges"].contents() == merges
+    assert tokens[r.fields["tokenizer.ggml.bos_token_id"].contents()] == "<|bos|>"
+    assert tokens[r.fields["tokenizer.ggml.eos_token_id"].contents()] == "<|eos|>"
+    for key in ("tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id"):
+        assert r.fields[key].types == [UINT32], key
+    # tensor names and types llama.cpp's bitnet graph looks up (llm_build_bitnet), the head tied to token_embd
+    names = {t.name: t.tensor_type for t in r.tensors}
+    per_block = ["attn_norm", "attn_q", "attn_k", "attn_v", "attn_output", "attn_sub_norm", "ffn_norm", "ffn_gate",
+                 "ffn_up", "ffn_down", "ffn_sub_norm"]  # fmt: skip
+    want = {"token_embd.weight", "output_norm.weight"} | {f"blk.{b}.{n}.weight" for b in range(2) for n in per_block}
+    assert set(names) == want
+    T = gguf.GGMLQuantizationType
+    for b in range(2):
+        for n in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down"]:
+            assert names[f"blk.{b}.{n}.weight"] == T.TQ2_0
+        for n in ["attn_norm", "attn_sub_norm", "ffn_norm", "ffn_sub_norm"]:
+            assert names[f"blk.{b}.{n}.weight"] == T.F32
+
+
+def write_f16_file(path, m: GPT, tok: Tokenizer):
+    """Every tensor of the model as F16 (BitLinear weights too, as a float converter would leave them), a Q8_0 and
+    an F32 extra, a 64-byte alignment, and one metadata key of every GGUF value type and array element type."""
+    V = gguf.GGUFValueType
+    w = gguf.GGUFWriter(str(path), "bitnet")
+    w.add_custom_alignment(64)
+    for key, (value, vtype) in bitnet_hparams(m.config).items():
+        w.add_key_value(key, value, vtype)
+    scalars = [(V.UINT8, 200), (V.INT8, -100), (V.UINT16, 60000), (V.INT16, -30000), (V.UINT32, 4_000_000_000),
+               (V.INT32, -2_000_000_000), (V.UINT64, 2**63 + 5), (V.INT64, -(2**62)), (V.FLOAT32, 0.1),
+               (V.FLOAT64, 0.1), (V.BOOL, True), (V.BOOL, False), (V.STRING, "héllo 🙂"), (V.STRING, "")]  # fmt: skip
+    for i, (vtype, value) in enumerate(scalars):
+        w.add_key_value(f"test.scalar{i}", value, vtype)
+    w.add_array("test.ints", [1, -2, 3])
+    w.add_array("test.floats", [0.5, 1e-3])
+    w.add_array("test.strings", ["a", "🙂", ""])
+    w.add_array("test.bools", [True, False])
+    w.add_array("test.empty", [])
+    tokens, types, merges = hf_vocab(tok, m.config.vocab_size)
+    w.add_key_value("tokenizer.ggml.model", "gpt2", V.STRING)
+    w.add_key_value("tokenizer.ggml.pre", "gpt-2", V.STRING)
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.token_type", types)
+    w.add_array("tokenizer.ggml.merges", merges)
+    w.add_key_value("tokenizer.ggml.bos_token_id", tok.bos_id, V.UINT32)
+    w.add_key_value("tokenizer.ggml.eos_token_id", tok.eos_id, V.UINT32)
+    from nanochat.export.names import to_gguf_name
+
+    for name, t in m.state_dict().items():
+        w.add_tensor(to_gguf_name(name), t.float().numpy().astype(np.float16))
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    Q8 = gguf.GGMLQuantizationType.Q8_0
+    w.add_tensor("extra.q8_0", gguf.quants.quantize(x, Q8), raw_dtype=Q8)
+    w.add_tensor("extra.f32", np.arange(7, dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+@pytest.mark.parametrize("kind", ["ours_tq2_0", "ours_tq1_0_mhc", "f16", "converter_tq2_0"])
+def test_gguf_file_reader_matches_gguf_reader(tmp_path, tok, kind):
+    """Our hand-written reader (export/gguf_file.py) against gguf-py's GGUFReader, field by field: the same keys in
+    file order, each value equal and of the same Python type, the same tensors (name, shape, type) over the same
+    bytes."""
+    from nanochat.export.gguf_file import GGUFFile
+
+    path = tmp_path / f"{kind}.gguf"
+    if kind == "ours_tq2_0":
+        export_gguf(make_model(), tok, path)
+    elif kind == "ours_tq1_0_mhc":
+        export_gguf(make_model("mhc_lite"), tok, path, quant="tq1_0")
+    elif kind == "f16":
+        write_f16_file(path, make_model(), tok)
+    else:
+        write_converter_file(path, make_model(), tok)
+    ref, ours = gguf.GGUFReader(str(path)), GGUFFile(path)
+    ref_fields = {k: f for k, f in ref.fields.items() if not k.startswith("GGUF.")}  # GGUF.* are header pseudo-keys
+    assert ours.version == ref.fields["GGUF.version"].contents() == 3
+    assert list(ours.fields) == list(ref_fields)
+    for key, f in ref_fields.items():
+        want, got = f.contents(), ours.fields[key]
+        assert got == want and type(got) is type(want), key
+        if isinstance(want, list):
+            assert [type(x) for x in got] == [type(x) for x in want], key
+    assert [t.name for t in ours.tensors] == [t.name for t in ref.tensors]
+    for a, b in zip(ours.tensors, ref.tensors, strict=True):
+        assert a.shape == tuple(int(d) for d in b.shape), a.name
+        assert a.type == int(b.tensor_type), a.name
+        assert a.data.nbytes == b.n_bytes and a.data.tobytes() == np.asarray(b.data).tobytes(), a.name
+    if kind == "ours_tq1_0_mhc":
+        assert any(t.type == gguf.GGMLQuantizationType.TQ1_0 for t in ours.tensors)
+    if kind == "f16":
+        assert ours.fields["general.alignment"] == 64 and ref.tensors[-1].data_offset % 64 == 0
 
 
 def test_damaged_and_foreign_files(tmp_path, tok):
