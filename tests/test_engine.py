@@ -531,3 +531,29 @@ def test_bad_engine_settings_are_the_callers_error_not_a_reason_to_fall_back(tok
     with pytest.raises(ValueError, match="kv must be one of"):
         Engine(m, tokenizer, kv="int4")
     assert Engine(m, tokenizer, head="f16").backend_name == "rust"
+
+
+def test_fork_then_decode_equals_a_fresh_prefill_then_decode() -> None:
+    """``EngineSession.fork()`` (one prefill shared by n samples) gives exactly the logits of prefilling again."""
+    m = make_model(12, residual="mhc")
+    eng = ops.build_rust_engine(m, threads=1)
+    prompt, conts = [3, 1, 4, 1, 5, 9, 2, 6], ([5, 3, 5], [8, 9], [7])
+    parent = eng.new_session()
+    parent.prefill(prompt)
+    forks = [parent.fork() for _ in conts]
+    assert all(f.position == len(prompt) and f.cache_bytes == parent.cache_bytes for f in forks)
+    got: list[list[np.ndarray]] = [[] for _ in conts]
+    for step in range(3):  # interleaved, so forks sharing a cache would see each other's tokens
+        for i, c in enumerate(conts):
+            if step < len(c):
+                got[i].append(forks[i].decode(c[step]))
+    for c, g in zip(conts, got, strict=True):
+        fresh = eng.new_session()
+        fresh.prefill(prompt)
+        for t, row in zip(c, g, strict=True):
+            np.testing.assert_array_equal(row, fresh.decode(t))
+    assert parent.position == len(prompt)
+    # a fork of one engine is still refused by another
+    other = ops.build_rust_engine(m, threads=1)
+    with pytest.raises(ValueError, match="another EngineModel"):
+        other.decode_batch([forks[0]], [1])

@@ -478,6 +478,16 @@ impl EngineSession {
         PyArray1::from_vec(py, logits).reshape([rows, v])
     }
 
+    /// A new session of the same model holding a copy of this one's KV cache and position:
+    /// prefill a prompt once, then fork it for each of `n` samples. The two are independent.
+    fn fork(&self, py: Python<'_>) -> PyResult<EngineSession> {
+        let sess = py.detach(|| guarded(|| self.sess.fork()))?;
+        Ok(EngineSession {
+            sess,
+            model: self.model.clone(),
+        })
+    }
+
     /// Forget the sequence (the cache memory is kept for reuse).
     fn reset(&mut self) {
         self.sess.reset()

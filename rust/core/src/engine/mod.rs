@@ -163,6 +163,25 @@ impl KvBuf {
         }
     }
 
+    /// A copy, or [`Error::OutOfMemory`] (a fork of a long session is a large allocation).
+    fn try_clone(&self) -> Result<KvBuf> {
+        fn go<T: Copy>(b: &[T]) -> Result<Vec<T>> {
+            let mut v = Vec::new();
+            v.try_reserve_exact(b.len()).map_err(|_| {
+                Error::OutOfMemory(format!(
+                    "session fork: cannot copy a KV cache of {} elements",
+                    b.len()
+                ))
+            })?;
+            v.extend_from_slice(b);
+            Ok(v)
+        }
+        Ok(match self {
+            KvBuf::F32(b) => KvBuf::F32(go(b)?),
+            KvBuf::F16(b) => KvBuf::F16(go(b)?),
+        })
+    }
+
     /// Store `src` at element offset `at` (rounding to the cache precision).
     pub(crate) fn write(&mut self, at: usize, src: &[f32]) {
         match self {
@@ -478,6 +497,28 @@ impl Session {
     /// Bytes held by the KV cache.
     pub fn cache_bytes(&self) -> usize {
         self.k.iter().chain(&self.v).map(KvBuf::bytes).sum()
+    }
+
+    /// An independent copy (KV cache and position) of the same model: after a shared prefill,
+    /// `n` samples of one prompt each decode from their own fork instead of prefilling `n` times.
+    /// The copy holds only the allocated positions (a multiple of [`CACHE_CHUNK`]), not `max_seq`.
+    /// A failed allocation is [`Error::OutOfMemory`], not an abort.
+    pub fn fork(&self) -> Result<Session> {
+        let copy = |bufs: &[KvBuf]| {
+            bufs.iter()
+                .map(KvBuf::try_clone)
+                .collect::<Result<Vec<_>>>()
+        };
+        Ok(Session {
+            model_id: self.model_id,
+            max_seq: self.max_seq,
+            pos: self.pos,
+            k: copy(&self.k)?,
+            v: copy(&self.v)?,
+            cap: self.cap,
+            n_kv_head: self.n_kv_head,
+            head_dim: self.head_dim,
+        })
     }
 
     /// Forget the sequence (keeps the allocated cache).

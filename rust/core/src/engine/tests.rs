@@ -581,6 +581,47 @@ fn batched_equals_one_at_a_time_and_threads_agree() {
 }
 
 #[test]
+fn fork_decodes_like_a_fresh_prefill_and_is_independent() {
+    for kv in [KvPrecision::F32, KvPrecision::F16] {
+        let c = cfg(Residual::MhcLite, MlpKind::SwiGlu, true, 2);
+        let opts = Options {
+            kv,
+            threads: 1,
+            ..Default::default()
+        };
+        let m = Model::new(c.clone(), weights(&c, 9), opts).unwrap();
+        let prompt = toks(6, 2, c.vocab_size);
+        let (ta, tb) = ([5u32, 17, 40], [80u32, 3]);
+        // the reference: a fresh prefill per continuation
+        let fresh = |cont: &[u32]| -> Vec<Vec<f32>> {
+            let mut s = m.new_session(0);
+            m.step(&mut s, &prompt).unwrap();
+            cont.iter()
+                .map(|&t| m.step(&mut s, &[t]).unwrap())
+                .collect()
+        };
+        let mut parent = m.new_session(0);
+        m.step(&mut parent, &prompt).unwrap();
+        let mut a = parent.fork().unwrap();
+        let mut b = parent.fork().unwrap();
+        assert_eq!((a.position(), a.cache_bytes()), (6, parent.cache_bytes()));
+        // interleaved decodes: a fork that shared memory with its sibling would diverge
+        let mut got_a = Vec::new();
+        let mut got_b = Vec::new();
+        for i in 0..3 {
+            got_a.push(m.step(&mut a, &[ta[i]]).unwrap());
+            if i < 2 {
+                got_b.push(m.step(&mut b, &[tb[i]]).unwrap());
+            }
+        }
+        assert_eq!(got_a, fresh(&ta), "{kv:?}");
+        assert_eq!(got_b, fresh(&tb), "{kv:?}");
+        assert_eq!(parent.position(), 6);
+        assert_eq!(m.step(&mut parent, &[ta[0]]).unwrap(), fresh(&ta[..1])[0]);
+    }
+}
+
+#[test]
 fn bad_inputs_are_errors_and_leave_sessions_alone() {
     let cfg = cfg(Residual::Standard, MlpKind::Relu2, false, 4);
     let m = model(&cfg, 1, 2);
