@@ -1,5 +1,6 @@
 """mHC ops: the Rust Sinkhorn op against the torch reference (forward, gradients, gradcheck, opcheck), the
-permutation basis against itertools, BvN reconstructions, error paths, and diagnostics against numpy."""
+permutation basis against itertools, BvN reconstructions, error paths, diagnostics against numpy, and an fp mHC model
+at init against the standard residual model."""
 
 from __future__ import annotations
 
@@ -366,3 +367,39 @@ def test_cuda_path_matches_cpu_rust():
     (gr,) = torch.autograd.grad(pr, xr, g)
     torch.testing.assert_close(gc.cpu(), gr, rtol=0, atol=1e-4)
     torch.library.opcheck(ops.sinkhorn, (xc, 20))
+
+
+# ----------------------------------------------------------------------------- the model at init
+
+
+@pytest.mark.parametrize("kind", ["mhc_lite", "mhc"])
+def test_fp_model_at_init_equals_standard_model(kind):
+    """At init (identical streams, identity-dominant H_res) an mHC model computes the standard residual model.
+    With quant="fp" there is no int8 activation rounding to amplify Sinkhorn's ~1e-7 row-sum error, so the
+    logits agree to 1e-6 for ``mhc`` as for ``mhc_lite`` (test_model.py's ternary twin needs 1e-2 for ``mhc``)."""
+    from nanochat.model import GPT, GPTConfig, torch_path_only
+
+    def cfg(residual: str) -> GPTConfig:
+        return GPTConfig(vocab_size=64, seq_len=64, n_layer=2, n_head=4, n_kv_head=2, n_embd=256, mlp_hidden=256,
+                         residual=residual, quant="fp")  # fmt: skip
+
+    torch.manual_seed(5)
+    std = GPT(cfg("standard"))
+    idx = torch.randint(0, 64, (2, 12))
+    with torch.no_grad(), torch_path_only():
+        before = std(idx)
+        g = torch.Generator().manual_seed(0)
+        for name, p in std.named_parameters():  # every linear random (init zeroes o_proj/down_proj)
+            if p.ndim == 2 and "wte" not in name:
+                p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(p.shape[1]))
+        mhc = GPT(cfg(kind))
+        missing, unexpected = mhc.load_state_dict(std.state_dict(), strict=False)
+        assert not unexpected and missing and all("mhc" in k for k in missing)
+        a, b = mhc(idx), std(idx)
+    assert (b - before).abs().max() > 0.1  # the sublayers contribute: not an identity-vs-identity comparison
+    torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    # float32 sums in another order already differ by ~1e-6; in float64 the two agree to the float32 logits' last
+    # bit, which also catches an init that is off by 1e-5 (e.g. H_post = 2·sigmoid(1e-5))
+    with torch.no_grad():
+        a, b = mhc.double()(idx), std.double()(idx)
+    torch.testing.assert_close(a, b, rtol=0, atol=1e-8)
