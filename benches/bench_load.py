@@ -5,7 +5,7 @@
 Writes a random-weight model of the config as a TQ2_0 GGUF (the exporter's normal path), then measures, each in a
 fresh Python process (so imports and allocator state do not blur the numbers):
 
-- **in process**, after ``import numpy, nanochat`` (the baseline): ``nanochat.load(path)`` (memory-mapped read +
+- **in process**, after importing the loader and engine modules (the baseline): ``nanochat.load(path)`` (memory-mapped read +
   TQ2_0 → kernel layout), building the Rust engine from the loaded blocks, and one prefill of ``<|bos|>`` — the time
   to the first token ready — and the resident-set growth (RSS after minus before) against the file size; and whether
   any of it imported torch (it should not: the Rust engine serves a GGUF with numpy alone);
@@ -35,8 +35,8 @@ from pathlib import Path
 
 CHILD = r"""
 import json, os, sys, time
-import numpy  # the process's baseline: what any use of the package imports anyway
-import nanochat
+import numpy  # the baseline: the modules the load and the engine use (imports are timed by the CLI run below)
+import nanochat, nanochat.export.load, nanochat.ops.engine, nanochat.ops.native
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
