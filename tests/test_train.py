@@ -466,3 +466,88 @@ def test_resume_past_a_checkpoint_whose_state_json_is_gone_says_so(tmp_path, cor
     assert r.exit_code == 0, r.output
     assert "resumed from" in r.output and "step_000002 at step 2" in r.output.replace("\n", "")
     assert json.loads((out / "summary.json").read_text())["steps"] == 6
+
+
+def test_distillation_loss_matches_a_plain_python_reference():
+    """compute_loss with a teacher: (1 - w)·CE + w·τ²·KL(teacher_τ ‖ student_τ), both averaged over tokens, written
+    out with math.exp/log per token; and the KL term reaches the gradient."""
+    import math
+    import types
+
+    from nanochat.train.loop import compute_loss
+
+    g = torch.Generator().manual_seed(0)
+    B, T, V = 2, 3, 5
+    s_logits = (torch.randn(B, T, V, generator=g) * 2).requires_grad_()
+    t_logits = torch.randn(B, T, V, generator=g) * 2
+    x = torch.zeros(B, T, dtype=torch.long)
+    y = torch.randint(0, V, (B, T), generator=g)
+
+    def log_softmax(row: list[float], tau: float) -> list[float]:
+        z = [v / tau for v in row]
+        m = max(z)
+        lse = m + math.log(sum(math.exp(v - m) for v in z))
+        return [v - lse for v in z]
+
+    for w, tau in [(0.5, 1.0), (0.3, 2.0), (1.0, 0.5)]:
+        cfg = types.SimpleNamespace(distill_weight=w, distill_temp=tau)
+        loss, ce = compute_loss(lambda _x: s_logits, x, y, lambda _x: t_logits, cfg)  # type: ignore[arg-type]
+        ces, kls = [], []
+        for b in range(B):
+            for t in range(T):
+                srow, trow = s_logits[b, t].tolist(), t_logits[b, t].tolist()
+                ces.append(-log_softmax(srow, 1.0)[int(y[b, t])])
+                ls, lt = log_softmax(srow, tau), log_softmax(trow, tau)
+                kls.append(sum(math.exp(a) * (a - c) for a, c in zip(lt, ls, strict=True)))
+        want_ce = sum(ces) / len(ces)
+        want = (1 - w) * want_ce + w * tau * tau * sum(kls) / len(kls)
+        assert ce.item() == pytest.approx(want_ce, rel=1e-5)
+        assert loss.item() == pytest.approx(want, rel=1e-5)
+        assert abs(want - want_ce) > 0.05  # the KL term is not negligible here
+    # at w = 1 the gradient is the KL's alone: zero when the student equals the teacher, non-zero otherwise
+    cfg = types.SimpleNamespace(distill_weight=1.0, distill_temp=1.0)
+    same = t_logits.clone().requires_grad_()
+    compute_loss(lambda _x: same, x, y, lambda _x: t_logits, cfg)[0].backward()  # type: ignore[arg-type]
+    assert same.grad is not None and same.grad.abs().max() < 1e-6
+    compute_loss(lambda _x: s_logits, x, y, lambda _x: t_logits, cfg)[0].backward()  # type: ignore[arg-type]
+    assert s_logits.grad is not None and s_logits.grad.abs().max() > 1e-3
+
+
+def test_distillation_kl_term_changes_the_result(tmp_path, corpus, data_dir):
+    """Same data, same init, three students: no teacher, a teacher at weight 0, a teacher at weight 1. Weight 0 gives
+    the no-teacher weights (the teacher path alone changes nothing); weight 1 gives other weights, and a student
+    closer to its teacher (lower KL on held-out text) than the plain one."""
+    import torch.nn.functional as F
+
+    from nanochat.export import load
+
+    teacher = tmp_path / "teacher"
+    # another init and 8 steps: not the point a plain student passes through on its way
+    train(make_cfg(tmp_path, corpus, data_dir, residual="standard", out=str(teacher), steps=8, seed=7))
+    runs = {
+        "plain": {},
+        "w0": {"teacher": str(teacher), "distill_weight": 0.0},
+        "kl": {"teacher": str(teacher), "distill_weight": 1.0},
+    }
+    models = {}
+    for name, kw in runs.items():
+        out = tmp_path / name
+        s = train(make_cfg(tmp_path, corpus, data_dir, residual="standard", out=str(out), steps=6, **kw))
+        assert s["finished"]
+        models[name] = load(out).torch_model().eval()
+    sd = {name: m.state_dict() for name, m in models.items()}
+    for k in sd["plain"]:
+        torch.testing.assert_close(sd["w0"][k], sd["plain"][k], rtol=1e-5, atol=1e-6, msg=k)
+    assert any(not torch.allclose(sd["kl"][k], sd["plain"][k], rtol=1e-3, atol=1e-4) for k in sd["plain"])
+
+    t_model = load(teacher).torch_model().eval()
+    tok = load(teacher).tokenizer
+    ids = torch.tensor([tok.encode((corpus / "shlex.py").read_text()[:2000])[:32]])
+    with torch.no_grad():
+        t_logp = F.log_softmax(t_model(ids).float(), -1)
+
+        def kl_to_teacher(m: torch.nn.Module) -> float:
+            return F.kl_div(F.log_softmax(m(ids).float(), -1), t_logp, log_target=True, reduction="sum").item()
+
+        kl_plain, kl_kl = kl_to_teacher(models["plain"]), kl_to_teacher(models["kl"])
+    assert kl_kl < kl_plain, (kl_kl, kl_plain)
