@@ -36,7 +36,7 @@ from pathlib import Path
 CHILD = r"""
 import json, os, sys, time
 import numpy  # the baseline: the modules the load and the engine use (imports are timed by the CLI run below)
-import nanochat, nanochat.export.load, nanochat.ops.engine, nanochat.ops.native
+import gguf, nanochat, nanochat.export.load, nanochat.ops.engine, nanochat.ops.native
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
