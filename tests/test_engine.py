@@ -557,3 +557,17 @@ def test_fork_then_decode_equals_a_fresh_prefill_then_decode() -> None:
     other = ops.build_rust_engine(m, threads=1)
     with pytest.raises(ValueError, match="another EngineModel"):
         other.decode_batch([forks[0]], [1])
+
+
+def test_default_head_is_f16_and_no_second_copy(tokenizer) -> None:
+    """The LM head is read in f16 by default (issue 13): half the bytes of the f32 head, and a tied f16 head adds
+    only its 2-byte copy beside the f32 embedding (an untied one replaces the f32 head, nothing kept beside it)."""
+    for tied in (True, False):
+        m = make_model(13, residual="standard", tie_embeddings=tied)
+        e16, e32 = ops.build_rust_engine(m, threads=1), ops.build_rust_engine(m, threads=1, head="f32")
+        assert (e16.head, e32.head) == ("f16", "f32")
+        vc = VOCAB * m.config.n_embd
+        assert e16.weight_bytes - e32.weight_bytes == (2 * vc if tied else -2 * vc)
+    eng = Engine(make_model(13), tokenizer, backend="rust")
+    assert eng.backend_name == "rust"
+    assert eng.backend.eng.head == "f16"

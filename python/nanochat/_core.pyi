@@ -105,7 +105,7 @@ class EngineModel:
         weights: dict[str, Any],
         threads: int = 0,
         kernel: str | None = None,
-        head: str = "f32",
+        head: str = "f16",
         kv: str = "f32",
         profile: bool = False,
     ) -> None: ...

@@ -239,7 +239,7 @@ class Engine:
     ``model`` is a torch ``GPT`` or a ``nanochat.export.load.LoadedModel`` (whose packed weights feed the Rust engine
     directly, without materialising a torch model); ``tokenizer`` defaults to the loaded model's. ``backend``:
     ``"auto"`` | ``"rust"`` | ``"torch"``. ``threads`` sizes the Rust engine's thread team (default: torch's thread
-    count, the one budget both share). ``head``: the Rust engine's LM-head precision (``"f32"`` exact, ``"f16"``,
+    count, the one budget both share). ``head``: the Rust engine's LM-head precision (``"f16"`` default, ``"f32"`` exact,
     ``"int8"``); ``kv``: its KV cache type (``"f32"`` exact, ``"f16"``). ``max_seq``: context per sequence (default:
     the model's ``seq_len``). :attr:`backend_note` says why ``"auto"`` did not pick the Rust engine for a ternary CPU
     model (the engine's own error), else ``None``.
@@ -253,7 +253,7 @@ class Engine:
         backend: str = "auto",
         device: str | torch.device | None = None,
         threads: int | None = None,
-        head: str = "f32",
+        head: str = "f16",
         kv: str = "f32",
         max_seq: int | None = None,
     ) -> None:

@@ -1,7 +1,7 @@
 //! Bindings for the Rust inference engine: `EngineModel` (weights, thread team) and
 //! `EngineSession` (one sequence's KV cache).
 //!
-//! `EngineModel(config, weights, threads=0, kernel=None, head="f32", profile=False)`:
+//! `EngineModel(config, weights, threads=0, kernel=None, head="f16", kv="f32", profile=False)`:
 //!
 //! * `config`: a dict with `GPTConfig`'s fields (`GPTConfig.to_dict()`): `vocab_size`, `seq_len`,
 //!   `n_layer`, `n_head`, `n_kv_head`, `n_embd`, `mlp` ("swiglu" | "relu2"), `mlp_hidden`,
@@ -17,8 +17,9 @@
 //!   `blocks.N.mlp.sub_norm.weight`, `blocks.N.{mhc_attn,mhc_mlp}.{pre_bias,post_bias,
 //!   res_logits,alpha,proj}`. Missing, unexpected or mis-shaped weights raise ValueError /
 //!   ShapeError naming the tensor.
-//! * `head`: "f32" (exact, the default), "f16" (fp16 copy of the head: half the bytes read per
-//!   token, ~1e-4 relative logit error) or "int8" (per-row int8 copy and int8 activations: a
+//! * `head`: "f16" (the default: an fp16 copy of the head, half the bytes read per token,
+//!   ~1e-4 relative logit error, the same greedy tokens as f32 on a trained d20), "f32" (exact:
+//!   the embedding itself when tied) or "int8" (per-row int8 copy and int8 activations: a
 //!   quarter, ~1e-2).
 //! * `kv`: KV cache element type, "f32" (exact, the default) or "f16" (half the memory and the
 //!   attention's reads, which dominate decode at long contexts).
@@ -215,7 +216,7 @@ pub struct EngineModel {
 #[pymethods]
 impl EngineModel {
     #[new]
-    #[pyo3(signature = (config, weights, threads=0, kernel=None, head="f32", kv="f32", profile=false))]
+    #[pyo3(signature = (config, weights, threads=0, kernel=None, head="f16", kv="f32", profile=false))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         py: Python<'_>,

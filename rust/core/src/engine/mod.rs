@@ -33,7 +33,9 @@
 //! * The LM head is the biggest single read of a decode step (`vocab × C` f32: 50 MB for
 //!   nano_125m, more than all its ternary weights). [`HeadPrecision`] offers an fp16 copy
 //!   (half the bytes, ~1e-4 relative logit error) and a per-row absmax int8 copy with int8
-//!   activations (a quarter, ~1e-2). f32, exact to the reference, stays the default.
+//!   activations (a quarter, ~1e-2). f16 is the default: it halves the biggest read of a decode
+//!   step and kept every greedy token of a trained d20 (2,048 positions of code; int8: 98.7%).
+//!   A tied f16 head is the only copy besides the f32 embedding rows (no second f32 copy).
 //!   [`KvPrecision::F16`] likewise halves the KV cache (its reads dominate at long contexts).
 //! * Profiling: [`Model::profile`] returns cumulative time per section when built with
 //!   profiling on (timing costs ~0.1 µs per section, off by default).
@@ -73,7 +75,7 @@ pub enum Residual {
     Mhc,
 }
 
-/// Precision of the LM head's weight copy.
+/// Precision of the LM head's weight copy ([`HeadPrecision::F16`] by default).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum HeadPrecision {
     /// The f32 embedding (exact to the reference).
@@ -378,7 +380,7 @@ impl Default for Options {
         Self {
             threads: 0,
             kernel: None,
-            head: HeadPrecision::F32,
+            head: HeadPrecision::F16,
             kv: KvPrecision::F32,
             profile: false,
         }

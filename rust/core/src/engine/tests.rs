@@ -133,9 +133,11 @@ fn weights(cfg: &Config, seed: u64) -> HashMap<String, Tensor> {
     t
 }
 
+/// An f32-head model: exact to the reference (the default head is f16).
 fn model(cfg: &Config, seed: u64, threads: usize) -> Model {
     let opts = Options {
         threads,
+        head: HeadPrecision::F32,
         ..Default::default()
     };
     Model::new(cfg.clone(), weights(cfg, seed), opts).unwrap()
@@ -489,7 +491,11 @@ fn untied_head_and_int8_head() {
     let t = weights(&c, 11);
     let ids = toks(5, 1, c.vocab_size);
     let want = reference(&c, &t, &ids);
-    let m = Model::new(c.clone(), t.clone(), Options::default()).unwrap();
+    let f32_head = Options {
+        head: HeadPrecision::F32,
+        ..Default::default()
+    };
+    let m = Model::new(c.clone(), t.clone(), f32_head).unwrap();
     let mut s = m.new_session(0);
     let got = m.forward(&mut [(&mut s, &ids)], Logits::All).unwrap();
     let (e, sc) = max_err(&got[4 * c.vocab_size..], &want[4]);
@@ -512,6 +518,30 @@ fn untied_head_and_int8_head() {
     let got = m16.step(&mut s, &ids).unwrap();
     let (e, sc) = max_err(&got, &want[4]);
     assert!(e <= 2e-3 * sc, "f16 head error {e} vs scale {sc}");
+}
+
+#[test]
+fn default_head_is_f16_and_the_head_is_held_once() {
+    for tied in [true, false] {
+        let mut c = cfg(Residual::Standard, MlpKind::SwiGlu, true, 4);
+        c.tie_embeddings = tied;
+        let bytes = |head: Option<HeadPrecision>| {
+            let mut o = Options::default();
+            if let Some(h) = head {
+                o.head = h;
+            }
+            let m = Model::new(c.clone(), weights(&c, 3), o).unwrap();
+            (m.head_precision(), m.weight_bytes())
+        };
+        let (h, b16) = bytes(None);
+        assert_eq!(h, HeadPrecision::F16);
+        let (_, b32) = bytes(Some(HeadPrecision::F32));
+        let vc = c.vocab_size * c.n_embd;
+        // tied: f32 reads the embedding itself (no copy), f16 adds only its 2-byte copy;
+        // untied: the f16 head replaces the 4-byte one (no f32 head kept beside it).
+        let want = if tied { b32 + 2 * vc } else { b32 - 2 * vc };
+        assert_eq!(b16, want, "tied = {tied}");
+    }
 }
 
 #[test]
