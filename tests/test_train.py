@@ -551,3 +551,45 @@ def test_distillation_kl_term_changes_the_result(tmp_path, corpus, data_dir):
 
         kl_plain, kl_kl = kl_to_teacher(models["plain"]), kl_to_teacher(models["kl"])
     assert kl_kl < kl_plain, (kl_kl, kl_plain)
+
+
+REPLICA_SCRIPT = """
+import sys, types
+import torch, torch.distributed as dist
+from nanochat.train.loop import check_replicas_in_sync
+
+rank, store = int(sys.argv[1]), sys.argv[2]
+dist.init_process_group("gloo", init_method="file://" + store, rank=rank, world_size=2)
+rt = types.SimpleNamespace(ddp=True, device=torch.device("cpu"), world_size=2, rank=rank)
+for mode in ["same", "swap", "ulp"]:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 8), torch.nn.Linear(8, 4))
+    if rank == 1:
+        with torch.no_grad():
+            w = model[0].weight.view(-1)
+            if mode == "swap":  # same sum and sum of squares, different tensors
+                w[0], w[1] = w[1].clone(), w[0].clone()
+            elif mode == "ulp":  # one element one float32 step away
+                w[5] = torch.nextafter(w[5], torch.tensor(1.0))
+    print(mode, check_replicas_in_sync(model, rt))
+dist.destroy_process_group()
+"""
+
+
+def test_replica_check_compares_the_tensors(tmp_path):
+    """Two gloo ranks: identical replicas are in sync; two swapped elements (which a sum/sum-of-squares checksum
+    cannot see) or one element one ulp away are not, and both ranks say so."""
+    script = tmp_path / "replica.py"
+    script.write_text(REPLICA_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, str(script)]
+    procs = [
+        subprocess.Popen(
+            [*cmd, str(r), str(tmp_path / "store")], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+        )  # fmt: skip
+        for r in range(2)
+    ]
+    outs = [p.communicate(timeout=120) for p in procs]
+    for p, (out, err) in zip(procs, outs, strict=True):
+        assert p.returncode == 0, err
+        assert out.split() == ["same", "True", "swap", "False", "ulp", "False"], out + err

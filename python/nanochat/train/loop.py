@@ -670,12 +670,22 @@ def print_outcome(summary: dict[str, Any], run_dir: Path) -> None:
 
 
 def check_replicas_in_sync(model: torch.nn.Module, rt: Runtime) -> bool:
-    """True when every rank holds bit-identical parameters (always true for one process)."""
+    """True when every rank holds bit-identical parameters (always true for one process).
+
+    Each rank hashes its parameters' raw bytes (names, dtypes and shapes too) with SHA-256 and the 32-byte digests
+    are all-gathered: any differing bit anywhere shows, where a sum/sum-of-squares checksum misses swapped or
+    compensating values. Costs one pass over the weights and 32 bytes per rank on the wire."""
     if not rt.ddp:
         return True
+    import hashlib
+
+    h = hashlib.sha256()
     with torch.no_grad():
-        flat = torch.cat([p.detach().float().reshape(-1) for p in model.parameters()])
-        digest = torch.tensor([flat.double().sum().item(), (flat.double() ** 2).sum().item()], device=rt.device)
-        gathered = [torch.zeros_like(digest) for _ in range(rt.world_size)]
-        dist.all_gather(gathered, digest)
+        for name, p in model.named_parameters():
+            t = p.detach().contiguous().cpu()
+            h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    digest = torch.tensor(list(h.digest()), dtype=torch.uint8, device=rt.device)
+    gathered = [torch.zeros_like(digest) for _ in range(rt.world_size)]
+    dist.all_gather(gathered, digest)
     return all(torch.equal(g, gathered[0]) for g in gathered)
