@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import select
 import shutil
 import socket
@@ -303,22 +302,68 @@ def test_daemon_does_not_outlive_the_run(sandbox: Sandbox) -> None:
     assert _no_procs_left(marker)
 
 
+def _rss_bytes() -> int:
+    """This process's resident set size now (ru_maxrss is a lifetime peak: an earlier test's model hides growth)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    raise AssertionError("no VmRSS in /proc/self/status")
+
+
 @needs_bwrap
 @pytest.mark.parametrize("stream", ["stdout", "stderr"])
 def test_printing_gigabytes_is_capped(sandbox: Sandbox, stream: str) -> None:
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
-    r = sandbox.run(f"import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1 << 14):\n    sys.{stream}.write(chunk)\n")
-    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """A program that would print 16 GiB is killed once a stream passes the cap: we keep exactly the first `cap`
+    bytes, it ends by the output limit (not the timeout), and our resident memory, sampled while it runs, grows
+    by far less than what it tried to print."""
+    import threading
+
+    stop, peak = threading.Event(), [0]
+    base = _rss_bytes()
+
+    def sample() -> None:
+        while not stop.is_set():
+            peak[0] = max(peak[0], _rss_bytes() - base)
+            stop.wait(0.005)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        r = sandbox.run(
+            f"import sys\nchunk = 'x' * (1 << 20)\nfor _ in range(1 << 14):\n    sys.{stream}.write(chunk)\n"
+        )
+    finally:
+        stop.set()
+        sampler.join()
     cap = Limits().max_output_bytes
-    assert r.status == "failed" and r.output_truncated and "output limit" in r.reason
-    assert len(getattr(r, stream)) <= cap
-    assert after - before < 64 * 1024  # our own peak memory grew by less than 64 MiB
+    other = "stderr" if stream == "stdout" else "stdout"
+    assert r.status == "failed" and r.output_truncated, (r.status, r.reason)
+    assert r.reason == f"output limit exceeded ({cap} bytes per stream)"
+    assert peak[0] < 32 << 20, f"resident memory grew by {peak[0] / 2**20:.0f} MiB while capturing"
+    assert getattr(r, stream) == "x" * cap and getattr(r, other) == ""
+    assert r.returncode is not None and r.returncode != 0  # killed, not finished
 
 
 @needs_bwrap
-def test_big_file_is_refused(sandbox: Sandbox) -> None:
-    r = sandbox.run("open('/tmp/big', 'wb').write(b'x' * (50 << 20))\n")  # above the 10 MiB RLIMIT_FSIZE
-    assert r.status == "failed"
+@pytest.mark.parametrize("limit", [Limits().file_size_bytes, (3 << 20) + 123])
+def test_big_file_is_refused(limit: int) -> None:
+    """RLIMIT_FSIZE: writes stop with EFBIG (Python ignores SIGXFSZ) at exactly the configured size."""
+    sandbox = Sandbox(timeout=10.0, limits=Limits(file_size_bytes=limit))
+    code = (
+        "import errno, os\n"
+        "f = open('/tmp/big', 'wb', buffering=0)\n"
+        "n = 0\n"
+        "try:\n"
+        "    for _ in range(50):\n"  # 50 MiB: above the limit, below the 64 MiB private /tmp
+        "        n += f.write(b'x' * (1 << 20))\n"
+        "except OSError as e:\n"
+        "    print(n, os.path.getsize('/tmp/big'), errno.errorcode[e.errno], flush=True)\n"
+        "    raise\n"
+    )
+    r = sandbox.run(code)
+    assert r.status == "failed", (r.status, r.reason)
+    assert r.stdout.split() == [str(limit), str(limit), "EFBIG"], r.stdout + r.stderr
+    assert "File too large" in r.reason, r.reason
 
 
 # ---------------------------------------------------------------------------------------------------------
