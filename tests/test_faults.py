@@ -857,3 +857,237 @@ def test_a_latest_checkpoint_without_state_json_is_a_warned_fallback_naming_it(t
     write_json_atomic(mgr.ckpt_dir / "latest.json", {"step": 7, "dir": "step_000007"})
     with pytest.warns(RuntimeWarning, match=r"latest\.json names step_000007.*gone.*falling back to the older step_0"):
         assert mgr.latest().name == "step_000002"
+
+
+# ----------------------------------------------------------------------------- item 12: silent garbage in exports
+# Each check is tested on a file whose checksum was recomputed after the edit (seal_gguf), so that the check itself
+# refuses it, and where it applies to third-party files, on a copy without the checksum key.
+
+
+def copy_gguf(
+    src: Path,
+    dst: Path,
+    fields: dict[str, Any] | None = None,
+    drop: tuple[str, ...] = (),
+    tensors: dict[str, tuple[np.ndarray, Any]] | None = None,
+) -> Path:
+    """Copy a GGUF file through gguf's writer: some metadata replaced or dropped, some tensors replaced by
+    ``(array, raw_dtype)``."""
+    r = gguf.GGUFReader(str(src))
+    w = gguf.GGUFWriter(str(dst), r.fields["general.architecture"].contents())
+    for k, f in r.fields.items():
+        if k.startswith("GGUF.") or k == "general.architecture" or k in drop:
+            continue
+        val = (fields or {}).get(k, f.contents())
+        if f.types[0] == gguf.GGUFValueType.ARRAY:
+            w.add_array(k, val)
+        else:
+            w.add_key_value(k, val, f.types[0])
+    for t in r.tensors:
+        arr, dtype = (tensors or {}).get(t.name, (np.asarray(t.data), t.tensor_type))
+        w.add_tensor(t.name, arr, raw_dtype=dtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
+def written(path: Path, data: bytes | bytearray, seal: bool = True) -> Path:
+    """``data`` written to ``path``, with our checksum recomputed over it when ``seal`` (and the file has one)."""
+    from nanochat.export.gguf_io import seal_gguf
+
+    path.write_bytes(bytes(data))
+    if seal:
+        seal_gguf(path)
+    return path
+
+
+def test_our_gguf_tensor_types_are_checked_third_party_float_weights_still_load(tmp_path, tok):
+    from test_fuzz_exports import gguf_layout
+
+    from nanochat.export.names import CHECKSUM_KEY
+
+    model = tiny_gpt()
+    good = export_gguf(model, tok, tmp_path / "good.gguf")
+    data = bytearray(good.read_bytes())
+    emb = next(t for t in gguf_layout(bytes(data))["tensors"] if t["name"] == "token_embd.weight")
+    struct.pack_into("<I", data, emb["type_off"], gguf.GGMLQuantizationType.BF16)  # same size: the layout holds
+    p = written(tmp_path / "bf16.gguf", data)
+    with pytest.raises(
+        GGUFError, match=f"{p}: tensor 'token_embd.weight' has type BF16, but nanochat writes it as F16"
+    ):
+        load(p)  # was: loaded, and generated "LockLockLock..."
+
+    # a ternary tensor stored as F32 trits * scale: refused at load() in our file, not only later by the engine
+    from nanochat import ops
+
+    sd = model.state_dict()
+    trits, scale = ops.absmean_quantize(sd["blocks.0.attn.q_proj.weight"].float())
+    q = (trits * scale).numpy().astype(np.float32)
+    f32 = {"blk.0.attn_q.weight": (q, gguf.GGMLQuantizationType.F32)}
+    p = copy_gguf(good, tmp_path / "f32.gguf", tensors=f32)
+    written(p, p.read_bytes())
+    with pytest.raises(
+        GGUFError, match=r"'blk.0.attn_q.weight' has type F32, but nanochat writes it as TQ2_0 or TQ1_0"
+    ):
+        load(p)
+    # the same tensor in a file without our checksum is a third-party bitnet file: packed exactly, as before
+    third = load(copy_gguf(good, tmp_path / "third.gguf", drop=(CHECKSUM_KEY,), tensors=f32))
+    ours = load(good)
+    for name, (packed, s) in ours.gguf.ternary.items():
+        assert np.array_equal(third.gguf.ternary[name][0], packed)
+        assert third.gguf.ternary[name][1] == pytest.approx(s, rel=1e-3), name  # f16 block d vs f32 scale
+
+
+@pytest.mark.parametrize("who", ["ours_resealed", "third_party"])
+def test_tq2_0_code_3_and_bad_block_scales_are_refused(tmp_path, tok, who):
+    from test_fuzz_exports import gguf_layout
+
+    from nanochat.export.names import CHECKSUM_KEY
+
+    good = export_gguf(tiny_gpt(), tok, tmp_path / "good.gguf")
+    if who == "third_party":
+        good = copy_gguf(good, tmp_path / "third.gguf", drop=(CHECKSUM_KEY,))
+    base = good.read_bytes()
+    lay = gguf_layout(base)
+    rec = next(t for t in lay["tensors"] if t["name"] == "blk.0.attn_q.weight")
+    start, n_blocks = lay["data_start"] + rec["offset"], 256 * 256 // 256  # 256 rows of one block each
+    assert struct.unpack_from("<I", base, rec["type_off"])[0] == gguf.GGMLQuantizationType.TQ2_0
+
+    def mutant(name: str, edit: Any) -> Path:
+        b = bytearray(base)
+        for k in range(n_blocks):
+            edit(b, start + 66 * k, k)
+        return written(tmp_path / f"{name}.gguf", b, seal=who != "third_party")
+
+    def put_d(b: bytearray, off: int, k: int, block: int | None, value: float) -> None:
+        if block is None or k == block:
+            b[off + 64 : off + 66] = np.float16(value).tobytes()
+
+    cases = {
+        "all_code3": (lambda b, off, k: b.__setitem__(slice(off, off + 64), b"\xff" * 64), "block 0 holds code 3"),
+        "one_code3": (lambda b, off, k: b.__setitem__(off + 7, 0x57) if k == 5 else None, "block 5 holds code 3"),
+        "all_d_zero": (lambda b, off, k: put_d(b, off, k, None, 0.0), "block 0 has non-zero trits but scale 0"),
+        "one_d_zero": (lambda b, off, k: put_d(b, off, k, 9, 0.0), "block 9 has non-zero trits but scale 0"),
+        "d_nan": (lambda b, off, k: put_d(b, off, k, 2, float("nan")), "block 2 has scale nan"),
+        "d_inf": (lambda b, off, k: put_d(b, off, k, 3, float("inf")), "block 3 has scale inf"),
+        "d_negative": (lambda b, off, k: put_d(b, off, k, 0, -0.5), "block 0 has scale -0.5"),
+    }
+    for name, (edit, msg) in cases.items():
+        p = mutant(name, edit)
+        with pytest.raises(GGUFError, match=f"{p}: tensor 'blk.0.attn_q.weight' {msg}"):
+            load(p)
+    # what the converter writes for an all-zero block (codes 1, d = 0) is fine: that row loads as zeros
+    zero_row = mutant(
+        "zero_block", lambda b, off, k: b.__setitem__(slice(off, off + 66), b"\x55" * 64 + b"\0\0") if k == 4 else None
+    )
+    w = load(zero_row).torch_model().state_dict()["blocks.0.attn.q_proj.weight"]
+    assert (w[4] == 0).all() and (w[5] != 0).any()
+
+
+def test_tensor_offsets_must_follow_each_other_and_names_be_unique(tmp_path, tok):
+    from test_fuzz_exports import gguf_layout
+
+    good = export_gguf(tiny_gpt(), tok, tmp_path / "good.gguf")
+    base = good.read_bytes()
+    tensors = gguf_layout(base)["tensors"]
+    k = next(i for i, t in enumerate(tensors) if t["name"] == "blk.1.attn_q.weight")
+    for name, value in (("first", tensors[0]["offset"]), ("previous", tensors[k - 1]["offset"])):
+        b = bytearray(base)
+        struct.pack_into("<Q", b, tensors[k]["offset_off"], value)  # the data of another tensor, read twice
+        p = written(tmp_path / f"{name}.gguf", b, seal=False)  # the checksum does not cover offsets: the check's own
+        with pytest.raises(GGUFError, match=rf"{p}: .*tensor 'blk.1.attn_q.weight' has data offset {value}, expected"):
+            load(p)
+    b = bytearray(base)
+    name_at = tensors[k]["len_off"] + 8
+    assert b[name_at : name_at + 19] == b"blk.1.attn_q.weight"
+    b[name_at + 4] = ord("0")
+    with pytest.raises(GGUFError, match="tensor 'blk.0.attn_q.weight' appears twice"):
+        load(written(tmp_path / "dup.gguf", b, seal=False))
+
+
+def test_merges_and_quant_fp_are_checked(tmp_path, tok):
+    from nanochat.export.names import CHECKSUM_KEY
+
+    good = export_gguf(tiny_gpt(), tok, tmp_path / "good.gguf")
+    merges = list(gguf.GGUFReader(str(good)).fields["tokenizer.ggml.merges"].contents())
+    p = copy_gguf(good, tmp_path / "nomerges.gguf", drop=("tokenizer.ggml.merges", CHECKSUM_KEY))
+    with pytest.raises(GGUFError, match=f"{p}: tokenizer.ggml.merges is missing"):
+        load(p)
+    # fewer merges still form a tokenizer, a different one: in our file the checksum says so
+    p = copy_gguf(good, tmp_path / "fewer.gguf", fields={"tokenizer.ggml.merges": merges[:-3]})
+    with pytest.raises(GGUFError, match=f"{p}: checksum mismatch"):
+        load(p)
+
+    cfg = tiny_gpt().config.replace(residual="mhc_lite", qk_norm=True)
+    torch.manual_seed(0)
+    mhc = export_gguf(GPT(cfg).eval(), tok, tmp_path / "mhc.gguf")
+    assert load(mhc).config.quant == "ternary"
+    for seal in (True, False):  # nanochat-architecture files are ours with or without a checksum
+        p = copy_gguf(
+            mhc, tmp_path / f"fp{seal}.gguf", fields={"nanochat.quant": "fp"}, drop=() if seal else (CHECKSUM_KEY,)
+        )
+        if seal:
+            written(p, p.read_bytes())
+        with pytest.raises(GGUFError, match=rf"{p}: .*declares quant = 'fp' .* holds ternary TQ2_0 data"):
+            load(p)
+
+
+def test_a_flipped_byte_in_our_exports_is_a_checksum_error(tmp_path, tok):
+    from test_fuzz_exports import gguf_layout
+
+    from nanochat.export.gguf_file import GGUFFile
+    from nanochat.export.gguf_io import CHECKSUM_EXCLUDED
+    from nanochat.export.names import CHECKSUM_KEY
+
+    model = tiny_gpt()
+    good = export_gguf(model, tok, tmp_path / "good.gguf")
+    r = GGUFFile(good)
+    assert r.fields[CHECKSUM_KEY] == r.content_digest(CHECKSUM_EXCLUDED) != "0" * 64
+    base = good.read_bytes()
+    lay = gguf_layout(base)
+    norm = next(t for t in lay["tensors"] if t["name"] == "blk.1.ffn_norm.weight")
+    key = next(k for k in lay["kvs"] if k["key"] == "bitnet.rope.freq_base")
+    for name, off in (
+        ("tensor", lay["data_start"] + norm["offset"] + 17),  # a float nothing else checks
+        ("metadata", key["type_off"] + 4 + 1),  # rope theta's float32
+        ("checksum", base.index(r.fields[CHECKSUM_KEY].encode()) + 5),
+    ):
+        b = bytearray(base)
+        b[off] ^= 0x10
+        p = written(tmp_path / f"{name}.gguf", b, seal=False)
+        with pytest.raises(GGUFError, match=f"{p}: checksum mismatch .* corrupt or was modified after export"):
+            load(p)
+    # the checksum is over content, not layout: a copy with another alignment still verifies
+    assert load(copy_gguf(good, tmp_path / "copy.gguf")).config == model.config
+    assert load(rewrite_gguf(good, tmp_path / "a64.gguf", alignment=64)).config == model.config
+
+    st = export_safetensors(model, tok, tmp_path / "m.safetensors")
+    assert len(st_metadata(st)[CHECKSUM_KEY]) == 64
+    data = st.read_bytes()
+    start = tensor_data_offset(st)
+    flipped = bytearray(data)
+    flipped[start + 101] ^= 1  # in the first tensor's bytes
+    at = data.index(b'norm_eps\\": ', 0, start) + len(b'norm_eps\\": ')  # inside the stored config (a JSON string)
+    assert data[at : at + 1] == b"1"
+    eps = bytearray(data)
+    eps[at] = ord("2")
+    for name, b in (("data", flipped), ("config", eps)):
+        p = tmp_path / f"st_{name}.safetensors"
+        p.write_bytes(bytes(b))
+        with pytest.raises(LoadError, match=f"{p}: checksum mismatch"):
+            load(p)
+    # an export written before the checksum (no key) loads unverified, as pre-checksum checkpoints do
+    assert load(rewrite_st_metadata(st, tmp_path / "old.safetensors", drop=CHECKSUM_KEY)).config == model.config
+
+
+def rewrite_st_metadata(src: Path, dst: Path, drop: str) -> Path:
+    """A copy of a safetensors file without metadata key ``drop`` (header re-serialised, data unchanged)."""
+    data = src.read_bytes()
+    (n,) = struct.unpack_from("<Q", data)
+    header = json.loads(data[8 : 8 + n])
+    del header["__metadata__"][drop]
+    raw = json.dumps(header).encode()
+    dst.write_bytes(struct.pack("<Q", len(raw)) + raw + data[8 + n :])
+    return dst

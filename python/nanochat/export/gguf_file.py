@@ -6,7 +6,13 @@ out-of-bounds read — a truncated or corrupt file — raises :class:`GGUFFormat
 
 Hostile headers: every count (keys, tensors, array elements, tensor elements) is checked against the bytes left in
 the file *before* anything is allocated or iterated, so one patched number fails in microseconds instead of looping
-for minutes; only regular files are opened (a FIFO named ``x.gguf`` would block ``open`` forever).
+for minutes; only regular files are opened (a FIFO named ``x.gguf`` would block ``open`` forever). Keys and tensor
+names must be unique, and tensor data must be laid out as llama.cpp's ``gguf.cpp`` requires: each tensor's offset is
+exactly where the previous one's (aligned) bytes end, so no offset can point into another tensor's data.
+
+:meth:`GGUFFile.content_digest` is the SHA-256 of what a file means rather than how it is laid out (metadata records
+as written, tensor names, types, shapes and data; not the padding or offsets): nanochat's exports store it under a
+key and the loader recomputes it (``nanochat.export.gguf_io``).
 
 :class:`LoadError` lives here, at the bottom of the loaders' imports: it is the one exception type that every
 model and checkpoint loader raises (``GGUFError``, ``GGUFFormatError`` and the checkpoint loader's error subclass
@@ -15,6 +21,7 @@ it), always with the file's path and what is wrong with it.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import mmap
 import os
@@ -129,9 +136,14 @@ class GGUFFile:
                 f"implausible counts: {n_tensors} tensors and {n_kv} keys in a {len(self._mm)}-byte file"
             )
         self.fields: dict[str, Any] = {}
+        self.kv_spans: dict[str, tuple[int, int]] = {}  # key -> its record's byte range (key, type and value)
         for _ in range(n_kv):
+            start = self._off
             key = self._string()
+            if key in self.fields:  # a second value would silently replace the first (llama.cpp refuses too)
+                raise GGUFFormatError(f"duplicate key {key!r} at offset {start}")
             self.fields[key] = self._value(self._scalar("<I"))
+            self.kv_spans[key] = (start, self._off)
         infos = []
         for _ in range(n_tensors):
             name = self._string()
@@ -140,12 +152,42 @@ class GGUFFile:
                 raise GGUFFormatError(f"tensor {name!r} has {nd} dimensions")
             shape = tuple(self._scalar("<Q") for _ in range(nd))
             infos.append((name, shape, self._scalar("<I"), self._scalar("<Q")))
+        names = [n for n, *_ in infos]
+        if len(set(names)) != len(names):
+            dup = next(n for i, n in enumerate(names) if n in names[:i])
+            raise GGUFFormatError(f"tensor {dup!r} appears twice in the tensor directory")
         align = self.fields.get("general.alignment", DEFAULT_ALIGNMENT)
         # llama.cpp's rule (gguf.cpp): a positive power of two; 0 would divide by zero below
         if isinstance(align, bool) or not isinstance(align, int) or align <= 0 or align & (align - 1):
             raise GGUFFormatError(f"general.alignment must be a positive power of two, got {align!r}")
         data_start = (self._off + align - 1) // align * align
-        self.tensors = [self._tensor(n, s, t, data_start + o) for n, s, t, o in infos]
+        self.tensors = []
+        expected = 0  # llama.cpp's gguf.cpp: tensors follow each other in directory order, each padded to `align`
+        for n, s, t, o in infos:
+            if o != expected:
+                raise GGUFFormatError(
+                    f"tensor {n!r} has data offset {o}, expected {expected} (where the previous tensor ends): "
+                    "offsets must not skip ahead or point into another tensor's data"
+                )
+            info = self._tensor(n, s, t, data_start + o)
+            self.tensors.append(info)
+            expected += (info.data.nbytes + align - 1) // align * align
+
+    def content_digest(self, exclude: tuple[str, ...] = ()) -> str:
+        """SHA-256 (hex) of the metadata records except the keys in ``exclude`` (each record's bytes as written, in
+        file order) and of every tensor's name, type, shape and data: what a reader of the file gets, but not where
+        it lies (alignment and padding may change, e.g. when gguf's writer copies a file)."""
+        h = hashlib.sha256()
+        h.update(struct.pack("<IQ", self.version, len(self.tensors)))
+        with memoryview(self._mm) as mv:
+            for key, (a, b) in self.kv_spans.items():
+                if key not in exclude:
+                    h.update(mv[a:b])
+        for t in self.tensors:
+            name = t.name.encode()
+            h.update(struct.pack(f"<Q{len(name)}sII{len(t.shape)}Q", len(name), name, t.type, len(t.shape), *t.shape))
+            h.update(t.data)
+        return h.hexdigest()
 
     # -- primitive reads, all bounds-checked
     def _read(self, n: int) -> bytes:

@@ -27,6 +27,13 @@ per-layer work (a patched ``1048576`` used to cost minutes and gigabytes), hyper
 tokenizer arrays are checked against each other (``token_type`` as long as ``tokens``, unique tokens, NORMAL tokens
 drawn from the byte-level alphabet, every merge made of tokens in the vocabulary) so that a flipped byte names the
 key instead of surfacing as the tokenizers library's ``Error while initializing BPE``.
+
+Silent garbage (issue 14 item 12) is refused for every file: TQ2_0 code 3 (not a trit), block scales that are not
+finite, negative, or zero under non-zero trits, ``.scale`` tensors that are not positive, ternary data in a
+``quant = fp`` model. Our own files (they carry ``nanochat.checksum.sha256``, or are architecture ``nanochat``, which
+only we write) are held to what the exporter writes: every tensor's type (TQ2_0/TQ1_0 BitLinear weights, F16
+embedding and head, F32 for the rest), and the checksum over metadata and tensors (a flipped byte anywhere but the
+padding is an error). Third-party files carry no checksum and keep the types llama.cpp's tools write.
 """
 
 from __future__ import annotations
@@ -48,6 +55,7 @@ from nanochat.export.gguf_file import LoadError
 from nanochat.export.names import (
     ARCH_BITNET,
     ARCH_NANOCHAT,
+    CHECKSUM_KEY,
     from_gguf_name,
     is_ternary,
     to_gguf_name,
@@ -61,6 +69,9 @@ if TYPE_CHECKING:
 
 _log = logging.getLogger("nanochat.export")
 QK_K = 256  # weights per TQ2_0/TQ1_0 block: a ternary row is whole blocks
+TQ2_0_BLOCK_BYTES, TQ1_0_BLOCK_BYTES = 66, 54  # qs[64] then fp16 d; qs[48] qh[4] then fp16 d
+# keys left out of the GGUF checksum: the checksum itself, and the alignment, which only moves bytes around
+CHECKSUM_EXCLUDED = (CHECKSUM_KEY, "general.alignment")
 MIN_WEIGHT_SCALE = 1e-5  # absmean's floor, as in nanochat.ops.ternary
 
 
@@ -197,6 +208,7 @@ def export_gguf(
         template = CHAT_TEMPLATE if tokenizer.has_chat_tokens else tokenizer.chat_template
         if template:
             w.add_chat_template(template)
+        w.add_string(CHECKSUM_KEY, "0" * 64)  # a placeholder of the digest's length, filled in by seal_gguf
 
         for pname, t in model.state_dict().items():
             gname = to_gguf_name(pname)
@@ -213,12 +225,31 @@ def export_gguf(
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
         w.close()
+        seal_gguf(tmp)
         os.replace(tmp, out)
     except BaseException:
         w.close()
         tmp.unlink(missing_ok=True)
         raise
     return out
+
+
+def seal_gguf(path: str | os.PathLike[str]) -> str:
+    """Write the content checksum into a GGUF file's ``nanochat.checksum.sha256`` (already present, 64 characters
+    long), in place; returns it. The digest leaves out the key itself, so writing it changes nothing it covers."""
+    from nanochat.export.gguf_file import GGUFFile
+
+    reader = GGUFFile(path)
+    old = reader.fields.get(CHECKSUM_KEY)
+    if not isinstance(old, str) or len(old.encode()) != 64:
+        raise GGUFError(f"{path}: no 64-character {CHECKSUM_KEY} to fill in")
+    digest = reader.content_digest(CHECKSUM_EXCLUDED)
+    end = reader.kv_spans[CHECKSUM_KEY][1]  # the record ends with the string's 64 bytes
+    del reader  # its mmap, before writing through another handle
+    with open(path, "r+b") as f:
+        f.seek(end - 64)
+        f.write(digest.encode())
+    return digest
 
 
 # A ChatML-like template with the tokenizer's role tokens, for other runtimes: renders exactly what
@@ -322,7 +353,7 @@ def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
 
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise GGUFError(f"tokenizer.ggml.model {model!r} is not supported (byte-level BPE 'gpt2' only)")
+        raise GGUFError(f"{reader.path}: tokenizer.ggml.model {model!r} is not supported (byte-level BPE 'gpt2' only)")
     pre = _field(reader, "tokenizer.ggml.pre", required=False)
     if pre is not None and pre not in GPT2_PRE_TOKENIZERS:
         raise GGUFError(
@@ -354,7 +385,9 @@ def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
     raw.add_special_tokens([AddedToken(t, special=True, normalized=False) for _, t in specials])
     for i, t in specials:
         if raw.token_to_id(t) != i:
-            raise GGUFError(f"special token {t!r} has id {i} in the file but {raw.token_to_id(t)} when rebuilt")
+            raise GGUFError(
+                f"{reader.path}: special token {t!r} has id {i} in the file but {raw.token_to_id(t)} when rebuilt"
+            )
     ids = {k: _token_id(reader, f"tokenizer.ggml.{k}_token_id", len(tokens)) for k in ("bos", "eos", "eot", "padding")}
     if ids["eos"] is None and raw.token_to_id("<|eos|>") is None:
         raise GGUFError(
@@ -579,8 +612,57 @@ def _ternarize(path: Path, name: str, w: np.ndarray) -> tuple[np.ndarray, float,
     return packed, scale, exact
 
 
+def _check_tq2_0(path: Path, name: str, data: np.ndarray) -> None:
+    """Refuse TQ2_0 bytes no writer produces: code 3 (codes are trit + 1 in {0, 1, 2}), and block scales ``d`` that
+    are not finite, negative, or zero in a block with non-zero trits (gguf's quantizer writes ``d = 0`` only for
+    all-zero blocks). Vectorised over 8-byte words: four codes per byte, 32 per word."""
+    blocks = data.reshape(-1, TQ2_0_BLOCK_BYTES)
+    qs = blocks[:, :64].view("<u8")  # (n_blocks, 8)
+    ones = np.uint64(0x5555_5555_5555_5555)  # the low bit of every 2-bit code
+    code3 = (qs & (qs >> np.uint64(1)) & ones) != 0
+    if code3.any():
+        b = int(np.flatnonzero(code3.any(axis=1))[0])
+        raise GGUFError(f"{path}: tensor {name!r} block {b} holds code 3, which is not a trit (TQ2_0 codes are 0..2)")
+    _check_block_scales(path, name, blocks[:, 64:66].view("<f2")[:, 0], (qs != ones).any(axis=1))
+
+
+def _check_block_scales(path: Path, name: str, d: np.ndarray, nonzero: np.ndarray | None) -> None:
+    """Block scales ``d`` (one per block) must be finite and >= 0, and > 0 where a block has non-zero trits
+    (``nonzero``; None when the caller cannot tell cheaply)."""
+    bad = ~np.isfinite(d) | (d < 0)
+    if bad.any():
+        b = int(np.flatnonzero(bad)[0])
+        raise GGUFError(f"{path}: tensor {name!r} block {b} has scale {float(d[b])}: block scales must be finite, >= 0")
+    if nonzero is not None:
+        zero = nonzero & (d == 0)
+        if zero.any():
+            b = int(np.flatnonzero(zero)[0])
+            raise GGUFError(f"{path}: tensor {name!r} block {b} has non-zero trits but scale 0")
+
+
+def _ours_expected_type(name: str, cfg: GPTConfig) -> tuple[Any, ...]:
+    """The tensor types :func:`export_gguf` writes for state-dict tensor ``name``."""
+    from gguf.constants import GGMLQuantizationType as T
+
+    if is_ternary(name):
+        return (T.TQ2_0, T.TQ1_0) if cfg.quant == "ternary" else (T.F16,)
+    if name in ("wte.weight", "lm_head.weight"):
+        return (T.F16,)
+    return (T.F32,)
+
+
 def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
-    """Open a GGUF file (memory-mapped) and map it onto our model; raises GGUFError on any problem."""
+    """Open a GGUF file (memory-mapped) and map it onto our model; raises GGUFError naming the file on any
+    problem."""
+    try:
+        return _read_gguf(Path(path))
+    except GGUFError as e:
+        if str(e).startswith(f"{path}:"):
+            raise
+        raise GGUFError(f"{path}: {e}") from None
+
+
+def _read_gguf(path: Path) -> GGUFModel:
     from gguf.constants import GGMLQuantizationType as T
 
     from nanochat.export.gguf_file import GGUFFile, GGUFFormatError, check_regular_file, open_regular
@@ -608,19 +690,27 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     if problem:
         raise GGUFError(f"{path}: {problem}")
     tok = _tokenizer_from_gguf(reader)
+    stored_digest = reader.fields.get(CHECKSUM_KEY)
+    ours = stored_digest is not None or arch == ARCH_NANOCHAT  # only nanochat writes either
     shapes = expected_shapes(cfg)
     ternary: dict[str, tuple[np.ndarray, float]] = {}
     dense: dict[str, np.ndarray] = {}
     scales: dict[str, float] = {}
+    names = {t.name for t in reader.tensors}
     dequantized: list[str] = []
     exact_float: list[str] = []  # float BitLinear weights already ternary-valued (the converter's f16/f32 output)
     latent_float: list[str] = []  # float BitLinear weights quantized here with the absmean rule
     for t in reader.tensors:
         ttype = T(t.type)
         if t.name.endswith(".scale"):
+            if ours:
+                raise GGUFError(f"{path}: unexpected tensor {t.name!r} (nanochat's exports keep scales in the blocks)")
             if ttype != T.F32 or np.asarray(t.data).size != 1:
                 raise GGUFError(f"{path}: scale tensor {t.name!r} must hold one F32 value")
-            scales[t.name[: -len(".scale")] + ".weight"] = float(np.asarray(t.data, dtype=np.float32).reshape(-1)[0])
+            s = float(np.asarray(t.data, dtype=np.float32).reshape(-1)[0])
+            if not (np.isfinite(s) and s > 0):
+                raise GGUFError(f"{path}: scale tensor {t.name!r} holds {s}; a weight scale must be finite and > 0")
+            scales[t.name[: -len(".scale")] + ".weight"] = s
             continue
         try:
             name = from_gguf_name(t.name)
@@ -632,14 +722,35 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
         got = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
         if got != want:
             raise GGUFError(f"{path}: tensor {t.name!r} has shape {got}, expected {want}")
+        if ttype in (T.TQ2_0, T.TQ1_0) and cfg.quant != "ternary":
+            raise GGUFError(
+                f"{path}: the file declares quant = {cfg.quant!r} (float weights), but tensor {t.name!r} holds "
+                f"ternary {ttype.name} data"
+            )
+        if ours and ttype not in (allowed := _ours_expected_type(name, cfg)):
+            raise GGUFError(
+                f"{path}: tensor {t.name!r} has type {ttype.name}, but nanochat writes it as "
+                f"{' or '.join(a.name for a in allowed)}: the file is corrupt or was modified"
+            )
         if ttype in (T.TQ2_0, T.TQ1_0):
             if not is_ternary(name):
                 raise GGUFError(f"{path}: tensor {t.name!r} is ternary but should be a float tensor")
             data = np.asarray(t.data, dtype=np.uint8).reshape(want[0], -1)
-            if ttype == T.TQ2_0:
-                packed, scale = ops.tq2_0_to_kernel_layout(data)
-            else:
-                packed, scale = ops.tq1_0_to_kernel_layout(data)
+            try:
+                if ttype == T.TQ2_0:
+                    _check_tq2_0(path, t.name, data)
+                    packed, scale = ops.tq2_0_to_kernel_layout(data)
+                else:
+                    _check_block_scales(
+                        path, t.name, data.reshape(-1, TQ1_0_BLOCK_BYTES)[:, 52:54].view("<f2")[:, 0], None
+                    )
+                    packed, scale = ops.tq1_0_to_kernel_layout(data)
+            except (ValueError, TypeError) as e:  # the core's own refusals (blocks with different scales)
+                if isinstance(e, GGUFError):
+                    raise
+                raise GGUFError(f"{path}: tensor {t.name!r}: {e}") from None
+            if not (np.isfinite(scale) and scale > 0) and t.name[: -len(".weight")] + ".scale" not in names:
+                raise GGUFError(f"{path}: tensor {t.name!r}: every block scale is zero, so the weight would be all 0")
             ternary[name] = (packed, scale)
             continue
         arr = _float_tensor(path, t.name, ttype, t.data, want)
@@ -679,6 +790,13 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     missing = sorted(set(shapes) - set(ternary) - set(dense))
     if missing:
         raise GGUFError(f"{path}: missing tensor(s) {[to_gguf_name(m) for m in missing]}")
+    if stored_digest is not None:  # last: the checks above name what is wrong, this says only that something is
+        digest = reader.content_digest(CHECKSUM_EXCLUDED)
+        if stored_digest != digest:
+            raise GGUFError(
+                f"{path}: checksum mismatch ({CHECKSUM_KEY} is {str(stored_digest)[:64]!r}, the content hashes to "
+                f"{digest!r}): the file is corrupt or was modified after export"
+            )
     return GGUFModel(path, arch, cfg, tok, ternary, dense)
 
 

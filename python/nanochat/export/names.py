@@ -12,6 +12,9 @@ import re
 
 ARCH_BITNET = "bitnet"
 ARCH_NANOCHAT = "nanochat"
+# the content checksum our exports carry (hex SHA-256): in a GGUF's metadata (over metadata and tensors, see
+# ``GGUFFile.content_digest``) and in a safetensors file's ``__metadata__`` (over the other metadata and the tensors)
+CHECKSUM_KEY = "nanochat.checksum.sha256"
 
 # model state-dict suffix within blocks.N -> GGUF name within blk.N
 BLOCK_TENSORS: dict[str, str] = {

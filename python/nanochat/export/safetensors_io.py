@@ -7,10 +7,15 @@ and other tools. Tied heads are stored once (``wte.weight``).
 Loading reads the header with :func:`safetensors_header` first (our own parser: sizes, offsets and dtypes checked
 against the file's real size) and compares the tensor directory with the stored config *before* building a model,
 so a patched ``n_layer`` or shape fails at once with :class:`~nanochat.export.gguf_file.LoadError` naming the file.
+
+Exports carry ``nanochat.checksum.sha256`` in ``__metadata__``: the SHA-256 of the other metadata and of every
+tensor's name, dtype, shape and bytes (:func:`content_digest`), checked on load, so a flipped byte in the tensor data
+or in the stored config or tokenizer is an error. Exports written before the checksum load unverified.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -24,6 +29,7 @@ from safetensors.torch import save_file
 from nanochat.data.tokenizer import Tokenizer
 from nanochat.export.gguf_file import LoadError, open_regular
 from nanochat.export.gguf_io import state_dict_problem
+from nanochat.export.names import CHECKSUM_KEY
 from nanochat.model import GPT, GPTConfig
 from nanochat.model.config import ConfigError
 
@@ -85,6 +91,31 @@ def safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[st
     return out, meta
 
 
+def content_digest(meta: dict[str, str], tensors: dict[str, tuple[str, tuple[int, ...], memoryview]]) -> str:
+    """SHA-256 (hex) of the metadata other than the checksum and of ``{name: (dtype, shape, little-endian bytes)}``,
+    both in sorted order: what the file means, independent of how the safetensors library orders its data."""
+    h = hashlib.sha256()
+    for k in sorted(meta):
+        if k != CHECKSUM_KEY:
+            for part in (k, meta[k]):
+                b = part.encode()
+                h.update(len(b).to_bytes(8, "little") + b)
+    for name in sorted(tensors):
+        dtype, shape, data = tensors[name]
+        b = f"{name}\0{dtype}\0{','.join(map(str, shape))}".encode()
+        h.update(len(b).to_bytes(8, "little") + b + len(data).to_bytes(8, "little"))
+        h.update(data)
+    return h.hexdigest()
+
+
+def _tensor_entry(t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
+    """``(dtype, shape, bytes)`` of a float32 CPU tensor as :func:`content_digest` takes it."""
+    a = t.detach().cpu().contiguous().numpy()
+    if a.dtype.byteorder == ">":
+        a = a.astype(a.dtype.newbyteorder("<"))
+    return "F32", tuple(a.shape), memoryview(a).cast("B")
+
+
 def export_safetensors(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike[str]) -> Path:
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -94,6 +125,7 @@ def export_safetensors(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike[
         "nanochat.config": json.dumps(model.config.to_dict()),
         "nanochat.tokenizer": tokenizer.to_json(),
     }
+    meta[CHECKSUM_KEY] = content_digest(meta, {k: _tensor_entry(v) for k, v in tensors.items()})
     tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
     try:
         save_file(tensors, str(tmp), metadata=meta)
@@ -130,6 +162,14 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[GPT, Tokenizer]:
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, RuntimeError, SafetensorError) as e:  # what the header check cannot see
         raise LoadError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
+    stored = meta.get(CHECKSUM_KEY)
+    if stored is not None:
+        digest = content_digest(meta, {k: _tensor_entry(v) for k, v in sd.items()})
+        if stored != digest:
+            raise LoadError(
+                f"{path}: checksum mismatch ({CHECKSUM_KEY} is {stored[:64]!r}, the content hashes to {digest!r}): "
+                "the file is corrupt or was modified after export"
+            )
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")
