@@ -671,7 +671,8 @@ def test_byte_flips_in_tokens_and_merges_name_the_entry_or_change_nothing(tmp_pa
         try:
             g = read_gguf(p)
         except GGUFError as e:  # not the tokenizers library's bare "Exception: Error while initializing BPE"
-            assert str(e).startswith(f"{p}: tokenizer"), str(e)  # (a special token's name: the tokenizer's checks)
+            # (a special token's name: the tokenizer's checks; a flip they let through: our export's checksum)
+            assert str(e).startswith((f"{p}: tokenizer", f"{p}: special token", f"{p}: checksum mismatch")), str(e)
             errors += bool(re.match(rf"{p}: tokenizer\.ggml\.(tokens|merges)\[\d+\] = ", str(e)))
             continue
         assert [g.tokenizer.encode(s) for s in SAMPLES] == want, f"byte {i} flipped: a different tokenizer loaded"
