@@ -1,6 +1,7 @@
 """The chat page in a real browser: Debian's ``chromium`` driven by ``playwright`` (its own browsers are not needed).
 
-- With the tiny real model (8192-token context, so a reply outlasts the test's clicks): type, press Enter, watch
+- With the tiny real model, its stream held open by the test (:class:`HeldOpen`: it pauses until the test lets it
+  go on, then waits for the Stop), so nothing depends on a reply outlasting the clicks: type, press Enter, watch
   text stream in, press Stop; the server sees the disconnect. Screenshot: ``artifacts/serve_chat.png``.
 - With the deterministic ``FakeBackend`` (its reply holds a fenced code block with ``<`` in it): fenced code
   becomes ``<pre><code>``, HTML is shown as text, Shift+Enter is a newline, errors are shown, New chat clears,
@@ -18,6 +19,7 @@ only when no
 from __future__ import annotations
 
 import shutil
+import threading
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,7 +30,8 @@ import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 from serve_fakes import FakeBackend, ServerThread, build_tiny_model, parse_metrics
 
-from nanochat.serve import EngineBackend, Settings, create_app
+from nanochat.serve import EngineBackend, GenerationParams, Settings, create_app
+from nanochat.serve.backend import Delta
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no `chromium` executable (Debian: apt-get install chromium)")
@@ -90,9 +93,46 @@ class Watched:
         self.context.close()
 
 
+class HeldOpen:
+    """A real backend whose stream the test paces: it streams until ``pause_chars`` characters, waits for
+    :attr:`more`, streams ``then`` more deltas, and then waits for the cancel event (the page's Stop), however fast
+    the engine is. Everything else is the wrapped backend's."""
+
+    def __init__(self, inner: EngineBackend, pause_chars: int = 300, then: int = 20) -> None:
+        self.inner, self.pause_chars, self.then = inner, pause_chars, then
+        self.more = threading.Event()
+        self.held = threading.Event()  # set once the stream waits for the Stop
+        self.ended_early: str | None = None  # a finish reason that came before the Stop
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def stream(self, prompt_ids: Any, params: GenerationParams, cancel: threading.Event) -> Iterator[Delta]:
+        chars, after = 0, None
+        for d in self.inner.stream(prompt_ids, params, cancel):
+            if d.finish_reason is not None and not cancel.is_set():
+                self.ended_early = d.finish_reason
+            yield d
+            if d.finish_reason is not None:
+                return
+            chars += len(d.text)
+            if after is None and chars >= self.pause_chars:
+                while not (self.more.wait(0.01) or cancel.is_set()):
+                    pass
+                after = 0
+            elif after is not None:
+                after += 1
+                if after >= self.then:
+                    self.held.set()
+                    cancel.wait(120)  # bounded: a failed test must not hang the server's shutdown
+                    yield Delta("", None, "cancelled")
+                    return
+
+
 def test_stream_and_stop_with_the_real_model(browser: Browser, tmp_path: Path) -> None:
-    backend = EngineBackend.from_path(build_tiny_model(tmp_path / "tiny-chat.gguf", seq_len=LONG_CTX), threads=1)
-    with ServerThread(create_app(backend, Settings(max_concurrent=2))) as srv:
+    real = EngineBackend.from_path(build_tiny_model(tmp_path / "tiny-chat.gguf", seq_len=LONG_CTX), threads=1)
+    backend = HeldOpen(real)
+    with ServerThread(create_app(backend, Settings(max_concurrent=2))) as srv:  # type: ignore[arg-type]
         w = Watched(browser, srv.url)
         page = w.page
         page.goto(srv.url + "/")
@@ -111,11 +151,14 @@ def test_stream_and_stop_with_the_real_model(browser: Browser, tmp_path: Path) -
         page.wait_for_function(
             "() => { const b = document.querySelector('.msg.assistant .body'); return b && b.innerText.length > 150; }"
         )
-        first = len(body.inner_text())
+        first = len(body.inner_text())  # the stream is paused here until the test says more
+        assert metric(srv.url, "nanochat_requests_in_flight") == 1
+        backend.more.set()
         page.wait_for_function(
             f"() => document.querySelector('.msg.assistant .body').innerText.length > {first}"
         )  # it keeps growing: streamed, not delivered at the end
-        assert metric(srv.url, "nanochat_requests_in_flight") == 1
+        assert backend.held.wait(30)  # now it waits for the Stop: the reply cannot end before the click
+        expect(reply).to_have_attribute("data-state", "streaming")
 
         page.click("#stop")
         expect(reply).to_have_attribute("data-state", "stopped")
@@ -129,6 +172,7 @@ def test_stream_and_stop_with_the_real_model(browser: Browser, tmp_path: Path) -
         assert metric(srv.url, "nanochat_generated_tokens_total") < 8000
         stopped_text = body.inner_text()
         assert len(stopped_text) > 150
+        assert backend.ended_early is None
 
         ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(ARTIFACTS / "serve_chat.png"))
@@ -156,8 +200,8 @@ def test_code_blocks_escaping_errors_new_chat_and_api_key(browser: Browser) -> N
         page.keyboard.type("first line")
         page.keyboard.press("Shift+Enter")  # a newline, not a send
         page.keyboard.type("second line")
-        assert page.input_value("#prompt") == "first line\nsecond line"
-        assert page.locator(".msg").count() == 0
+        expect(page.locator("#prompt")).to_have_value("first line\nsecond line")
+        expect(page.locator(".msg")).to_have_count(0)
         page.keyboard.press("Enter")
 
         reply = page.locator(".msg.assistant").last
@@ -165,7 +209,7 @@ def test_code_blocks_escaping_errors_new_chat_and_api_key(browser: Browser) -> N
         expect(page.locator(".msg.user .body")).to_have_text("first line\nsecond line")
         code = reply.locator("pre code")
         expect(code).to_have_text("print(1 < 2)  # <b>not bold</b>")  # shown as text, not markup
-        assert reply.locator("b").count() == 0
+        expect(reply.locator("b")).to_have_count(0)
         # monospace for real: narrow and wide glyphs take the same width in code
         widths = code.evaluate(
             """e => ['iiiiiiiiii', 'MMMMMMMMMM'].map(t => {
@@ -185,14 +229,14 @@ def test_code_blocks_escaping_errors_new_chat_and_api_key(browser: Browser) -> N
         expect(page.locator("#send")).to_be_visible()
 
         page.click("#new-chat")
-        assert page.locator(".msg").count() == 0
+        expect(page.locator(".msg")).to_have_count(0)
         expect(page.locator("#empty")).to_be_visible()
         page.fill("#max-tokens", "5000")  # over the server's limit (100): clamped by the page
         page.fill("#prompt", "show me code")
         page.press("#prompt", "Enter")
         expect(page.locator(".msg.assistant").last).to_have_attribute("data-state", "done")
         ARTIFACTS.mkdir(exist_ok=True)
-        assert page.input_value("#max-tokens") == "100"
+        expect(page.locator("#max-tokens")).to_have_value("100")
         expect(page.locator(".msg.assistant").last.locator("pre code")).to_have_text("print(1 < 2)  # <b>not bold</b>")
         page.screenshot(path=str(ARTIFACTS / "serve_chat_code.png"))
         w.check_clean()
@@ -216,6 +260,6 @@ def test_the_default_max_tokens_fits_a_small_context(browser: Browser) -> None:
         expect(reply.locator(".note")).to_contain_text("stopped at max tokens")
         prompt_tokens = len(backend.tokenizer.render_chat([{"role": "user", "content": "hello there"}]))
         assert len(reply.locator(".body").inner_text()) == 64 - prompt_tokens  # one byte per token: the rest
-        assert page.locator(".msg.error").count() == 0
+        expect(page.locator(".msg.error")).to_have_count(0)
         w.check_clean()
         w.close()
