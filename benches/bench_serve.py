@@ -1,8 +1,11 @@
 """Serving throughput and latency: ``python -m nanochat.serve`` under 1, 8 and 50 concurrent streaming clients, and
 time to first token over a multi-turn chat with and without the prompt cache.
 
-Starts the server in a subprocess on 127.0.0.1 (a free port) with the model given by ``--model``, or a tiny random
-model written on the fly (2 layers, width 256: it measures the server and engine overhead, not a real model). Each
+Starts the server in a subprocess on 127.0.0.1 (a free port) with the model given by ``--model``, or a random model
+written on the fly: ``--shape tiny`` (the default: 2 layers, width 256, a 400-token vocabulary: it measures the
+server and engine overhead, not a real model) or ``--shape d20`` (``configs/d20.toml``'s model: 6 layers, width 256,
+SwiGLU 2048, mHC-lite, a 16k BPE vocabulary trained on the Python standard library's sources, context 512: a real
+model's per-token cost, with random weights). Each
 client is an ``httpx`` async task that sends ``--requests`` streaming chat completions one after another
 (``ignore_eos`` so every reply is exactly ``--max-tokens`` tokens, a fixed seed per request); all clients of a level
 start together. Reported per level: aggregate completion tokens/s (all tokens / wall time of the level), the median
@@ -15,9 +18,14 @@ model, with the prompt cache (``EngineBackend(prompt_cache=4)``) and without (``
 the whole conversation so far (greedy, ``--cache-reply-tokens`` per reply), so with the cache only the new turn is
 prefilled. Reported: TTFT per turn (mean, last turn) and the prompt tokens the cache saved.
 
+Then (``--burst N``, 0 = skip) N streaming requests arrive at once at a server with ``--burst-concurrent`` slots and a
+queue of ``--burst-queue``: reported are the requests served, those refused with 503 + ``Retry-After`` (the bounded
+queue) and any other failure, with TTFT p50/p95 of the served ones.
+
     python benches/bench_serve.py
     python benches/bench_serve.py --model runs/d20-20261124-101500 --max-tokens 128 --json runs/bench_serve.json
     python benches/bench_serve.py --levels 1,2,4,8,16 --requests 4 --threads 2 --cache-turns 0
+    python benches/bench_serve.py --shape d20 --requests 1 --max-tokens 32 --cache-turns 10 --burst 200
 
 ``--json PATH`` writes a list of records, one per concurrency level, with keys:
 
@@ -52,6 +60,19 @@ and, for the prompt-cache comparison, one record per setting with keys:
     ttft_mean_ms       time to first token, mean over turns (ms)
     ttft_last_ms       time to first token of the last (longest) turn (ms)
     ttft_speedup       ttft_mean_ms without the cache / with it (1.0 on the record without)
+
+and, for the burst, one record with keys:
+
+    bench              "serve_burst"
+    model, engine      as above
+    burst              requests sent at once
+    max_concurrent     the server's slots
+    max_queue          the server's queue bound
+    served             requests answered 200 and streamed to [DONE]
+    rejected           requests refused with 503 and Retry-After
+    other_errors       anything else
+    ttft_p50_ms        time to first token of the served ones, median (ms)
+    ttft_p95_ms        time to first token of the served ones, 95th percentile (ms)
 """
 
 from __future__ import annotations
@@ -80,6 +101,8 @@ PROMPT = "Write a Python function that returns the n-th Fibonacci number, with a
 @dataclass
 class Result:
     ok: bool
+    status: int = 0  # the HTTP status (0: no response)
+    retry_after: bool = False  # a Retry-After header came with it
     ttft: float = 0.0  # s, request sent -> first content chunk
     decode_s: float = 0.0  # s, first -> last content chunk
     latency: float = 0.0  # s, request sent -> [DONE]
@@ -116,7 +139,7 @@ async def one_request(client: httpx.AsyncClient, max_tokens: int, seed: int) -> 
         async with client.stream("POST", "/v1/chat/completions", json=body) as r:
             if r.status_code != 200:
                 await r.aread()
-                return Result(ok=False)
+                return Result(ok=False, status=r.status_code, retry_after="retry-after" in r.headers)
             async for line in r.aiter_lines():
                 if not line.startswith("data:"):
                     continue
@@ -138,7 +161,14 @@ async def one_request(client: httpx.AsyncClient, max_tokens: int, seed: int) -> 
         return Result(ok=False)
     end = time.perf_counter()
     return Result(
-        True, first - t0, last - first, end - t0, int(usage["completion_tokens"]), int(usage["prompt_tokens"])
+        True,
+        200,
+        False,
+        first - t0,
+        last - first,
+        end - t0,
+        int(usage["completion_tokens"]),
+        int(usage["prompt_tokens"]),
     )
 
 
@@ -153,6 +183,34 @@ async def run_level(url: str, concurrency: int, requests: int, max_tokens: int) 
         per_client = await asyncio.gather(*(worker(c) for c in range(concurrency)))
         wall = time.perf_counter() - t0
     return [r for rs in per_client for r in rs], wall
+
+
+def build_d20_model(out: Path, console: Console) -> Path:
+    """A random model of ``configs/d20.toml``'s shape, with a 16k BPE tokenizer trained on the standard library's
+    Python sources (local files: nothing is downloaded), written as GGUF."""
+    import sysconfig
+
+    import torch
+
+    from nanochat.data.tokenizer import Tokenizer
+    from nanochat.export import export_gguf
+    from nanochat.model import GPT
+    from nanochat.model.config import load_config
+
+    cfg, _ = load_config("d20")
+    files = sorted(Path(sysconfig.get_paths()["stdlib"]).glob("*.py"))[:150]
+    with console.status(f"training a {cfg.vocab_size}-token BPE on {len(files)} stdlib files"):
+        tok = Tokenizer.train([f.read_text(errors="replace") for f in files], vocab_size=cfg.vocab_size)
+    torch.manual_seed(0)
+    model = GPT(cfg.replace(vocab_size=tok.vocab_size)).eval()
+    return export_gguf(model, tok, out)
+
+
+async def burst(url: str, n: int, max_tokens: int) -> list[Result]:
+    """``n`` streaming requests at once, one connection each."""
+    limits = httpx.Limits(max_connections=n + 2)
+    async with httpx.AsyncClient(base_url=url, timeout=httpx.Timeout(600.0), limits=limits) as client:
+        return list(await asyncio.gather(*(one_request(client, max_tokens, seed=i) for i in range(n))))
 
 
 def cache_chat(
@@ -211,7 +269,11 @@ def cache_chat(
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", type=Path, default=None, help="model to serve (default: a tiny random one)")
+    ap.add_argument("--model", type=Path, default=None, help="model to serve (default: a random one of --shape)")
+    ap.add_argument("--shape", choices=("tiny", "d20"), default="tiny", help="the random model's shape, if no --model")
+    ap.add_argument("--burst", type=int, default=0, help="requests sent at once in the burst test (0 = skip it)")
+    ap.add_argument("--burst-concurrent", type=int, default=4, help="the burst server's --max-concurrent")
+    ap.add_argument("--burst-queue", type=int, default=32, help="the burst server's --max-queue")
     ap.add_argument("--levels", default="1,8,50", help="comma-separated client counts")
     ap.add_argument("--requests", type=int, default=2, help="requests per client per level")
     ap.add_argument("--cache-turns", type=int, default=10, help="turns of the prompt-cache chat (0 = skip it)")
@@ -225,7 +287,10 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="bench_serve_") as tmp:
         model = args.model
-        if model is None:
+        if model is None and args.shape == "d20":
+            model = build_d20_model(Path(tmp) / "d20-random.gguf", console)
+            console.print(f"[dim]no --model: serving a random d20-shaped model ({model.name})[/dim]")
+        elif model is None:
             model = build_tiny_model(Path(tmp) / "tiny-random.gguf", seq_len=1024)
             console.print(f"[dim]no --model: serving a tiny random model ({model.name}, context 1024)[/dim]")
         server_args = ["--max-concurrent", str(max(levels)), "--log-level", "warning"]
@@ -277,6 +342,23 @@ def main() -> None:
         cache_records = []
         if args.cache_turns > 0:
             cache_records = cache_chat(model, args.cache_turns, args.cache_reply_tokens, args.threads, model_id, engine)
+        burst_records = []
+        if args.burst > 0:
+            burst_args = ["--max-concurrent", str(args.burst_concurrent), "--max-queue", str(args.burst_queue),
+                          "--log-level", "warning"]  # fmt: skip
+            if args.threads is not None:
+                burst_args += ["--threads", str(args.threads)]
+            with ServerProcess(model, burst_args, log_path=log, env={"NANOCHAT_API_KEY": ""}) as srv:
+                results = asyncio.run(burst(srv.url, args.burst, args.max_tokens))
+            served = [r for r in results if r.ok]
+            ttft = [r.ttft * 1e3 for r in served] or [float("nan")]
+            rejected = sum(1 for r in results if r.status == 503 and r.retry_after)
+            burst_records.append({
+                "bench": "serve_burst", "model": model_id, "engine": engine, "burst": args.burst,
+                "max_concurrent": args.burst_concurrent, "max_queue": args.burst_queue, "served": len(served),
+                "rejected": rejected, "other_errors": len(results) - len(served) - rejected,
+                "ttft_p50_ms": round(percentile(ttft, 50), 2), "ttft_p95_ms": round(percentile(ttft, 95), 2),
+            })  # fmt: skip
 
     table = Table(title=f"nanochat.serve {model_id} ({engine}), {args.max_tokens} tokens/request, streamed")
     for col in (
@@ -287,6 +369,7 @@ def main() -> None:
         "vs 1st",
         "tok/s/stream",
         "TTFT p50",
+        "TTFT p95",
         "TTFT p99",
         "lat p50",
         "lat p99",
@@ -301,6 +384,7 @@ def main() -> None:
             f"{r['speedup']:.2f}x",
             f"{r['stream_tps_p50']:.1f}",
             f"{r['ttft_p50_ms']:.0f} ms",
+            f"{r['ttft_p95_ms']:.0f} ms",
             f"{r['ttft_p99_ms']:.0f} ms",
             f"{r['latency_p50_ms']:.0f} ms",
             f"{r['latency_p99_ms']:.0f} ms",
@@ -316,6 +400,14 @@ def main() -> None:
             t2.add_row("on" if r["prompt_cache"] else "off", *cells)
         console.print(t2)
         records += cache_records
+    for r in burst_records:
+        t3 = Table(title=f"burst: {r['burst']} requests at once, {r['max_concurrent']} slots, queue {r['max_queue']}")
+        for col in ("sent", "served", "rejected (503)", "other errors", "TTFT p50", "TTFT p95"):
+            t3.add_column(col, justify="right", no_wrap=True)
+        t3.add_row(str(r["burst"]), str(r["served"]), str(r["rejected"]), str(r["other_errors"]),
+                   f"{r['ttft_p50_ms']:.0f} ms", f"{r['ttft_p95_ms']:.0f} ms")  # fmt: skip
+        console.print(t3)
+    records += burst_records
     if args.json is not None:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps(records, indent=2) + "\n")

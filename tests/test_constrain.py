@@ -187,3 +187,23 @@ def test_chooser_refuses_a_budget_too_small() -> None:
     chooser = JsonChooser(table, encode)
     with pytest.raises(ValueError, match="max_tokens"):
         chooser.choose(torch.zeros(len(VOCAB)), 0.0, None, None, None, 1)  # "{}" needs two byte tokens
+
+
+def test_whitespace_policy_for_generation() -> None:
+    """``max_ws`` narrows JSON for generation only: no leading blank, bounded blank runs, strings untouched."""
+    assert JsonPrefix(max_ws=3).advance(b" {") is None
+    assert JsonPrefix(max_ws=3).advance(b"{   }") is not None
+    assert JsonPrefix(max_ws=3).advance(b"{    }") is None
+    assert JsonPrefix(max_ws=3).advance(b'{"a      b" \n:\t[1,  2 ]}') is not None
+    assert JsonPrefix().advance(b"  \n\n\n\n {\n\n\n\n\n }") is not None  # plain JSON has no such limit
+
+
+def test_chooser_output_for_a_whitespace_loving_model() -> None:
+    bias = torch.zeros(len(VOCAB))
+    for c in [" ", "\n", "  "]:
+        bias[VOCAB.index(c)] = 30.0
+    text, n = run_chooser(0, 60, 0.0, bias)
+    assert isinstance(json.loads(text), dict) and not text[0].isspace()
+    blanks = text.split('"')[0]  # outside any string (inside one, spaces are content)
+    assert len(blanks) > 16  # the model's whitespace was used, in runs of at most 16
+    assert not any(set(blanks[i : i + 17]) <= set(" \t\n\r") for i in range(len(blanks) - 16))

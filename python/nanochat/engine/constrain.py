@@ -30,6 +30,7 @@ from torch import Tensor
 from nanochat.engine.sampling import filter_logits, is_greedy
 
 TOP_CANDIDATES = 256  # candidates tried in sampling order before the whole-vocabulary fallback
+MAX_WS = 16  # whitespace bytes in a row at most, in generated JSON
 
 # modes of the automaton
 VALUE, VALUE_OR_END, OBJ_FIRST, OBJ_KEY, COLON, AFTER = range(6)  # between tokens
@@ -47,9 +48,12 @@ CLOSER = {"o": ord("}"), "a": ord("]")}
 class JsonPrefix:
     """A state of the JSON-prefix automaton: the bytes fed so far are a prefix of some valid JSON text.
 
-    ``object_only``: the top-level value must be an object (OpenAI's ``json_object`` mode)."""
+    ``object_only``: the top-level value must be an object (OpenAI's ``json_object`` mode). ``max_ws``: a policy
+    narrower than JSON, for generation: no whitespace before the value, and runs of at most ``max_ws`` whitespace
+    bytes (a model fond of indentation would otherwise spend its whole budget on it, as llama.cpp's JSON grammar
+    also limits)."""
 
-    __slots__ = ("mode", "stack", "key", "rest", "object_only")
+    __slots__ = ("mode", "stack", "key", "rest", "object_only", "max_ws", "ws")
 
     def __init__(
         self,
@@ -58,12 +62,16 @@ class JsonPrefix:
         stack: tuple[str, ...] = (),
         key: bool = False,
         rest: bytes = b"",
+        max_ws: int | None = None,
+        ws: int = 0,
     ) -> None:
         self.mode = mode  # one of the modes above
         self.stack = stack  # open containers, innermost last: "o" object, "a" array
         self.key = key  # the string being read is an object key
         self.rest = rest  # LIT: the literal's bytes still to come; HEX: as many placeholder bytes as digits left
         self.object_only = object_only
+        self.max_ws = max_ws
+        self.ws = ws  # whitespace bytes just fed in a row (between tokens)
 
     def __repr__(self) -> str:
         return f"JsonPrefix(mode={self.mode}, stack={''.join(self.stack)!r}, key={self.key}, rest={self.rest!r})"
@@ -77,12 +85,14 @@ class JsonPrefix:
     def signature(self) -> tuple[Any, ...]:
         """What the set of acceptable next bytes depends on (a cache key)."""
         top = self.stack[-1] if self.stack else ""
-        return (self.mode, top, self.key, self.rest, self.object_only and not self.stack)
+        ws_full = self.max_ws is not None and (self.ws >= self.max_ws or (self.mode == VALUE and not self.stack))
+        return (self.mode, top, self.key, self.rest, self.object_only and not self.stack, ws_full)
 
     def advance(self, data: bytes) -> JsonPrefix | None:
         """The state after ``data``, or ``None`` if ``data`` makes the text no longer a prefix of valid JSON."""
-        mode, stack, key, rest = self.mode, self.stack, self.key, self.rest
+        mode, stack, key, rest, ws, max_ws = self.mode, self.stack, self.key, self.rest, self.ws, self.max_ws
         for b in data:
+            blank = False
             while True:  # a byte that ends a number is processed again in AFTER
                 if mode == STR:
                     if b == 0x22:  # "
@@ -113,8 +123,10 @@ class JsonPrefix:
                         mode = AFTER
                         continue  # the byte after a number
                     mode = nxt
-                elif b in WS:
-                    pass  # whitespace may come between any two tokens
+                elif b in WS:  # whitespace may come between any two tokens
+                    if max_ws is not None and (ws >= max_ws or (mode == VALUE and not stack)):
+                        return None
+                    blank = True
                 elif mode in (VALUE, VALUE_OR_END):
                     if mode == VALUE_OR_END and b == 0x5D:  # ] of an empty array
                         mode, stack = AFTER, stack[:-1]
@@ -157,7 +169,8 @@ class JsonPrefix:
                     else:
                         return None
                 break
-        return JsonPrefix(self.object_only, mode, stack, key, rest)
+            ws = ws + 1 if blank else 0
+        return JsonPrefix(self.object_only, mode, stack, key, rest, max_ws, ws)
 
     def _next_piece(self) -> bytes:
         """One step toward the shortest completion."""
@@ -235,10 +248,16 @@ class JsonChooser:
     """One choice's constraint: picks each next token so that the text stays a JSON prefix and can be closed within
     the budget (see the module docstring). ``encode(text)`` tokenizes a closing text."""
 
-    def __init__(self, table: TokenTable, encode: Callable[[str], Sequence[int]], object_only: bool = True) -> None:
+    def __init__(
+        self,
+        table: TokenTable,
+        encode: Callable[[str], Sequence[int]],
+        object_only: bool = True,
+        max_ws: int | None = MAX_WS,
+    ) -> None:
         self.table = table
         self.encode = encode
-        self.state = JsonPrefix(object_only)
+        self.state = JsonPrefix(object_only, max_ws=max_ws)
         self.forced: list[int] = []  # the closing tokens, once the budget leaves no choice
         self._need: dict[str, int] = {}
         self._allowed: dict[tuple[Any, ...], Tensor] = {}

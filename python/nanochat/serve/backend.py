@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+from nanochat.engine.constrain import JsonChooser, TokenTable
 from nanochat.engine.sampling import SamplingParams, new_seed, penalize
 
 if TYPE_CHECKING:
@@ -58,6 +59,9 @@ class GenerationParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     n: int = 1  # choices, sampled with seeds seed, seed + 1, ... (so choice 0 is the n = 1 reply)
+    json_object: bool = (
+        False  # constrained decoding: each choice is one complete JSON object (nanochat.engine.constrain)
+    )
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -118,6 +122,7 @@ class Delta:
     finish_reason: FinishReason | None = None
     logprob: TokenLogprob | None = None  # with GenerationParams.logprobs, for deltas with a token_id
     index: int = 0  # which of the request's ``n`` choices
+    cached_tokens: int = 0  # prompt tokens served from the prompt cache (on a choice's first delta)
 
 
 def token_logprob(logits: Any, token_id: int, k: int) -> TokenLogprob:
@@ -264,6 +269,7 @@ class EngineBackend:
         self.engine = Engine(loaded, device=device, threads=threads, backend=engine)
         self.batcher = Batcher(self.engine, PromptCache(prompt_cache))
         self.mode = f"engine:{self.engine.backend_name}"
+        self.constrained_decoding = True  # response_format json_object (the Batcher's JsonChooser)
 
     @classmethod
     def from_path(cls, path: str | Path, **kw: Any) -> EngineBackend:
@@ -339,6 +345,8 @@ class _Choice:
     index: int
     adjust: LogitAdjuster | None = None
     cacheable: bool = field(default=True)
+    json: JsonChooser | None = None  # response_format json_object: this choice's constraint
+    cached: int = 0  # prompt tokens reused from the prompt cache, reported once (on the first delta)
 
 
 def _unsampleable(seq: Any) -> RuntimeError | None:
@@ -377,6 +385,7 @@ class Batcher:
         self._inbox: queue.SimpleQueue[_Request] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
+        self._json_table: TokenTable | None = None  # the vocabulary's bytes, for json_object requests
         self.steps = 0  # batched decode steps so far
         self.max_batch = 0  # largest batch seen (tests and curiosity)
 
@@ -400,9 +409,9 @@ class Batcher:
             if item.finish_reason is not None:
                 left -= 1
 
-    def _start(self, req: _Request) -> list[Any]:
+    def _start(self, req: _Request) -> tuple[list[Any], int]:
         """The request's live sequences, prefilled: one batched forward for its ``n`` choices, or the prompt cache's
-        best session for a single one."""
+        best session for a single one; also how many prompt tokens came from the cache."""
         from nanochat.engine import LiveSequence, TextStream, decode_fn
         from nanochat.engine.sampling import make_generator
 
@@ -410,7 +419,7 @@ class Batcher:
         s = p.sampling
         seeds = p.seeds()
         if p.n > 1 or self.cache.size <= 0:
-            return list(
+            seqs = list(
                 eng.start(
                     [req.prompt_ids] * p.n,
                     max_new_tokens=p.max_tokens,
@@ -422,6 +431,7 @@ class Batcher:
                     stop_token_ids=p.stop_token_ids,
                 )
             )
+            return seqs, 0
         ids = req.prompt_ids
         if not ids or len(ids) >= eng.max_seq:
             raise ValueError(f"the prompt has {len(ids)} tokens; the context holds {eng.max_seq}")
@@ -447,7 +457,7 @@ class Batcher:
             raise
         if p.max_tokens == 0:
             seq.finish_reason = "length"
-        return [seq]
+        return [seq], kept
 
     def _admit(self, req: _Request, live: list[_Choice]) -> None:
         if req.cancel.is_set():
@@ -455,14 +465,45 @@ class Batcher:
                 req.out.put(Delta("", None, "cancelled", index=i))
             return
         try:
-            seqs = self._start(req)
+            seqs, cached = self._start(req)
+            jsons = [self._json_chooser() for _ in seqs] if req.params.json_object else [None] * len(seqs)
         except Exception as e:  # e.g. ValueError for a prompt the engine refuses: that request fails alone
             req.out.put(e)
             return
         vocab = int(self.engine.backend.vocab_size)
         for i, seq in enumerate(seqs):
             adjust = LogitAdjuster(req.params, vocab) if req.params.adjusts_logits else None
-            live.append(_Choice(seq, req, i, adjust))
+            live.append(_Choice(seq, req, i, adjust, json=jsons[i], cached=cached if i == 0 else 0))
+
+    def _json_chooser(self) -> JsonChooser:
+        """A fresh JSON constraint; the vocabulary's byte table is built on first use (once per model)."""
+        tok = self.engine.tokenizer
+        if self._json_table is None:
+            texts, known = TokenTexts(tok), int(tok.vocab_size)
+            self._json_table = TokenTable(
+                int(self.engine.backend.vocab_size), lambda i: bytes(texts(i)[1]) if i < known else b""
+            )
+        return JsonChooser(self._json_table, tok.encode)
+
+    def _choose_json(self, c: _Choice) -> bool:
+        """Pick a constrained choice's next token and make it the only one its logits allow (so the engine's own
+        sampler draws exactly it); ``False`` (and the request failed) if the JSON value cannot be completed."""
+        import torch
+
+        seq, n = c.seq, len(c.seq.token_ids)
+        assert c.json is not None
+        left = min(seq.max_new_tokens - n, int(self.engine.max_seq) - seq.prompt_tokens - n)
+        p = seq.params
+        try:
+            tok = c.json.choose(seq.logits, p.temperature, p.top_k, p.top_p, seq.generator, left)
+        except ValueError as e:
+            c.cacheable = False
+            self._fail(c.req, e)
+            return False
+        only = torch.full((int(seq.logits.numel()),), float("-inf"))
+        only[tok] = 0.0
+        seq.logits = only
+        return True
 
     def _retire(self, c: _Choice) -> None:
         """A finished choice's session goes to the prompt cache with the tokens its KV holds."""
@@ -504,12 +545,16 @@ class Batcher:
                 live = kept
                 if not live:
                     continue
-                seqs = [c.seq for c in live]
-                before = [len(seq.token_ids) for seq in seqs]
-                logits = [seq.logits for seq in seqs]  # raw: the step replaces them; logprobs report these
+                raw = [c.seq.logits for c in live]  # the step replaces them; logprobs report these
                 for c in live:
                     if c.adjust is not None:  # penalties and bias change what is sampled, not what is reported
                         c.seq.logits = c.adjust(c.seq.logits)
+                pairs = [(c, row) for c, row in zip(live, raw, strict=True) if c.json is None or self._choose_json(c)]
+                live, logits = [c for c, _ in pairs], [row for _, row in pairs]
+                if not live:
+                    continue
+                seqs = [c.seq for c in live]
+                before = [len(seq.token_ids) for seq in seqs]
                 texts = self.engine.step(seqs)
                 self.steps += 1
                 self.max_batch = max(self.max_batch, len(seqs))
@@ -521,7 +566,11 @@ class Batcher:
                     lp = token_logprob(row, tok, k) if k is not None and tok is not None else None
                     if c.adjust is not None and tok is not None:
                         c.adjust.saw(tok)
-                    c.req.out.put(Delta(text, tok, seq.finish_reason, lp, c.index))
+                    if c.json is not None and seq.finish_reason is None and c.json.complete:
+                        text += seq.stream.finish()  # the object is closed: the reply ends here
+                        seq.finish_reason = "stop"
+                    c.req.out.put(Delta(text, tok, seq.finish_reason, lp, c.index, c.cached))
+                    c.cached = 0
                     if seq.finish_reason is None:
                         kept.append(c)
                     else:

@@ -57,6 +57,7 @@ from nanochat.serve.schemas import (
     ChoiceLogprobs,
     CompletionLogprobs,
     CompletionRequest,
+    PromptTokensDetails,
     SamplingRequest,
     TokenLogprobEntry,
     TopLogprob,
@@ -145,6 +146,7 @@ class Generation:
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[Delta | BaseException] = asyncio.Queue()
         self.completion_tokens = 0  # counted on the loop side, from the deltas consumed (all choices)
+        self.cached_tokens = 0  # prompt tokens the backend reused from its prompt cache
         self.logprobs: list[list[TokenLogprob]] = [[] for _ in range(params.n)]  # per choice, of the deltas consumed
         self.delivered = False  # the response reached its end (last event sent, or the error reported)
 
@@ -189,6 +191,7 @@ class Generation:
             raise item
         if item.token_id is not None:
             self.completion_tokens += 1
+        self.cached_tokens = max(self.cached_tokens, item.cached_tokens)
         if item.logprob is not None:
             self.logprobs[item.index].append(item.logprob)
         return item
@@ -208,7 +211,8 @@ class Generation:
 
     def usage(self) -> Usage:
         p, c = len(self.prompt_ids), self.completion_tokens
-        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c)
+        details = PromptTokensDetails(cached_tokens=self.cached_tokens)
+        return Usage(prompt_tokens=p, completion_tokens=c, total_tokens=p + c, prompt_tokens_details=details)
 
 
 async def unless_disconnected(request: Request, aw: Awaitable[T]) -> T:
@@ -417,6 +421,13 @@ class Service:
         if outside:
             raise APIError(400, f"logit_bias names token {outside[0]}, outside the vocabulary [0, {vocab}).",
                            param="logit_bias", code="invalid_value")  # fmt: skip
+        json_object = req.json_object()
+        if json_object and not getattr(self.backend, "constrained_decoding", False):
+            raise APIError(400, "response_format 'json_object' is not supported by this backend (no constrained "
+                           "decoding)", param="response_format", code="invalid_value")  # fmt: skip
+        if json_object and req.stop_list():
+            raise APIError(400, "stop cannot be combined with response_format 'json_object': a stop string could cut "
+                           "the JSON value short", param="stop", code="invalid_value")  # fmt: skip
         sampling = SamplingParams(
             temperature=1.0 if req.temperature is None else float(req.temperature),
             top_k=req.top_k or None,
@@ -433,6 +444,7 @@ class Service:
             frequency_penalty=float(req.frequency_penalty or 0.0),
             logit_bias=bias,
             n=req.n,
+            json_object=json_object,
         )
 
     # ---------------------------------------------------------------- running a generation

@@ -347,6 +347,7 @@ async def infill(body: InfillRequest, request: Request) -> Response:
                    "predicted_ms": (now - t1) * 1e3}  # fmt: skip
         return InfillResponse(content=text, model=model, tokens_predicted=use.completion_tokens,
                               tokens_evaluated=len(prompt_ids), truncated=truncated,
+                              tokens_cached=use.prompt_tokens_details.cached_tokens,
                               stop_type="eos" if finish == "stop" else "limit",
                               timings=timings).model_dump()  # type: ignore[arg-type]  # fmt: skip
 

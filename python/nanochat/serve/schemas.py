@@ -5,8 +5,10 @@ Notable choices:
   ignored so clients that send ``user`` or penalties of 0 keep working.
 - ``logprobs``: chat takes ``logprobs: true`` and ``top_logprobs`` (0-20), completions ``logprobs: N`` (0-5), as
   OpenAI does; the answers carry OpenAI's two logprobs shapes. ``presence_penalty``, ``frequency_penalty`` and
-  ``logit_bias`` are applied. Nothing that would change the output is silently ignored: ``tools``, ``functions``,
-  a ``response_format`` other than text, ``best_of`` above 1, ``echo`` and ``suffix`` are refused (400).
+  ``logit_bias`` are applied. ``response_format: {"type": "json_object"}`` (chat and completions) is constrained
+  decoding: every choice is one complete JSON object. Nothing that would change the output is silently ignored:
+  ``tools``, ``functions``, ``response_format`` ``json_schema``, ``best_of`` above 1, ``echo`` and ``suffix`` are
+  refused (400).
 - Range checks live here (temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, 1 <= n <= 16, at most 4 non-empty
   stop strings); checks that need the model (context length, model name) live in the app.
 - Extensions beyond OpenAI's schema, as vLLM names them: ``top_k`` and ``ignore_eos`` (generate through
@@ -69,6 +71,24 @@ class SamplingRequest(_Request):
     logit_bias: (
         Annotated[dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] | None
     ) = None
+    response_format: dict[str, Any] | None = None  # {"type": "text"} or {"type": "json_object"}
+
+    @field_validator("response_format")
+    @classmethod
+    def _formats(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
+        kind = None if v is None else v.get("type")
+        if v is None or kind in ("text", "json_object"):
+            return v
+        if kind == "json_schema":
+            raise ValueError(
+                "response_format 'json_schema' is not supported: use {'type': 'json_object'} (any JSON object, "
+                "guaranteed to parse) and describe the schema in the prompt"
+            )
+        raise ValueError(f"response_format type {str(kind)[:40]!r} is not supported: use 'text' or 'json_object'")
+
+    def json_object(self) -> bool:
+        """Constrained decoding asked for: the reply must be one JSON object."""
+        return self.response_format is not None and self.response_format.get("type") == "json_object"
 
     @field_validator("logit_bias")
     @classmethod
@@ -124,7 +144,6 @@ class ChatCompletionRequest(SamplingRequest):
     tool_choice: Any = None
     functions: list[Any] | None = None
     function_call: Any = None
-    response_format: dict[str, Any] | None = None
 
     @field_validator("tools", "functions")
     @classmethod
@@ -138,16 +157,6 @@ class ChatCompletionRequest(SamplingRequest):
     def _no_tool_choice(cls, v: Any) -> Any:
         if v not in (None, "none"):
             raise ValueError("tool and function calling is not supported: this model has no tool-call format")
-        return v
-
-    @field_validator("response_format")
-    @classmethod
-    def _text_only(cls, v: dict[str, Any] | None) -> dict[str, Any] | None:
-        if v is not None and v.get("type") != "text":
-            raise ValueError(
-                f"response_format {str(v.get('type'))[:40]!r} is not supported (no constrained decoding): only "
-                "'text'; ask for JSON in the prompt and validate it"
-            )
         return v
 
     @field_validator("top_logprobs")
@@ -276,6 +285,7 @@ class InfillResponse(BaseModel):
     model: str
     tokens_predicted: int
     tokens_evaluated: int  # prompt tokens
+    tokens_cached: int = 0  # prompt tokens reused from the prompt cache (llama-server's cache_prompt)
     truncated: bool  # the prefix, suffix or extra context was cut to fit the context
     stop_type: Literal["eos", "limit", "word"]  # a stop token, n_predict (or the context), a stop string
     timings: InfillTimings
@@ -329,10 +339,15 @@ class CompletionLogprobs(BaseModel):
     text_offset: list[int]  # where each token's text starts in the completion
 
 
+class PromptTokensDetails(BaseModel):
+    cached_tokens: int = 0  # prompt tokens whose KV came from the prompt cache (not prefilled again)
+
+
 class Usage(BaseModel):
     prompt_tokens: int
     completion_tokens: int
     total_tokens: int
+    prompt_tokens_details: PromptTokensDetails = Field(default_factory=PromptTokensDetails)
 
 
 class AssistantMessage(BaseModel):
