@@ -42,6 +42,7 @@ import json
 import logging
 import os
 import re
+import threading
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -618,26 +619,28 @@ def _check_tq2_0(path: Path, name: str, data: np.ndarray) -> None:
     all-zero blocks). Vectorised over 8-byte words: four codes per byte, 32 per word."""
     blocks = data.reshape(-1, TQ2_0_BLOCK_BYTES)
     qs = blocks[:, :64].view("<u8")  # (n_blocks, 8)
-    ones = np.uint64(0x5555_5555_5555_5555)  # the low bit of every 2-bit code
-    code3 = (qs & (qs >> np.uint64(1)) & ones) != 0
+    ones = np.uint64(0x5555_5555_5555_5555)  # the low bit of every 2-bit code; all codes 1 = all trits 0
+    code3 = qs >> np.uint64(1)  # one temporary, then in place: ~15 ms for nano_125m's 28 MiB
+    code3 &= qs
+    code3 &= ones
     if code3.any():
         b = int(np.flatnonzero(code3.any(axis=1))[0])
         raise GGUFError(f"{path}: tensor {name!r} block {b} holds code 3, which is not a trit (TQ2_0 codes are 0..2)")
-    _check_block_scales(path, name, blocks[:, 64:66].view("<f2")[:, 0], (qs != ones).any(axis=1))
+    d = blocks[:, 64:66].view("<f2")[:, 0]
+    _check_block_scales(path, name, d)
+    zero = np.flatnonzero(d == 0)  # usually none: only then look at those blocks' codes
+    if zero.size:
+        bad = zero[(qs[zero] != ones).any(axis=1)]
+        if bad.size:
+            raise GGUFError(f"{path}: tensor {name!r} block {int(bad[0])} has non-zero trits but scale 0")
 
 
-def _check_block_scales(path: Path, name: str, d: np.ndarray, nonzero: np.ndarray | None) -> None:
-    """Block scales ``d`` (one per block) must be finite and >= 0, and > 0 where a block has non-zero trits
-    (``nonzero``; None when the caller cannot tell cheaply)."""
+def _check_block_scales(path: Path, name: str, d: np.ndarray) -> None:
+    """Block scales ``d`` (one per block) must be finite and >= 0 (gguf's quantizers write ``max |x|``)."""
     bad = ~np.isfinite(d) | (d < 0)
     if bad.any():
         b = int(np.flatnonzero(bad)[0])
         raise GGUFError(f"{path}: tensor {name!r} block {b} has scale {float(d[b])}: block scales must be finite, >= 0")
-    if nonzero is not None:
-        zero = nonzero & (d == 0)
-        if zero.any():
-            b = int(np.flatnonzero(zero)[0])
-            raise GGUFError(f"{path}: tensor {name!r} block {b} has non-zero trits but scale 0")
 
 
 def _ours_expected_type(name: str, cfg: GPTConfig) -> tuple[Any, ...]:
@@ -692,6 +695,11 @@ def _read_gguf(path: Path) -> GGUFModel:
     tok = _tokenizer_from_gguf(reader)
     stored_digest = reader.fields.get(CHECKSUM_KEY)
     ours = stored_digest is not None or arch == ARCH_NANOCHAT  # only nanochat writes either
+    digest: list[str] = []  # hashed on a second thread while the tensors are checked and repacked (hashlib and
+    hasher = None  # numpy release the GIL): ~90 ms for nano_125m's 55 MB on this machine, mostly hidden
+    if stored_digest is not None:
+        hasher = threading.Thread(target=lambda: digest.append(reader.content_digest(CHECKSUM_EXCLUDED)), daemon=True)
+        hasher.start()
     shapes = expected_shapes(cfg)
     ternary: dict[str, tuple[np.ndarray, float]] = {}
     dense: dict[str, np.ndarray] = {}
@@ -741,9 +749,7 @@ def _read_gguf(path: Path) -> GGUFModel:
                     _check_tq2_0(path, t.name, data)
                     packed, scale = ops.tq2_0_to_kernel_layout(data)
                 else:
-                    _check_block_scales(
-                        path, t.name, data.reshape(-1, TQ1_0_BLOCK_BYTES)[:, 52:54].view("<f2")[:, 0], None
-                    )
+                    _check_block_scales(path, t.name, data.reshape(-1, TQ1_0_BLOCK_BYTES)[:, 52:54].view("<f2")[:, 0])
                     packed, scale = ops.tq1_0_to_kernel_layout(data)
             except (ValueError, TypeError) as e:  # the core's own refusals (blocks with different scales)
                 if isinstance(e, GGUFError):
@@ -790,12 +796,12 @@ def _read_gguf(path: Path) -> GGUFModel:
     missing = sorted(set(shapes) - set(ternary) - set(dense))
     if missing:
         raise GGUFError(f"{path}: missing tensor(s) {[to_gguf_name(m) for m in missing]}")
-    if stored_digest is not None:  # last: the checks above name what is wrong, this says only that something is
-        digest = reader.content_digest(CHECKSUM_EXCLUDED)
-        if stored_digest != digest:
+    if hasher is not None:  # last: the checks above name what is wrong, this says only that something is
+        hasher.join()
+        if stored_digest != digest[0]:
             raise GGUFError(
                 f"{path}: checksum mismatch ({CHECKSUM_KEY} is {str(stored_digest)[:64]!r}, the content hashes to "
-                f"{digest!r}): the file is corrupt or was modified after export"
+                f"{digest[0]!r}): the file is corrupt or was modified after export"
             )
     return GGUFModel(path, arch, cfg, tok, ternary, dense)
 
