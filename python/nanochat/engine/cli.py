@@ -93,6 +93,15 @@ def main(
     ] = 0,
     top_p: Annotated[float, typer.Option(help="Nucleus sampling (1 = off).", rich_help_panel="Sampling")] = 1.0,
     seed: Annotated[int | None, typer.Option(help="Random seed (default: random).", rich_help_panel="Sampling")] = None,
+    heal: Annotated[
+        bool,
+        typer.Option(
+            "--heal/--no-heal",
+            help="Token healing: a prompt ending mid-token (trailing spaces, half a word) has its last token re-chosen "
+            "by the model, as in HF transformers.",
+            rich_help_panel="Sampling",
+        ),
+    ] = True,
     stop: Annotated[
         list[str] | None,
         typer.Option(help="Stop string (repeatable; \\n-style escapes work); not printed.", rich_help_panel="Sampling"),
@@ -172,6 +181,7 @@ def main(
         seed=seed,
         stop=[_unescape(s) for s in stop] if stop else None,
         stop_token_ids=stop_ids,
+        heal=heal,
     )
     t_first = None
     t_first_abs = None

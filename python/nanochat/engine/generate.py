@@ -35,6 +35,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import bisect
 import inspect
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -77,9 +78,10 @@ def decode_fn(tokenizer: Any) -> Callable[[list[int]], str]:
 class TextStream:
     """Token ids in, text deltas out: never a partial UTF-8 character, never any part of a stop string."""
 
-    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = ()) -> None:
+    def __init__(self, decode: Callable[[list[int]], str], stop: Sequence[str] = (), skip: str = "") -> None:
         self._decode = decode
         self._stops = tuple(s for s in stop if s)
+        self._skip = skip  # token healing: the prompt's own tail, which the first token re-spells (not shown again)
         self._pending: list[int] = []
         self._held = ""  # decoded text that may start a stop string
         self.text = ""  # everything emitted so far
@@ -117,6 +119,9 @@ class TextStream:
         if piece.endswith("\ufffd") and len(self._pending) < MAX_PENDING:
             return ""
         self._pending.clear()
+        if self._skip:
+            piece = piece[len(self._skip) :] if piece.startswith(self._skip) else piece
+            self._skip = ""
         return self._emit(piece)
 
     def finish(self) -> str:
@@ -190,6 +195,7 @@ class LiveSequence:
     stop_ids: frozenset[int]
     prompt_tokens: int
     logits: Tensor | None = None  # (V,) for the next token
+    allowed: list[int] | None = None  # token healing: the ids the first token may be (their text extends the tail)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
 
@@ -314,6 +320,7 @@ class Engine:
         self.config = config
         self.max_seq = int(max_seq or config.seq_len)
         self._decode = decode_fn(self.tokenizer) if self.tokenizer is not None else None
+        self._vocab: tuple[list[str], list[int]] | None = None  # token healing's sorted vocabulary (built once)
 
     @property
     def backend_name(self) -> str:
@@ -348,6 +355,39 @@ class Engine:
             raise ValueError(f"token id {bad[0]} is out of range for vocab_size {V}")
         return ids
 
+    def _vocab_index(self) -> tuple[list[str], list[int]]:
+        """Every token's text (special tokens and ids past the tokenizer's vocabulary left out), sorted, with ids:
+        the tokens that extend a string are one contiguous range of it."""
+        if self._vocab is None:
+            n = min(int(self.backend.vocab_size), int(getattr(self.tokenizer, "vocab_size", self.backend.vocab_size)))
+            special = set(getattr(self.tokenizer, "special_ids", {}).values())
+            pairs = sorted((self.tokenizer.decode([i]), i) for i in range(n) if i not in special)
+            self._vocab = ([t for t, _ in pairs], [i for _, i in pairs])
+        return self._vocab
+
+    def _heal(self, ids: list[int]) -> tuple[list[int], list[int] | None, str]:
+        """Token healing (as in HF transformers and guidance): ``(ids to prefill, allowed first ids, tail)``.
+
+        A prompt that ends mid-merge (trailing spaces, a newline before indentation, half an identifier) ends in a
+        token the model rarely saw there: training text had ``"\n    return"`` as ``"\n   "`` + ``" return"``, a
+        prompt ending in ``"\n    "`` has ``"\n    "``, and greedy decoding then writes newlines. So the prompt's
+        last token is taken off and the first generated token must be one whose text starts with it (the removed
+        token among them); the stream does not show that tail again. Not healed: a special or partial-UTF-8 last
+        token, a one-token prompt, or a tail no other token extends.
+        """
+        if len(ids) < 2 or ids[-1] in set(getattr(self.tokenizer, "special_ids", {}).values()):
+            return ids, None, ""
+        tail = self.tokenizer.decode([ids[-1]])
+        if not tail or "\ufffd" in tail:
+            return ids, None, ""
+        texts, vids = self._vocab_index()
+        lo = bisect.bisect_left(texts, tail)
+        hi = bisect.bisect_left(texts, tail + "\U0010ffff", lo)
+        allowed = vids[lo:hi]
+        if len(allowed) <= 1:
+            return ids, None, ""
+        return ids[:-1], allowed, tail
+
     def _stop_ids(self, stop_token_ids: Iterable[int] | None) -> frozenset[int]:
         if stop_token_ids is not None:
             return frozenset(int(t) for t in stop_token_ids)
@@ -365,33 +405,39 @@ class Engine:
         seed: int | Sequence[int | None] | None = None,
         stop: Sequence[str] | None = None,
         stop_token_ids: Iterable[int] | None = None,
+        heal: bool = True,
     ) -> list[LiveSequence]:
         """Prefill several prompts (one batched forward) and return their live sequences for :meth:`step`.
 
         ``seed``: one seed for every sequence (each gets its own generator, so each equals its one-at-a-time run)
-        or one per prompt.
+        or one per prompt. ``heal``: token healing of text prompts (:meth:`_heal`); id prompts are used as given.
         """
         if self._decode is None:
             raise ValueError("generation needs a tokenizer")
         if max_new_tokens < 0:
             raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
         ids = [self._ids(p) for p in prompts]
+        heals = [
+            self._heal(i) if heal and isinstance(p, str) else (i, None, "") for p, i in zip(prompts, ids, strict=True)
+        ]
+        ids = [h[0] for h in heals]
         seeds = list(seed) if isinstance(seed, Sequence) else [seed] * len(ids)
         if len(seeds) != len(ids):
             raise ValueError(f"{len(seeds)} seeds for {len(ids)} prompts")
         stop_ids = self._stop_ids(stop_token_ids)
         seqs = []
-        for p, s in zip(ids, seeds, strict=True):
+        for (p, allowed, tail), s in zip(heals, seeds, strict=True):
             params = SamplingParams(temperature, top_k, top_p, s)
             seqs.append(
                 LiveSequence(
                     session=self.backend.new_session(self.max_seq),
                     params=params,
                     generator=make_generator(s),
-                    stream=TextStream(self._decode, stop or ()),
+                    stream=TextStream(self._decode, stop or (), skip=tail),
                     max_new_tokens=max_new_tokens,
                     stop_ids=stop_ids,
                     prompt_tokens=len(p),
+                    allowed=allowed,
                 )
             )
         if not seqs:
@@ -413,7 +459,12 @@ class Engine:
                 continue
             assert q.logits is not None
             p = q.params
-            tok = sample(q.logits, p.temperature, p.top_k, p.top_p, q.generator)
+            logits = q.logits
+            if q.allowed is not None:  # token healing: the first token must re-spell the prompt's tail
+                keep = torch.as_tensor(q.allowed, device=logits.device)
+                logits = torch.full_like(logits, float("-inf")).index_copy_(0, keep, logits.index_select(0, keep))
+                q.allowed = None
+            tok = sample(logits, p.temperature, p.top_k, p.top_p, q.generator)
             if tok in q.stop_ids:
                 deltas[i] = q.stream.finish()
                 q.finish_reason = "stop"
@@ -449,9 +500,13 @@ class Engine:
         seed: int | None = None,
         stop: Sequence[str] | None = None,
         stop_token_ids: Iterable[int] | None = None,
+        heal: bool = True,
     ) -> GenerationResult:
-        """Generate up to ``max_new_tokens`` after ``prompt`` (text or ids)."""
-        return self.generate_batch([prompt], max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids)[0]
+        """Generate up to ``max_new_tokens`` after ``prompt`` (text or ids; text is token-healed unless ``heal`` is
+        false, see :meth:`_heal`)."""
+        return self.generate_batch(
+            [prompt], max_new_tokens, temperature, top_k, top_p, seed, stop, stop_token_ids, heal=heal
+        )[0]
 
     def generate_batch(
         self,
@@ -463,6 +518,7 @@ class Engine:
         seed: int | Sequence[int | None] | None = None,
         stop: Sequence[str] | None = None,
         stop_token_ids: Iterable[int] | None = None,
+        heal: bool = True,
     ) -> list[GenerationResult]:
         """Several prompts advanced together (batched decode); equal to one-at-a-time :meth:`generate` calls."""
         seqs = self.start(
@@ -474,6 +530,7 @@ class Engine:
             seed=seed,
             stop=stop,
             stop_token_ids=stop_token_ids,
+            heal=heal,
         )
         while not all(q.done for q in seqs):
             self.step(seqs)
