@@ -3,10 +3,10 @@
 For each config (``d20``, ``nano_125m``; random weights) and thread count, every engine prefills a 128-token prompt
 (``--prompt-len``) and then decodes ``--steps`` tokens greedily (argmax in Python, what a user of the engine pays):
 
-- ``rust``: ``nanochat.ops.RustEngine`` (f32 LM head, exact to the torch model);
-- ``rust-h16`` / ``rust-h8``: the same with an fp16 / int8 copy of the LM head (the head is the largest single
-  read of a decode step), and ``rust-h16-kv16`` with an fp16 head and an fp16 KV cache; their logit error vs
-  ``rust`` is measured on the same tokens;
+- ``rust``: ``nanochat.ops.RustEngine`` with an f32 LM head (exact to the torch model);
+- ``rust-h16`` / ``rust-h8``: the same with an fp16 (the engine's default) / int8 copy of the LM head (the head is
+  the largest single read of a decode step), and ``rust-h16-kv16`` with an fp16 head and an fp16 KV cache; their
+  logit error vs ``rust`` is measured on the same tokens;
 - ``torch-fp32``: ``nanochat.engine.TorchEngine`` (the model's own modules with a KV cache) on the same config with
   ``quant="fp"``: dense ``F.linear`` in fp32, ``torch.set_num_threads`` set to the same count.
 
@@ -17,6 +17,11 @@ wall time: the Python loop, argument conversion, numpy output, argmax).
     python benches/bench_decode.py --quick
     python benches/bench_decode.py --configs nano_125m --threads 2 --steps 128 --json runs/bench_decode.json
 
+``--kernels amx,avx512_vnni`` runs every Rust engine once per ternary kernel, interleaved in the same process (the
+first kernel is the reference of the ``vs kernel`` ratio column: e.g. the AMX prefill against the VNNI one):
+
+    python benches/bench_decode.py --configs nano_125m --threads 1 --steps 8 --engines rust-h16 --kernels amx,avx512_vnni
+
 The machine is shared: times are medians over tokens (decode) and the best of ``--repeat`` runs (prefill, load);
 the load average is printed before and after.
 
@@ -25,6 +30,7 @@ the load average is printed before and after.
     config          config name ("d20", "nano_125m")
     threads         thread count (Rust engine team size; torch intra-op threads)
     engine          "rust", "rust-h16", "rust-h8", "rust-h16-kv16" or "torch-fp32"
+    kernel          the Rust engine's ternary kernel (absent for torch-fp32)
     load_ms         building the engine from weights in memory: Rust from packed (uint8, scale) + float arrays,
                     what a GGUF load hands it; torch from a state dict into a fresh model (best of --repeat)
     prefill_tok_s   prompt tokens per second for a --prompt-len prompt into an empty cache (best of --repeat)
@@ -93,14 +99,21 @@ def prompt_ids(vocab: int, n: int) -> list[int]:
 
 
 def run_rust(
-    m: GPT, packed: tuple[dict, dict], threads: int, engine: str, prompt: list[int], steps: int, repeat: int
+    m: GPT,
+    packed: tuple[dict, dict],
+    threads: int,
+    engine: str,
+    prompt: list[int],
+    steps: int,
+    repeat: int,
+    kernel: str | None = None,
 ) -> tuple[dict[str, Any], list[np.ndarray]]:
     ternary, dense = packed
     head, kv = PRECISION[engine]
     load = []
     for _ in range(repeat):
         t = time.perf_counter()
-        eng = ops.rust_engine_from_weights(m.config, ternary, dense, threads=threads, head=head, kv=kv)
+        eng = ops.rust_engine_from_weights(m.config, ternary, dense, threads=threads, kernel=kernel, head=head, kv=kv)
         load.append(time.perf_counter() - t)
     prefill = []
     for _ in range(repeat):
@@ -156,7 +169,7 @@ def _record(load: list[float], prefill: list[float], times: list[float], n_promp
 
 def profile_rust(m: GPT, packed: tuple[dict, dict], threads: int, prompt: list[int], steps: int) -> dict[str, float]:
     """Per-token milliseconds by section for decode (Rust timers) plus the Python + binding remainder."""
-    eng = ops.rust_engine_from_weights(m.config, *packed, threads=threads, profile=True)
+    eng = ops.rust_engine_from_weights(m.config, *packed, threads=threads, head="f32", profile=True)
     s = eng.new_session()
     tok = int(np.argmax(s.prefill(prompt)))
     eng.profile(reset=True)
@@ -179,6 +192,9 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--steps", type=int, default=64, help="decode steps (64+)")
     ap.add_argument("--repeat", type=int, default=3, help="runs of load and prefill (best is kept)")
+    ap.add_argument(
+        "--kernels", default="", help="comma-separated ternary kernels to compare (default: the process default)"
+    )
     ap.add_argument("--quick", action="store_true", help="nano_125m, 2 threads, rust + torch-fp32, 32 steps")
     ap.add_argument("--no-profile", action="store_true", help="skip the per-section profile table")
     ap.add_argument("--json", type=Path, default=None, help="write the records here")
@@ -193,7 +209,11 @@ def main() -> None:
             raise SystemExit(f"unknown engine {e!r}; choose from {ENGINES}")
 
     console = Console(width=160)
-    console.print(f"load average before: {loadavg()}; kernel: {ops.default_kernel()[0]}")
+    kernels = [k for k in args.kernels.split(",") if k] or [ops.default_kernel()[0]]
+    for k in kernels:
+        if k not in ops.available_kernels():
+            raise SystemExit(f"kernel {k!r} is not available here; choose from {ops.available_kernels()}")
+    console.print(f"load average before: {loadavg()}; kernels: {', '.join(kernels)}")
     records: list[dict[str, Any]] = []
     profiles: dict[tuple[str, int], dict[str, float]] = {}
     for name in configs:
@@ -203,14 +223,17 @@ def main() -> None:
         fp = random_model(name, "fp") if "torch-fp32" in engines else None
         for t in threads:
             f32_rows: list[np.ndarray] | None = None
-            for e in engines:
+            runs = [(e, k) for e in engines for k in (kernels if e != "torch-fp32" else [None])]
+            for e, k in runs:
                 base = {"config": name, "threads": t, "engine": e, "prompt_len": args.prompt_len, "steps": args.steps}
+                if k is not None:
+                    base["kernel"] = k
                 if e == "torch-fp32":
                     assert fp is not None
                     rec = run_torch(fp, t, prompt, args.steps, args.repeat)
                 else:
-                    rec, rows = run_rust(tern, packed, t, e, prompt, args.steps, args.repeat)
-                    if e == "rust":
+                    rec, rows = run_rust(tern, packed, t, e, prompt, args.steps, args.repeat, k)
+                    if e == "rust" and k == kernels[0]:
                         f32_rows = rows
                     elif f32_rows is not None:
                         # compare step by step while both decoded the same tokens
@@ -224,7 +247,7 @@ def main() -> None:
                         rec["top1_agree"] = sum(agree) / len(agree)
                 records.append({**base, **rec})
                 console.print(
-                    f"  {name} threads={t} {e}: {rec['ms_per_token']:.2f} ms/token, "
+                    f"  {name} threads={t} {e}{f' ({k})' if k else ''}: {rec['ms_per_token']:.2f} ms/token, "
                     f"prefill {rec['prefill_tok_s']:.0f} tok/s, load {rec['load_ms']:.0f} ms"
                 )
             if not args.no_profile and "rust" in engines:
@@ -232,8 +255,11 @@ def main() -> None:
     console.print(f"load average after: {loadavg()}")
 
     table = Table(title=f"decode and prefill (median ms/token; prefill of a {args.prompt_len}-token prompt)")
-    for col in ("config", "threads", "engine", "load ms", "prefill tok/s", "ms/token", "tok/s", "vs torch-fp32"):
-        table.add_column(col, justify="right" if col not in ("config", "engine") else "left")
+    cols = ["config", "threads", "engine", "kernel", "load ms", "prefill tok/s", "ms/token", "tok/s", "vs torch-fp32"]
+    if len(kernels) > 1:
+        cols.append(f"prefill, decode vs {kernels[0]}")
+    for col in cols:
+        table.add_column(col, justify="right" if col not in ("config", "engine", "kernel") else "left")
     for r in records:
         ref = next(
             (
@@ -245,16 +271,33 @@ def main() -> None:
         )
         ratio = "" if ref is None or r is ref else f"{ref['ms_per_token'] / r['ms_per_token']:.1f}x faster"
         extra = f" (err {r['head_err']:.1e}, top1 {r['top1_agree']:.0%})" if "head_err" in r else ""
-        table.add_row(
+        row = [
             r["config"],
             str(r["threads"]),
             r["engine"] + extra,
+            r.get("kernel", ""),
             f"{r['load_ms']:.0f}",
             f"{r['prefill_tok_s']:.0f}",
             f"{r['ms_per_token']:.2f}",
             f"{1e3 / r['ms_per_token']:.0f}",
             ratio,
-        )
+        ]
+        if len(kernels) > 1:
+            first = next(
+                (
+                    x
+                    for x in records
+                    if (x["config"], x["threads"], x["engine"]) == (r["config"], r["threads"], r["engine"])
+                    and x.get("kernel") == kernels[0]
+                ),
+                None,
+            )
+            row.append(
+                ""
+                if first is None or "kernel" not in r
+                else f"{r['prefill_tok_s'] / first['prefill_tok_s']:.2f}x, {first['ms_per_token'] / r['ms_per_token']:.2f}x"
+            )
+        table.add_row(*row)
     console.print(table)
 
     if profiles:

@@ -237,3 +237,16 @@ def test_tq2_0_to_kernel_layout_refuses_other_dtypes(dtype):
         _core.tq2_0_to_kernel_layout(data)
     packed, scale = ops.tq2_0_to_kernel_layout(np.zeros((2, 66), np.uint8))
     assert packed.shape == (2, 64) and packed.dtype == np.uint8 and scale == 0.0
+
+
+@pytest.mark.parametrize("kernel", _core.available_kernels())
+@pytest.mark.parametrize("n", [16, 37, 130])
+def test_every_kernel_equals_scalar_on_prefill_sized_batches(kernel: str, n: int):
+    """Prefill-sized activation batches (where ``amx`` switches to its tiles, n >= 16, ragged on purpose): the
+    integer products of every kernel equal the scalar oracle exactly, on 1 and 2 threads, raw code 3 included."""
+    rng = np.random.default_rng(n)
+    packed = rng.integers(0, 256, (70, 512 // 4), dtype=np.uint8)
+    x = rng.integers(-128, 128, (n, 512), dtype=np.int8)
+    want = _core.ternary_gemm_i32(packed, x, kernel="scalar", threads=1)
+    for threads in (1, 2):
+        np.testing.assert_array_equal(_core.ternary_gemm_i32(packed, x, kernel=kernel, threads=threads), want)

@@ -164,12 +164,13 @@ proptest! {
     #![proptest_config(ProptestConfig { cases: 48, ..ProptestConfig::default() })]
 
     /// Random shapes (rows not multiples of the 4/16/32-row tiles, n across the 1..4 act tiles
-    /// and beyond), random and extreme values: every kernel == scalar, on 1 and 2 threads.
+    /// and beyond, and 16..40 for `amx`'s tiles: one, two or three 16-row activation tiles,
+    /// ragged), random and extreme values: every kernel == scalar, on 1 and 2 threads.
     #[test]
     fn simd_equals_scalar(
         rows in 1usize..100,
         blocks in 1usize..=8,
-        n in 1usize..=9,
+        n in prop_oneof![1usize..=9, 16usize..=40],
         wm in weights_mode(),
         am in acts_mode(),
         seed in any::<u64>(),
@@ -188,12 +189,14 @@ fn overflow_corners() {
         (Weights::AllPlus, Acts::AllMax),
         (Weights::RawBytes, Acts::Extreme),
     ] {
-        check_case(37, 16384, 3, wm, am, 5, &[1]).unwrap();
+        for n in [3, 18] {
+            check_case(37, 16384, n, wm, am, 5, &[1]).unwrap();
+        }
     }
     // All codes 3 (byte 0xff) against −128: the largest products any kernel sees.
     let (rows, cols) = (19, 8192);
     let qs = vec![0xffu8; rows * cols / 4];
-    for n in [1, 2, 5] {
+    for n in [1, 2, 5, 17] {
         let x = vec![-128i8; n * cols];
         let want = run(Kernel::Scalar, &qs, rows, cols, &x, n, 1);
         assert!(want.iter().all(|&v| v == 2 * -128 * cols as i32));
@@ -215,16 +218,18 @@ fn threaded_equals_single_threaded() {
         .unwrap_or(0);
     let rows = most / cols + 77; // one GEMV over the threshold, rows not a tile multiple
     check_case(rows, cols, 1, Weights::Random, Acts::Random, 11, &[1, 2, 3]).unwrap();
-    check_case(
-        rows / 3,
-        cols,
-        4,
-        Weights::RawBytes,
-        Acts::Extreme,
-        12,
-        &[1, 2, 5],
-    )
-    .unwrap();
+    for n in [4, 33] {
+        check_case(
+            rows / 3,
+            cols,
+            n,
+            Weights::RawBytes,
+            Acts::Extreme,
+            12,
+            &[1, 2, 5],
+        )
+        .unwrap();
+    }
 }
 
 /// `ternary_linear` (the f32 path) agrees across kernels to the bit: same integers, same scaling.

@@ -175,13 +175,17 @@ pub enum Kernel {
     Avx2,
     /// AVX-512 VNNI `vpdpbusd` kernel.
     Avx512Vnni,
+    /// AMX-INT8 `tdpbssd` tiles for 16 or more activation rows (prefill, batched decode),
+    /// `avx512_vnni` below that.
+    Amx,
 }
 
-pub const ALL_KERNELS: [Kernel; 4] = [
+pub const ALL_KERNELS: [Kernel; 5] = [
     Kernel::Scalar,
     Kernel::Avx2Lut,
     Kernel::Avx2,
     Kernel::Avx512Vnni,
+    Kernel::Amx,
 ];
 
 impl Kernel {
@@ -191,6 +195,7 @@ impl Kernel {
             Kernel::Avx2Lut => "avx2_lut",
             Kernel::Avx2 => "avx2",
             Kernel::Avx512Vnni => "avx512_vnni",
+            Kernel::Amx => "amx",
         }
     }
 
@@ -372,6 +377,8 @@ impl Kernel {
             Kernel::Avx2Lut => 45_000.0,
             Kernel::Avx2 => 85_000.0,
             Kernel::Avx512Vnni => 170_000.0,
+            // n = 1 runs avx512_vnni; the tiles (n ≥ 16) are faster still.
+            Kernel::Amx => 170_000.0,
         }
     }
 }
@@ -428,6 +435,83 @@ impl OutPtr {
     }
 }
 
+/// Activations prepared once for one kernel ([`Kernel::prepare`]), then multiplied with any
+/// number of weight matrices or row ranges of `cols` columns ([`gemm_i32_prepared`]): the engine
+/// prepares a prefill's activations once per matrix instead of once per thread work item.
+pub struct Prepared<'a> {
+    kernel: Kernel,
+    rows_fn: RowsFn,
+    acts: PreparedActs<'a>,
+}
+
+impl<'a> Prepared<'a> {
+    /// Activation rows.
+    pub fn n(&self) -> usize {
+        self.acts.n
+    }
+}
+
+impl Kernel {
+    /// Prepare `n` int8 activation rows of `cols` columns (`x`, `n × cols`) for this kernel.
+    pub fn prepare<'a>(self, x: &'a [i8], n: usize, cols: usize) -> Result<Prepared<'a>> {
+        if n == 0 {
+            return Err(shape_err!("need at least one activation row"));
+        }
+        check_block_multiple(cols, "ternary weights")?;
+        if x.len() != n * cols {
+            return Err(shape_err!(
+                "activations hold {} values but {} rows × {} cols need {}",
+                x.len(),
+                n,
+                cols,
+                n * cols
+            ));
+        }
+        let (prepare, rows_fn) = self
+            .fns()
+            .ok_or_else(|| Error::KernelUnavailable(self.name().into(), available_names()))?;
+        let mut acts = PreparedActs {
+            x,
+            n,
+            cols,
+            sums: Vec::new(),
+            extra: Vec::new(),
+        };
+        prepare(&mut acts);
+        Ok(Prepared {
+            kernel: self,
+            rows_fn,
+            acts,
+        })
+    }
+}
+
+/// [`gemm_i32`] with activations prepared by [`Kernel::prepare`]: `out[i·rows + r]`, on the
+/// calling thread and `threads − 1` helpers (0 = [`num_threads`]).
+pub fn gemm_i32_prepared(
+    w: &TernaryView,
+    p: &Prepared,
+    out: &mut [i32],
+    threads: usize,
+) -> Result<()> {
+    if out.len() != p.acts.n * w.rows {
+        return Err(shape_err!(
+            "output holds {} values, expected {} × {}",
+            out.len(),
+            p.acts.n,
+            w.rows
+        ));
+    }
+    if w.cols != p.acts.cols {
+        return Err(shape_err!(
+            "activations were prepared for {} columns, the weights have {}",
+            p.acts.cols,
+            w.cols
+        ));
+    }
+    run_prepared(p.kernel, w, &p.acts, p.rows_fn, threads, out)
+}
+
 /// Checks, prepares the activations once, then runs the kernel over row ranges (on the calling
 /// thread or the pool) writing `out[i·rows + r]`.
 fn run(
@@ -438,19 +522,22 @@ fn run(
     threads: usize,
     out: &mut [i32],
 ) -> Result<()> {
-    if n == 0 {
-        return Err(shape_err!("need at least one activation row"));
-    }
-    if x.len() != n * w.cols {
-        return Err(shape_err!(
-            "activations hold {} values but {} rows × {} cols need {}",
-            x.len(),
-            n,
-            w.cols,
-            n * w.cols
-        ));
-    }
+    let p = kernel.prepare(x, n, w.cols)?;
+    run_prepared(kernel, w, &p.acts, p.rows_fn, threads, out)
+}
+
+/// The kernel over row ranges of `w` for prepared activations (see [`run`]).
+fn run_prepared(
+    kernel: Kernel,
+    w: &TernaryView,
+    acts: &PreparedActs,
+    rows_fn: RowsFn,
+    threads: usize,
+    out: &mut [i32],
+) -> Result<()> {
+    let n = acts.n;
     assert_eq!(out.len(), w.rows * n);
+    assert_eq!(acts.cols, w.cols);
     // `TernaryView`'s fields are public: re-check what `TernaryView::new` checks, since the SIMD
     // kernels read through raw pointers.
     check_block_multiple(w.cols, "ternary weights")?;
@@ -463,17 +550,6 @@ fn run(
             w.rows * w.cols / 4
         ));
     }
-    let (prepare, rows_fn) = kernel
-        .fns()
-        .ok_or_else(|| Error::KernelUnavailable(kernel.name().into(), available_names()))?;
-    let mut acts = PreparedActs {
-        x,
-        n,
-        cols: w.cols,
-        sums: Vec::new(),
-        extra: Vec::new(),
-    };
-    prepare(&mut acts);
     let rows = w.rows;
     let ptr = OutPtr(out.as_mut_ptr());
     // Rows r0..r1 of every activation row.
@@ -483,17 +559,20 @@ fn run(
             // ranges; `fns` only returns SIMD kernels whose CPU features were detected.
             unsafe {
                 let chunk = std::slice::from_raw_parts_mut(ptr.at(r0), r1 - r0);
-                rows_fn(w, r0, &acts, chunk);
+                rows_fn(w, r0, acts, chunk);
             }
             return;
         }
         SCRATCH.with(|s| {
             let mut acc = s.borrow_mut();
-            for b0 in (r0..r1).step_by(BATCH_ROWS) {
-                let b1 = r1.min(b0 + BATCH_ROWS);
+            // Keep the scratch within ~32 KiB (L1) for the transposition below: BATCH_ROWS
+            // rows up to n = 32, fewer (whole 32-row tiles) for more activation rows.
+            let batch = (BATCH_ROWS * 32 / n).clamp(ROW_TILE, BATCH_ROWS) / ROW_TILE * ROW_TILE;
+            for b0 in (r0..r1).step_by(batch) {
+                let b1 = r1.min(b0 + batch);
                 acc.resize((b1 - b0) * n, 0);
                 // SAFETY: as above.
-                unsafe { rows_fn(w, b0, &acts, &mut acc[..(b1 - b0) * n]) };
+                unsafe { rows_fn(w, b0, acts, &mut acc[..(b1 - b0) * n]) };
                 // One activation row at a time: sequential writes, reads with stride n from
                 // the L1-resident scratch. (Writing all n rows at once interleaves n streams
                 // whose stride, rows·4 bytes, is often a multiple of 4 KiB: they all fall in one

@@ -5,13 +5,15 @@
 //! | `avx512_vnni` | per row × 256: load, 3 `vgf2p8affineqb` + `vpandq`, 4 `vpdpbusd` | 16×1, 8×2, 4×4    |
 //! | `avx2`        | per row × 256: 2 loads, 2 `vpsrlw`, 8 `vpand`, 8 `vpmaddubsw`   | 4×1, 2×2, 1×4     |
 //! | `avx2_lut`    | per 16 rows × 128: transpose, 32 × (2 `vpshufb`, 2 `vpunpck`)    | 16 × every act    |
+//! | `amx`         | per 32 rows: unpack to int8 trits; per 64 cols 4 `tileloadd`, 4 `tdpbssd` | 32×32 (n ≥ 16; else `avx512_vnni`) |
 //!
-//! All three are exact for *any* packed byte (code 3 included, which the scalar oracle decodes
+//! All four are exact for *any* packed byte (code 3 included, which the scalar oracle decodes
 //! as trit 2), so the tests can feed random bytes and demand equality.
 //!
 //! [`fns`] is the only way to get at the kernels: it returns them only after
 //! `is_x86_feature_detected!` confirmed every feature their `#[target_feature]` enables.
 
+pub mod amx;
 mod avx2;
 mod avx2_lut;
 mod avx512_vnni;
@@ -41,6 +43,8 @@ pub fn fns(kernel: Kernel) -> Option<(PrepareFn, RowsFn)> {
             };
             Some((avx512_vnni::prepare, rows))
         }
+        // `amx::available` checks AVX-512 F/BW/VNNI and GFNI too (its n < 16 path).
+        Kernel::Amx if amx::available() => Some((amx::prepare, amx::rows as RowsFn)),
         _ => None,
     }
 }
