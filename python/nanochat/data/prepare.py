@@ -261,7 +261,7 @@ def prepare_data(
     if force:
         (cache / "tokenizer.meta.json").unlink(missing_ok=True)
     tok = prepare_tokenizer(corpus, cache, vocab_size, tokenizer_chars, progress=progress)
-    fim_kw = {} if fim_chunk_chars is None else {"fim_chunk_chars": fim_chunk_chars}
+    fim_kw: dict[str, Any] = {} if fim_chunk_chars is None else {"fim_chunk_chars": fim_chunk_chars}
     index = build_shards(
         corpus,
         tok,

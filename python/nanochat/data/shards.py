@@ -336,9 +336,9 @@ def build_shards(
         raise err from e
     keep = {s.file for v in new_splits.values() for s in v}
     for split in new_splits:
-        for p in out.glob(f"{split}_*.npy"):
-            if p.name not in keep:
-                p.unlink(missing_ok=True)
+        for stale in out.glob(f"{split}_*.npy"):
+            if stale.name not in keep:
+                stale.unlink(missing_ok=True)
     return index
 
 

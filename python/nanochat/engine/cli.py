@@ -159,7 +159,7 @@ def main(
     if infill:
         from nanochat.data.fim import FimUnavailableError, infill_prompt, middle_stop_ids
 
-        tok = engine.tokenizer
+        tok: Any = engine.tokenizer
         try:
             source = infill_prompt(tok, prefix or "", suffix or "")
             stop_ids = middle_stop_ids(tok)

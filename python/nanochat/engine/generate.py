@@ -359,6 +359,7 @@ class Engine:
         """Every token's text (special tokens and ids past the tokenizer's vocabulary left out), sorted, with ids:
         the tokens that extend a string are one contiguous range of it."""
         if self._vocab is None:
+            assert self.tokenizer is not None
             n = min(int(self.backend.vocab_size), int(getattr(self.tokenizer, "vocab_size", self.backend.vocab_size)))
             special = set(getattr(self.tokenizer, "special_ids", {}).values())
             pairs = sorted((self.tokenizer.decode([i]), i) for i in range(n) if i not in special)
@@ -375,7 +376,11 @@ class Engine:
         token among them); the stream does not show that tail again. Not healed: a special or partial-UTF-8 last
         token, a one-token prompt, or a tail no other token extends.
         """
-        if len(ids) < 2 or ids[-1] in set(getattr(self.tokenizer, "special_ids", {}).values()):
+        if (
+            self.tokenizer is None
+            or len(ids) < 2
+            or ids[-1] in set(getattr(self.tokenizer, "special_ids", {}).values())
+        ):
             return ids, None, ""
         tail = self.tokenizer.decode([ids[-1]])
         if not tail or "\ufffd" in tail:

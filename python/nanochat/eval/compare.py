@@ -49,7 +49,7 @@ def _number(x: Any) -> float | None:
 
 def row_from_result(result: Mapping[str, Any], path: str | os.PathLike[str] = "") -> Row:
     """Pick the comparable numbers out of one results document."""
-    model = result.get("model") if isinstance(result.get("model"), Mapping) else {}
+    model: Mapping[str, Any] = result["model"] if isinstance(result.get("model"), Mapping) else {}
     name = model.get("name") or (Path(str(model["path"])).stem if model.get("path") else "") or Path(path).stem
     params = _number(model.get("params", result.get("params")))
     pass_at_k = {k: float(v) for k, v in (result.get("pass_at_k") or {}).items() if _number(v) is not None}
@@ -68,7 +68,7 @@ def row_from_result(result: Mapping[str, Any], path: str | os.PathLike[str] = ""
     he_bpb = _number(result.get("humaneval_bpb"))
     if result.get("benchmark") == "humaneval_bpb":
         he_bpb, bpb = bpb, None
-    timing = result.get("timing") if isinstance(result.get("timing"), Mapping) else {}
+    timing: Mapping[str, Any] = result["timing"] if isinstance(result.get("timing"), Mapping) else {}
     tps = _number(timing.get("tokens_per_s", model.get("tokens_per_s", result.get("tokens_per_s"))))
     return Row(str(name), str(path), int(params) if params is not None else None, pass_at_k, bpb, tps, he_bpb)
 

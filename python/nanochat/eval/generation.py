@@ -27,7 +27,7 @@ class EngineGenerate:
         from nanochat.engine import Engine
         from nanochat.export.load import load
 
-        self.loaded = load(path)
+        self.loaded: Any = load(path)
         self.engine = Engine(self.loaded)
         self.tok = self.loaded.tokenizer
         self.batch_size = batch_size

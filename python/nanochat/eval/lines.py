@@ -638,7 +638,7 @@ def evaluate_lines(
 
     was_training = False
     if isinstance(model, str | os.PathLike):
-        gen, info = load_generate(model)
+        gen, info = load_generate(Path(model))
         info.setdefault("name", Path(model).name)
     else:
         if tokenizer is None:

@@ -40,7 +40,8 @@ def main(
     Then: nanochat-sample --model d20.gguf --prompt "def fib(n):", or nanochat-serve --model d20.gguf.
     `standard`-residual models are written as llama.cpp's `bitnet` architecture, mHC models as `nanochat`.
     """
-    from nanochat.export import GGUFError, export_gguf, export_safetensors, load
+    from nanochat.export import GGUFError, export_gguf, export_safetensors
+    from nanochat.export.load import load
 
     try:
         m = load(source)

@@ -42,7 +42,7 @@ Notable choices:
 from __future__ import annotations
 
 import math
-from typing import Literal, overload
+from typing import Literal, cast, overload
 
 import torch
 import torch.nn.functional as F
@@ -406,7 +406,8 @@ class GPT(nn.Module):
 
     def residuals(self) -> list[tuple[str, StreamResidual]]:
         """``(name, module)`` of every mHC connection in forward order (empty for ``standard``)."""
-        return [(f"blocks.{i}.{k}", m) for i, b in enumerate(self.blocks) for k, m in b.residuals()]
+        blocks = cast(list[Block], list(self.blocks))
+        return [(f"blocks.{i}.{k}", m) for i, b in enumerate(blocks) for k, m in b.residuals()]
 
     @torch.no_grad()
     def hres_matrices(self, idx: Tensor | None = None) -> dict[str, Tensor]:

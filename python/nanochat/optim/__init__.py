@@ -47,7 +47,8 @@ def is_muon_param(name: str, p: torch.Tensor) -> bool:
 
 def split_params(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
     """``(muon_params, lion_params)`` of the trainable parameters, in ``named_parameters`` order."""
-    muon, lion = [], []
+    muon: list[nn.Parameter] = []
+    lion: list[nn.Parameter] = []
     for name, p in model.named_parameters():
         if p.requires_grad:
             (muon if is_muon_param(name, p) else lion).append(p)

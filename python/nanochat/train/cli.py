@@ -178,7 +178,7 @@ def main(
 
     Options left out take the --config's values (d20 by default): nanochat-train --config d20 --dry-run prints them.
     """
-    model_flags = {"quant": quant, "residual": residual, "mlp": mlp, "qk_norm": qk_norm}
+    model_flags: dict[str, Any] = {"quant": quant, "residual": residual, "mlp": mlp, "qk_norm": qk_norm}
     cli = {
         k: v
         for k, v in locals().items()
@@ -274,13 +274,13 @@ def resolve_config(
     from nanochat.model import GPTConfig, load_config
     from nanochat.model.config import config_path
 
-    model_flags = {"quant": quant, "residual": residual, "mlp": mlp, "qk_norm": qk_norm}
-    model_flags = {k: v for k, v in model_flags.items() if v is not None}
+    flags: dict[str, Any] = {"quant": quant, "residual": residual, "mlp": mlp, "qk_norm": qk_norm}
+    model_flags = {k: v for k, v in flags.items() if v is not None}
     if llama_compatible:
         clash = {k: v for k, v in model_flags.items() if v != LLAMA_COMPATIBLE[k]}
         if clash:
-            flags = ", ".join(_flag(k, v) for k, v in clash.items())
-            raise ValueError(f"--llama-compatible builds a bitnet-compatible model; {flags} contradicts it")
+            named = ", ".join(_flag(k, v) for k, v in clash.items())
+            raise ValueError(f"--llama-compatible builds a bitnet-compatible model; {named} contradicts it")
         model_flags = dict(LLAMA_COMPATIBLE)
     cfg = TrainConfig()
     saved_model: dict[str, Any] | None = None
@@ -396,4 +396,4 @@ def entry() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(entry())
+    entry()

@@ -24,7 +24,7 @@ import signal
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -296,7 +296,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
 
 def _train(cfg: TrainConfig) -> dict[str, Any]:
-    resume_dir = Path(cfg.resume) if getattr(cfg, "resume", None) else None
+    resume_dir = Path(cfg.resume) if cfg.resume else None
     rt = setup_runtime(cfg)
     if cfg.numa_node is not None:
         from nanochat.train.numa import pin_to_node
@@ -408,7 +408,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
         for _, res in model.residuals():  # build the constant permutation bases now, outside the traced graph
             if res.kind == "mhc_lite":
                 res.basis(torch.empty(0, device=rt.device))
-        train_model = torch.compile(train_model)
+        train_model = cast(torch.nn.Module, torch.compile(train_model))
     if rt.ddp:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -465,7 +465,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 x, y = x.to(rt.device, non_blocking=True), y.to(rt.device, non_blocking=True)
                 sync = contextlib.nullcontext()
                 if rt.ddp and micro < cfg.grad_accum - 1:
-                    sync = train_model.no_sync()
+                    sync = cast(Any, train_model).no_sync()
                 with sync, _autocast(rt):
                     loss, ce = compute_loss(train_model, x, y, teacher, cfg)
                     (loss / cfg.grad_accum).backward()
@@ -483,6 +483,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             step_ends.append(time.perf_counter())
             if budget_pending and len(step_ends) == BUDGET_CALIBRATION_STEPS:
                 budget_pending = False
+                assert cfg.time_budget is not None  # budget_pending is set only with a budget
                 total = budget_steps(cfg.time_budget, step, step_ends, time.perf_counter() - t_start)
                 if rt.ddp:  # every rank must take the same number of steps
                     t = torch.tensor([total], device=rt.device)
@@ -521,7 +522,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                     rec.update(
                         {f"mhc_{k}": v for k, v in model.mhc_diagnostics().items() if isinstance(v, (int, float))}
                     )
-                log.write(rec)
+                if log is not None:
+                    log.write(rec)
                 progress.update(
                     task, completed=step, loss=f"{last_loss:.4f}", lr=f"{lr_now:.2e}", tok_s=f"{tok_s:,.0f}"
                 )
@@ -541,7 +543,8 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                     # the run's reported held-out numbers come from a larger, steadier set, logged beside the curve
                     val = evaluate(model, val_loader, token_bytes, rt, cfg.final_eval_batches)
                     rec.update({f"final_{k}": v for k, v in val.items()})
-                log.write(rec)
+                if log is not None:
+                    log.write(rec)
                 progress.console.print(
                     f"step {step:5d} | val loss {val['val_loss']:.4f} | val bpb {val['val_bpb']:.4f} "
                     f"({val['val_tokens']:,} held-out tokens)"
@@ -558,7 +561,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
 
     summary: dict[str, Any] = {}
     in_sync = check_replicas_in_sync(model, rt)
-    if rt.is_main:
+    if log is not None:
         log.close()
         finished = step >= cfg.steps
         evals = final_evaluations(model, tok, run_dir, cfg, rt) if finished and not stop.signal else {}
