@@ -238,8 +238,11 @@ def _fsync_file(path: Path) -> None:
 
 def file_sha256(path: Path) -> str:
     """Hex SHA-256 of a file's bytes (streamed: a multi-GB checkpoint is never held in memory)."""
-    with open(path, "rb") as f:
-        return hashlib.file_digest(f, "sha256").hexdigest()
+    h = hashlib.sha256()
+    with open(path, "rb") as f:  # (hashlib.file_digest is Python 3.11+; the package supports 3.10)
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
 
 
 def verify_checksum(ckpt: Path, name: str) -> None:
