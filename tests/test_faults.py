@@ -1006,6 +1006,11 @@ def test_tensor_offsets_must_follow_each_other_and_names_be_unique(tmp_path, tok
     b[name_at + 4] = ord("0")
     with pytest.raises(GGUFError, match="tensor 'blk.0.attn_q.weight' appears twice"):
         load(written(tmp_path / "dup.gguf", b, seal=False))
+    b = bytearray(base)
+    at = base.index(b"tokenizer.ggml.bos_token_id")
+    b[at + len("tokenizer.ggml.")] = ord("e")  # a second eos_token_id: which one is meant? (was: the last, silently)
+    with pytest.raises(GGUFError, match="duplicate key 'tokenizer.ggml.eos_token_id'"):
+        load(written(tmp_path / "dupkey.gguf", b, seal=False))
 
 
 def test_merges_and_quant_fp_are_checked(tmp_path, tok):
