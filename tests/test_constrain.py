@@ -14,7 +14,15 @@ from typing import Any
 import pytest
 import torch
 
-from nanochat.engine.constrain import JsonChooser, JsonPrefix, TokenTable, is_json_prefix
+from nanochat.engine.constrain import (
+    JsonChooser,
+    JsonPrefix,
+    SchemaError,
+    SchemaPrefix,
+    TokenTable,
+    compile_schema,
+    is_json_prefix,
+)
 
 
 def _no_constants(name: str) -> Any:
@@ -207,3 +215,121 @@ def test_chooser_output_for_a_whitespace_loving_model() -> None:
     blanks = text.split('"')[0]  # outside any string (inside one, spaces are content)
     assert len(blanks) > 16  # the model's whitespace was used, in runs of at most 16
     assert not any(set(blanks[i : i + 17]) <= set(" \t\n\r") for i in range(len(blanks) - 16))
+
+
+# --------------------------------------------------------------------------- json_schema (the supported subset)
+
+
+PERSON = {
+    "type": "object",
+    "title": "a person",
+    "properties": {
+        "name": {"type": "string", "description": "full name"},
+        "age": {"type": "integer"},
+        "height": {"type": "number"},
+        "member": {"type": "boolean"},
+        "note": {"type": "null"},
+        "address": {
+            "type": "object",
+            "properties": {"city": {"type": "string"}, "zip": {"type": "integer"}},
+            "required": ["city"],
+        },  # fmt: skip
+        "empty": {"type": "object", "properties": {}},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+PY_TYPES: dict[str, Any] = {"string": str, "number": (int, float), "integer": int, "boolean": bool}
+
+
+def conforms(value: Any, schema: dict[str, Any]) -> bool:
+    """A plain checker of the supported subset (the independent reference)."""
+    kind = schema["type"]
+    if kind == "null":
+        return value is None
+    if kind == "object":
+        props = schema.get("properties", {})
+        return (
+            isinstance(value, dict)
+            and set(schema.get("required", [])) <= set(value)
+            and set(value) <= set(props)
+            and all(conforms(v, props[k]) for k, v in value.items())
+        )
+    return isinstance(value, PY_TYPES[kind]) and (kind == "boolean" or not isinstance(value, bool))
+
+
+def random_person(rng: random.Random) -> dict[str, Any]:
+    return {
+        "name": "".join(rng.choice('ab "\\\u00e9\n') for _ in range(rng.randrange(5))),
+        "age": rng.randint(-5, 10**6),
+        "height": rng.choice([0, -1, 1.75, 2.5e-3, 1e21]),
+        "member": rng.random() < 0.5,
+        "note": None,
+        "address": {"city": rng.choice(["", "Paris", "K\u00f8benhavn"]), "zip": rng.randint(0, 99999)},
+        "empty": {},
+    }
+
+
+def _deep(n: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "null"}
+    for _ in range(n):
+        schema = {"type": "object", "properties": {"a": schema}}
+    return schema
+
+
+def test_schema_compiles_to_literals_and_slots() -> None:
+    prog = compile_schema(PERSON)
+    assert prog[0] == b'{"name":' and prog[1] == "string" and prog[-1] == b'},"empty":{}}'
+    default = SchemaPrefix(prog).closing()
+    assert conforms(json.loads(default), PERSON), default
+
+
+@pytest.mark.parametrize(
+    ("schema", "what"),
+    [
+        ({"type": "array", "items": {"type": "string"}}, "array"),
+        ({"type": "object", "properties": {"a": {"type": "string", "enum": ["x"]}}}, "enum"),
+        ({"type": "object", "properties": {"a": {"type": "string"}}, "required": ["b"]}, "required"),
+        ({"type": "object", "anyOf": []}, "anyOf"),
+        ({"type": "object", "properties": {"a": {"$ref": "#/x"}}}, "None"),
+        ([], "must be an object"),
+        (_deep(20), "deeper than 16"),
+    ],
+)
+def test_unsupported_schemas_are_refused_by_name(schema: Any, what: str) -> None:
+    with pytest.raises(SchemaError, match=what.replace("$", "\\$")):
+        compile_schema(schema)
+
+
+def test_schema_prefixes_against_conforming_documents() -> None:
+    """Every truncation of a conforming compact document is accepted and closes into a conforming document; a
+    document that breaks the schema is rejected at the byte that breaks it."""
+    prog = compile_schema(PERSON)
+    rng = random.Random(3)
+    for _ in range(60):
+        doc = json.dumps(random_person(rng), ensure_ascii=rng.random() < 0.5, separators=(",", ":")).encode()
+        for i in range(len(doc) + 1):
+            st = SchemaPrefix(prog).advance(doc[:i])
+            assert st is not None, doc[:i]
+            closed = json.loads(doc[:i].decode("utf-8", "replace") + st.closing())
+            assert conforms(closed, PERSON), closed
+        assert st is not None and st.complete
+    for bad in [b'{"age":', b'{"name":1', b'{"name":"","age":1.5', b'{"name":"","age":2e3', b'{"name": ""',
+                b'{"name":"","age":1,"height":true', b'{"name":"","age":1,"height":1,"member":null']:  # fmt: skip
+        assert SchemaPrefix(prog).advance(bad) is None, bad
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_chooser_with_a_schema_writes_conforming_documents(temperature: float) -> None:
+    table = TokenTable(len(VOCAB), lambda i: b"" if i == 0 else BYTE_TOKENS[i])
+    prog = compile_schema(PERSON)
+    for seed in range(30):
+        budget = len(encode(SchemaPrefix(prog).closing())) + seed * 3
+        chooser = JsonChooser(table, encode, schema=prog)
+        gen = torch.Generator().manual_seed(seed)
+        out, n = b"", 0
+        while n < budget and not chooser.complete:
+            tok = chooser.choose(torch.randn(len(VOCAB), generator=gen) * 3, temperature, None, None, gen, budget - n)
+            out, n = out + BYTE_TOKENS[tok], n + 1
+        value = json.loads(out.decode("utf-8", "replace"))
+        assert conforms(value, PERSON), out

@@ -5,7 +5,8 @@ random model (whose unconstrained output is code-flavoured noise, never JSON).
   short and long ``max_tokens`` (a value still open when the budget runs out is closed in time), chat and
   completions;
 - a batch of JSON and plain requests: the plain ones sample exactly what they sample alone;
-- ``json_schema``, ``stop`` with JSON mode, and a budget too small for ``{}`` are clear 400s;
+- ``json_schema`` (the supported subset): every reply conforms, checked by a plain-Python checker;
+- an unsupported schema, ``stop`` with JSON mode, and a budget too small for ``{}`` are clear 400s;
 - ``cached_tokens`` is the prompt prefix the prompt cache served (0 on a first request, the shared prefix on a
   continued chat), in chat, completions and the streamed usage chunk.
 """
@@ -99,6 +100,57 @@ def test_n_choices_and_streams_and_completions(server: ServerThread) -> None:
             an_object(r.json()["choices"][0]["text"])
 
 
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string"},
+        "age": {"type": "integer"},
+        "score": {"type": "number"},
+        "ok": {"type": "boolean"},
+        "where": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
+
+def conforms(value: Any) -> bool:
+    """The schema above, checked in plain Python (the independent reference)."""
+    types = {"name": str, "age": int, "score": (int, float), "ok": bool}
+    return (
+        isinstance(value, dict)
+        and set(value) <= {*types, "where"}
+        and {"name", "age"} <= set(value)
+        and all(
+            isinstance(value[k], t) and (k == "ok" or not isinstance(value[k], bool))
+            for k, t in types.items()
+            if k in value
+        )  # fmt: skip
+        and (
+            "where" not in value
+            or (
+                isinstance(value["where"], dict)
+                and set(value["where"]) == {"city"}
+                and isinstance(value["where"]["city"], str)
+            )  # fmt: skip
+        )
+    )
+
+
+def test_json_schema_replies_conform(server: ServerThread) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA, "strict": True}}
+    with httpx.Client(base_url=server.url, timeout=300) as c:
+        for seed in range(8):
+            body = {"messages": MSG, "response_format": fmt, "seed": seed, "max_tokens": [90, 140][seed % 2],
+                    "temperature": 0 if seed % 4 == 0 else 1.0}  # fmt: skip
+            r = c.post(CHAT, json=body)
+            assert r.status_code == 200, r.text
+            text = r.json()["choices"][0]["message"]["content"]
+            assert conforms(json.loads(text)), text
+        r = c.post(COMP, json={"prompt": "x", "response_format": fmt, "max_tokens": 90, "seed": 1}).json()
+        assert conforms(json.loads(r["choices"][0]["text"]))
+
+
 def test_plain_requests_in_the_same_batch_are_unaffected(server: ServerThread) -> None:
     plain = {"messages": MSG, "max_tokens": 20, "seed": 11, "temperature": 0.9}
     with httpx.Client(base_url=server.url, timeout=300) as c, ThreadPoolExecutor(4) as pool:
@@ -115,6 +167,19 @@ def test_plain_requests_in_the_same_batch_are_unaffected(server: ServerThread) -
     ("extra", "param"),
     [
         ({"response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {}}}}, "response_format"),
+        (
+            {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {
+                        "name": "x",
+                        "schema": {"type": "object", "properties": {"a": {"type": "string", "pattern": "^x"}}},
+                    },
+                }
+            },
+            "response_format",
+        ),  # fmt: skip
+        ({"response_format": {"type": "json_schema", "schema": {"type": "object"}}}, "response_format"),
         ({"response_format": {"type": "yaml"}}, "response_format"),
         ({"response_format": JSON, "stop": "}"}, "stop"),
     ],

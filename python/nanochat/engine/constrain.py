@@ -17,10 +17,16 @@ For OpenAI's ``response_format: {"type": "json_object"}``. Notable choices:
 - **Always complete.** A candidate is accepted only if the tokens needed to close the value afterwards still fit the
   budget (``max_tokens`` and the context); when they no longer would, the closing text's tokens are forced. End of
   text is never chosen: the reply ends as soon as the top-level object is complete.
+- **JSON schema, a subset** (:func:`compile_schema`, :class:`SchemaPrefix`): objects whose properties are
+  string/number/integer/boolean/null or such objects. The schema compiles to literal bytes (``{"name":``) and typed
+  value slots, every property written in the schema's order (an optional property may always be present), so keys
+  are forced and only values are the model's. Any other keyword that constrains (``enum``, ``items``, ``pattern``,
+  ``anyOf``...) is refused by name, never ignored.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -234,6 +240,118 @@ def is_json_prefix(text: str | bytes, object_only: bool = False) -> bool:
     return JsonPrefix(object_only).advance(data) is not None
 
 
+SCHEMA_TYPES = ("string", "number", "integer", "boolean", "null")  # the primitive types a schema slot may have
+FIRST_BYTES = {"string": b'"', "number": b"-0123456789", "integer": b"-0123456789", "boolean": b"tf", "null": b"n"}
+DEFAULTS = {"string": '""', "number": "0", "integer": "0", "boolean": "false", "null": "null"}
+MAX_SCHEMA_DEPTH = 16  # nested objects at most (a schema is compiled recursively)
+DESCRIPTIVE = frozenset({"title", "description", "examples", "default", "$comment", "$schema", "deprecated"})
+Program = tuple[bytes | str, ...]  # literal bytes and typed value slots
+
+
+class SchemaError(ValueError):
+    """A JSON schema outside the supported subset (the message says which keyword, where)."""
+
+
+def compile_schema(schema: Any, where: str = "schema", depth: int = 0) -> Program:
+    """A JSON schema (the subset: ``type: object`` with ``properties`` of primitive types or nested such objects,
+    ``required``, ``additionalProperties``; descriptive keywords ignored) as a program of literal bytes and typed
+    value slots: every property is written, in the schema's order, compactly (a property that is not required may
+    appear in valid output, so writing it is always valid). Raises :class:`SchemaError` for anything else, rather
+    than producing output the schema might reject."""
+    if not isinstance(schema, dict):
+        raise SchemaError(f"{where} must be an object")
+    if depth > MAX_SCHEMA_DEPTH:
+        raise SchemaError(f"{where}: objects nest deeper than {MAX_SCHEMA_DEPTH} levels")
+    kind = schema.get("type")
+    extra = set(schema) - DESCRIPTIVE - {"type", "properties", "required", "additionalProperties"}
+    if kind in SCHEMA_TYPES:
+        extra |= set(schema) & {"properties", "required", "additionalProperties"}
+        if extra:
+            raise SchemaError(f"{where}: keyword {sorted(extra)[0]!r} is not supported")
+        return (kind,)
+    if kind != "object":
+        raise SchemaError(f"{where}: type {kind!r} is not supported (object, {', '.join(SCHEMA_TYPES)})")
+    if extra:
+        raise SchemaError(f"{where}: keyword {sorted(extra)[0]!r} is not supported")
+    props = schema.get("properties", {})
+    if not isinstance(props, dict) or not all(isinstance(k, str) for k in props):
+        raise SchemaError(f"{where}.properties must map names to schemas")
+    required = schema.get("required", [])
+    if not isinstance(required, list) or any(r not in props for r in required):
+        raise SchemaError(f"{where}.required must list names from properties")
+    out: list[bytes | str] = []
+    lit = b"{"
+    for i, (name, sub) in enumerate(props.items()):
+        lit += (b"," if i else b"") + json.dumps(name).encode() + b":"
+        for item in compile_schema(sub, f"{where}.properties.{name}", depth + 1):
+            if isinstance(item, bytes):
+                lit += item
+            else:
+                out += [lit, item]
+                lit = b""
+    out.append(lit + b"}")
+    return tuple(out)
+
+
+class SchemaPrefix:
+    """A state of a compiled schema (:func:`compile_schema`): literal bytes are forced one by one, each value slot is
+    a :class:`JsonPrefix` whose first byte must start a value of the slot's type (``integer``: no fraction or
+    exponent). Same interface as :class:`JsonPrefix`."""
+
+    __slots__ = ("program", "idx", "off", "sub")
+
+    def __init__(self, program: Program, idx: int = 0, off: int = 0, sub: JsonPrefix | None = None) -> None:
+        self.program, self.idx, self.off, self.sub = program, idx, off, sub
+
+    @property
+    def complete(self) -> bool:
+        return self.idx == len(self.program)
+
+    def signature(self) -> tuple[Any, ...]:
+        return (self.idx, self.off, None if self.sub is None else (self.sub.signature(), self.sub.complete))
+
+    def advance(self, data: bytes) -> SchemaPrefix | None:
+        prog, idx, off, sub = self.program, self.idx, self.off, self.sub
+        for b in data:
+            while True:
+                if idx == len(prog):
+                    return None  # nothing may follow the value
+                item = prog[idx]
+                if isinstance(item, bytes):
+                    if b != item[off]:
+                        return None
+                    off += 1
+                    if off == len(item):
+                        idx, off = idx + 1, 0
+                    break
+                if sub is None:  # a slot's first byte decides the value's type
+                    if b not in FIRST_BYTES[item]:
+                        return None
+                    sub = JsonPrefix(max_ws=0).advance(bytes([b]))
+                    break
+                nxt = None if item == "integer" and b in b".eE" else sub.advance(bytes([b]))
+                if nxt is not None:
+                    sub = nxt
+                    break
+                if not sub.complete:
+                    return None
+                idx, sub = idx + 1, None  # the value ended: the byte belongs to the next literal
+        return SchemaPrefix(prog, idx, off, sub)
+
+    def closing(self) -> str:
+        out: list[str] = []
+        idx, off, sub = self.idx, self.off, self.sub
+        for item in self.program[idx:]:
+            if isinstance(item, bytes):
+                out.append(item[off:].decode())
+            elif sub is None:
+                out.append(DEFAULTS[item])
+            else:
+                out.append(sub.closing())
+            off, sub = 0, None
+        return "".join(out)
+
+
 class TokenTable:
     """Each token's bytes (``b""`` for special tokens, which never appear in JSON text) and their first byte, for
     a vocabulary; built once per model. ``token_bytes(i)`` gives token ``i``'s bytes."""
@@ -254,10 +372,13 @@ class JsonChooser:
         encode: Callable[[str], Sequence[int]],
         object_only: bool = True,
         max_ws: int | None = MAX_WS,
+        schema: Program | None = None,
     ) -> None:
         self.table = table
         self.encode = encode
-        self.state = JsonPrefix(object_only, max_ws=max_ws)
+        self.state: JsonPrefix | SchemaPrefix = (
+            JsonPrefix(object_only, max_ws=max_ws) if schema is None else SchemaPrefix(schema)
+        )
         self.forced: list[int] = []  # the closing tokens, once the budget leaves no choice
         self._need: dict[str, int] = {}
         self._allowed: dict[tuple[Any, ...], Tensor] = {}
@@ -266,7 +387,7 @@ class JsonChooser:
     def complete(self) -> bool:
         return self.state.complete
 
-    def need(self, st: JsonPrefix | None = None) -> int:
+    def need(self, st: JsonPrefix | SchemaPrefix | None = None) -> int:
         """Tokens needed to close ``st`` (default: the current state)."""
         text = (st or self.state).closing()
         n = self._need.get(text)
@@ -274,7 +395,7 @@ class JsonChooser:
             n = self._need[text] = len(self.encode(text)) if text else 0
         return n
 
-    def _allowed_first(self, st: JsonPrefix) -> Tensor:
+    def _allowed_first(self, st: JsonPrefix | SchemaPrefix) -> Tensor:
         """(257,) bool: the bytes that may come next in ``st`` (index 256, the empty token, never)."""
         sig = st.signature()
         mask = self._allowed.get(sig)
@@ -285,7 +406,7 @@ class JsonChooser:
             self._allowed[sig] = mask
         return mask
 
-    def _fits(self, tok: int, left: int) -> JsonPrefix | None:
+    def _fits(self, tok: int, left: int) -> JsonPrefix | SchemaPrefix | None:
         st = self.state.advance(self.table.raw[tok])
         if st is None or (not st.complete and self.need(st) > left - 1):
             return None
@@ -319,7 +440,10 @@ class JsonChooser:
     ) -> int:
         if not self.forced and self.need() >= left:
             if self.need() > left:
-                raise ValueError(f"the JSON value cannot be completed in the {left} tokens left (max_tokens too small)")
+                raise ValueError(
+                    f"the JSON value needs {self.need()} more tokens to be complete, but {left} are left: raise "
+                    "max_tokens"
+                )
             self.forced = list(self.encode(self.state.closing()))
         if self.forced:
             return self.forced.pop(0)

@@ -59,9 +59,8 @@ class GenerationParams:
     frequency_penalty: float = 0.0  # subtracted once per time a token was generated
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit)
     n: int = 1  # choices, sampled with seeds seed, seed + 1, ... (so choice 0 is the n = 1 reply)
-    json_object: bool = (
-        False  # constrained decoding: each choice is one complete JSON object (nanochat.engine.constrain)
-    )
+    json_object: bool = False  # constrained decoding: each choice is one JSON object (nanochat.engine.constrain)
+    json_schema: tuple[bytes | str, ...] | None = None  # and of this compiled schema (constrain.compile_schema)
 
     def __post_init__(self) -> None:
         if self.max_tokens < 0:
@@ -235,7 +234,7 @@ def _stop_ids_of(tokenizer: Any) -> frozenset[int]:
     """End of message, end of text, and the tokens that would start a new document or turn."""
     special = getattr(tokenizer, "special_ids", {})
     names = ("<|end|>", "<|eos|>", "<|bos|>", "<|user|>", "<|system|>", "<|assistant|>")
-    eog = getattr(tokenizer, "eog_ids", frozenset())  # a base model's own EOS/EOT (e.g. <|endoftext|>)
+    eog: frozenset[int] = getattr(tokenizer, "eog_ids", frozenset())  # a base model's own EOS/EOT (e.g. <|endoftext|>)
     return frozenset({int(special[n]) for n in names if n in special} | {int(i) for i in eog})
 
 
@@ -377,6 +376,11 @@ class Batcher:
     temperature of 1e-40 is greedy, a top_p of 1e-46 keeps the top token); a sequence whose logits hold no finite
     value is failed before the step that would raise for everyone. Only an engine-wide failure (the batched forward
     itself) fails every request of that batch.
+
+    JSON (``params.json_object``): before each step a choice's :class:`~nanochat.engine.constrain.JsonChooser` picks
+    its token from the (penalized) logits in the request's sampling order, and the logits become ``-inf`` except that
+    token, so the engine's own sampler draws exactly it (no hook in the engine); the choice ends (``"stop"``) when
+    the object is complete. A value that cannot be completed within ``max_tokens`` fails that request alone (400).
     """
 
     def __init__(self, engine: Any, cache: PromptCache | None = None) -> None:
@@ -466,7 +470,8 @@ class Batcher:
             return
         try:
             seqs, cached = self._start(req)
-            jsons = [self._json_chooser() for _ in seqs] if req.params.json_object else [None] * len(seqs)
+            schema = req.params.json_schema
+            jsons = [self._json_chooser(schema) for _ in seqs] if req.params.json_object else [None] * len(seqs)
         except Exception as e:  # e.g. ValueError for a prompt the engine refuses: that request fails alone
             req.out.put(e)
             return
@@ -475,7 +480,7 @@ class Batcher:
             adjust = LogitAdjuster(req.params, vocab) if req.params.adjusts_logits else None
             live.append(_Choice(seq, req, i, adjust, json=jsons[i], cached=cached if i == 0 else 0))
 
-    def _json_chooser(self) -> JsonChooser:
+    def _json_chooser(self, schema: tuple[bytes | str, ...] | None = None) -> JsonChooser:
         """A fresh JSON constraint; the vocabulary's byte table is built on first use (once per model)."""
         tok = self.engine.tokenizer
         if self._json_table is None:
@@ -483,7 +488,7 @@ class Batcher:
             self._json_table = TokenTable(
                 int(self.engine.backend.vocab_size), lambda i: bytes(texts(i)[1]) if i < known else b""
             )
-        return JsonChooser(self._json_table, tok.encode)
+        return JsonChooser(self._json_table, tok.encode, schema=schema)
 
     def _choose_json(self, c: _Choice) -> bool:
         """Pick a constrained choice's next token and make it the only one its logits allow (so the engine's own

@@ -423,11 +423,11 @@ class Service:
                            param="logit_bias", code="invalid_value")  # fmt: skip
         json_object = req.json_object()
         if json_object and not getattr(self.backend, "constrained_decoding", False):
-            raise APIError(400, "response_format 'json_object' is not supported by this backend (no constrained "
-                           "decoding)", param="response_format", code="invalid_value")  # fmt: skip
+            raise APIError(400, "response_format JSON is not supported by this backend (no constrained decoding)",
+                           param="response_format", code="invalid_value")  # fmt: skip
         if json_object and req.stop_list():
-            raise APIError(400, "stop cannot be combined with response_format 'json_object': a stop string could cut "
-                           "the JSON value short", param="stop", code="invalid_value")  # fmt: skip
+            raise APIError(400, "stop cannot be combined with a JSON response_format: a stop string could cut the "
+                           "JSON value short", param="stop", code="invalid_value")  # fmt: skip
         sampling = SamplingParams(
             temperature=1.0 if req.temperature is None else float(req.temperature),
             top_k=req.top_k or None,
@@ -445,6 +445,7 @@ class Service:
             logit_bias=bias,
             n=req.n,
             json_object=json_object,
+            json_schema=req.json_schema() if json_object else None,
         )
 
     # ---------------------------------------------------------------- running a generation

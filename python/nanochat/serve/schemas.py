@@ -5,9 +5,10 @@ Notable choices:
   ignored so clients that send ``user`` or penalties of 0 keep working.
 - ``logprobs``: chat takes ``logprobs: true`` and ``top_logprobs`` (0-20), completions ``logprobs: N`` (0-5), as
   OpenAI does; the answers carry OpenAI's two logprobs shapes. ``presence_penalty``, ``frequency_penalty`` and
-  ``logit_bias`` are applied. ``response_format: {"type": "json_object"}`` (chat and completions) is constrained
-  decoding: every choice is one complete JSON object. Nothing that would change the output is silently ignored:
-  ``tools``, ``functions``, ``response_format`` ``json_schema``, ``best_of`` above 1, ``echo`` and ``suffix`` are
+  ``logit_bias`` are applied. ``response_format`` ``json_object`` and ``json_schema`` (chat and completions) are
+  constrained decoding: every choice is one complete JSON object (of the schema: the subset
+  ``nanochat.engine.constrain.compile_schema`` supports, anything else a 400 naming the keyword). Nothing that would
+  change the output is silently ignored: ``tools``, ``functions``, ``best_of`` above 1, ``echo`` and ``suffix`` are
   refused (400).
 - Range checks live here (temperature in [0, 2], top_p in (0, 1], max_tokens >= 1, 1 <= n <= 16, at most 4 non-empty
   stop strings); checks that need the model (context length, model name) live in the app.
@@ -71,7 +72,8 @@ class SamplingRequest(_Request):
     logit_bias: (
         Annotated[dict[StrictStr, Annotated[StrictFloat, Field(ge=-100.0, le=100.0)]], Field(max_length=1024)] | None
     ) = None
-    response_format: dict[str, Any] | None = None  # {"type": "text"} or {"type": "json_object"}
+    # {"type": "text"}, {"type": "json_object"} or {"type": "json_schema", "json_schema": {"schema": {...}}}
+    response_format: dict[str, Any] | None = None
 
     @field_validator("response_format")
     @classmethod
@@ -80,15 +82,20 @@ class SamplingRequest(_Request):
         if v is None or kind in ("text", "json_object"):
             return v
         if kind == "json_schema":
-            raise ValueError(
-                "response_format 'json_schema' is not supported: use {'type': 'json_object'} (any JSON object, "
-                "guaranteed to parse) and describe the schema in the prompt"
-            )
-        raise ValueError(f"response_format type {str(kind)[:40]!r} is not supported: use 'text' or 'json_object'")
+            schema_program(v)  # raises ValueError (SchemaError) naming what is not supported
+            return v
+        raise ValueError(
+            f"response_format type {str(kind)[:40]!r} is not supported: use 'text', 'json_object' or 'json_schema'"
+        )
 
     def json_object(self) -> bool:
-        """Constrained decoding asked for: the reply must be one JSON object."""
-        return self.response_format is not None and self.response_format.get("type") == "json_object"
+        """Constrained decoding asked for: the reply must be one JSON object (of a schema, with json_schema)."""
+        return self.response_format is not None and self.response_format.get("type") in ("json_object", "json_schema")
+
+    def json_schema(self) -> tuple[bytes | str, ...] | None:
+        """The compiled schema of a ``json_schema`` response format (``nanochat.engine.constrain.compile_schema``)."""
+        rf = self.response_format
+        return schema_program(rf) if rf is not None and rf.get("type") == "json_schema" else None
 
     @field_validator("logit_bias")
     @classmethod
@@ -115,6 +122,23 @@ class SamplingRequest(_Request):
         if self.stop is None:
             return ()
         return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+def schema_program(response_format: dict[str, Any]) -> tuple[bytes | str, ...]:
+    """OpenAI's ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``, compiled;
+    ``ValueError`` for a shape or a schema outside the supported subset."""
+    from nanochat.engine.constrain import compile_schema  # imports torch: only when a schema is asked for
+
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
+        raise ValueError("response_format json_schema needs {'json_schema': {'name': ..., 'schema': {...}}}")
+    try:
+        return compile_schema(spec["schema"], "json_schema.schema")
+    except ValueError as e:
+        raise ValueError(
+            f"{e}. Supported: type object with properties of type string, number, integer, boolean, null or such "
+            "objects, and required; or use {'type': 'json_object'}"
+        ) from None
 
 
 class TextPart(_Request):
