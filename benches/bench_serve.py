@@ -7,7 +7,8 @@ server and engine overhead, not a real model) or ``--shape d20`` (``configs/d20.
 SwiGLU 2048, mHC-lite, a 16k BPE vocabulary trained on the Python standard library's sources, context 512: a real
 model's per-token cost, with random weights). Each
 client is an ``httpx`` async task that sends ``--requests`` streaming chat completions one after another
-(``ignore_eos`` so every reply is exactly ``--max-tokens`` tokens, a fixed seed per request); all clients of a level
+(``ignore_eos`` so every reply is exactly ``--max-tokens`` tokens, a fixed seed per request; with ``--json-object``
+constrained to a JSON object, which ends the reply when it closes); all clients of a level
 start together. Reported per level: aggregate completion tokens/s (all tokens / wall time of the level), the median
 per-stream decode rate, time to first token (request sent -> first content chunk) p50/p99 and request latency (sent
 -> [DONE]) p50/p99. The server runs with ``--max-concurrent`` = the largest level, so every client of a level is
@@ -121,6 +122,9 @@ def percentile(xs: list[float], q: float) -> float:
     return s[lo] + (s[hi] - s[lo]) * (k - lo)
 
 
+JSON_OBJECT = False  # --json-object: every request asks for response_format json_object (constrained decoding)
+
+
 async def one_request(client: httpx.AsyncClient, max_tokens: int, seed: int) -> Result:
     body = {
         "messages": [{"role": "user", "content": PROMPT}],
@@ -131,6 +135,8 @@ async def one_request(client: httpx.AsyncClient, max_tokens: int, seed: int) -> 
         "ignore_eos": True,
         "stream_options": {"include_usage": True},
     }
+    if JSON_OBJECT:
+        body["response_format"] = {"type": "json_object"}
     t0 = time.perf_counter()
     first = last = None
     usage: dict[str, Any] | None = None
@@ -281,7 +287,10 @@ def main() -> None:
     ap.add_argument("--max-tokens", type=int, default=64, help="completion tokens per request")
     ap.add_argument("--threads", type=int, default=None, help="--threads for the server")
     ap.add_argument("--json", type=Path, default=None, help="write the records here")
+    ap.add_argument("--json-object", action="store_true", help="requests ask for response_format json_object")
     args = ap.parse_args()
+    global JSON_OBJECT
+    JSON_OBJECT = args.json_object
     levels = [int(x) for x in args.levels.split(",") if x.strip()]
     console = Console(width=max(Console().width, 120))  # the table is ~105 columns wide
 
