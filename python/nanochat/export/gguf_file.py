@@ -186,7 +186,7 @@ class GGUFFile:
         for t in self.tensors:
             name = t.name.encode()
             h.update(struct.pack(f"<Q{len(name)}sII{len(t.shape)}Q", len(name), name, t.type, len(t.shape), *t.shape))
-            h.update(t.data)
+            h.update(t.data.data)  # the array's own buffer: a view of the map, contiguous
         return h.hexdigest()
 
     # -- primitive reads, all bounds-checked

@@ -240,7 +240,7 @@ def seal_gguf(path: str | os.PathLike[str]) -> str:
     long), in place; returns it. The digest leaves out the key itself, so writing it changes nothing it covers."""
     from nanochat.export.gguf_file import GGUFFile
 
-    reader = GGUFFile(path)
+    reader = GGUFFile(Path(path))
     old = reader.fields.get(CHECKSUM_KEY)
     if not isinstance(old, str) or len(old.encode()) != 64:
         raise GGUFError(f"{path}: no 64-character {CHECKSUM_KEY} to fill in")
@@ -369,7 +369,7 @@ def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
         raise GGUFError(f"{reader.path}: tokenizer.ggml.token_type must be an array of integers")
     merges_raw = _string_list(reader, "tokenizer.ggml.merges", required=False) or []
     vocab = _check_tokenizer_arrays(reader.path, tokens, types, merges_raw)
-    merges = [tuple(m.split(" ", 1)) for m in merges_raw]
+    merges = [(a, b) for a, _, b in (m.partition(" ") for m in merges_raw)]
     try:
         raw = HFTokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     except Exception as e:  # the library's bare Exception; the checks above should leave nothing for it

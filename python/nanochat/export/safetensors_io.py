@@ -113,7 +113,7 @@ def _tensor_entry(t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
     a = t.detach().cpu().contiguous().numpy()
     if a.dtype.byteorder == ">":
         a = a.astype(a.dtype.newbyteorder("<"))
-    return "F32", tuple(a.shape), memoryview(a).cast("B")
+    return "F32", tuple(a.shape), a.data.cast("B")
 
 
 def export_safetensors(model: GPT, tokenizer: Tokenizer, out: str | os.PathLike[str]) -> Path:
