@@ -14,7 +14,7 @@ import secrets
 import time
 import uuid
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -116,7 +116,7 @@ async def page(request: Request) -> HTMLResponse:
 @router.get("/health", responses={503: {"description": "Shutting down"}})
 async def health(request: Request) -> JSONResponse:
     svc = service(request)
-    body = {
+    body: dict[str, Any] = {
         "status": "shutting_down" if svc.stopping else "ok",
         "model": svc.backend.model_id,
         "engine": str(getattr(svc.backend, "mode", type(svc.backend).__name__)),
@@ -248,7 +248,7 @@ async def completions(body: CompletionRequest, request: Request) -> Response:
                 index=i,
                 text=t,
                 finish_reason=f,  # type: ignore[arg-type]
-                logprobs=comp_logprobs(lps[i], i),
+                logprobs=cast(Any, comp_logprobs(lps[i], i)),  # a dict pydantic validates into CompletionLogprobs
             )
             for i, (t, f) in enumerate(zip(texts, finish, strict=True))
         ]
