@@ -571,3 +571,19 @@ def test_default_head_is_f16_and_no_second_copy(tokenizer) -> None:
     eng = Engine(make_model(13), tokenizer, backend="rust")
     assert eng.backend_name == "rust"
     assert eng.backend.eng.head == "f16"
+
+
+def test_f16_embedding_is_one_copy_for_lookups_and_a_tied_f16_head() -> None:
+    """A float16 ``wte.weight`` (what a GGUF's token_embd maps to) gives the logits of the same values in float32,
+    bit for bit, and with the default f16 head no f32 embedding is held (4 bytes per value fewer)."""
+    m = make_model(14, residual="standard")
+    ternary, dense = ops.engine_weights(m)
+    wte16 = dense["wte.weight"].astype(np.float16)
+    d16 = {**dense, "wte.weight": wte16}
+    d32 = {**dense, "wte.weight": wte16.astype(np.float32)}
+    ids = [7, 3, 9, 1, 4, 4, 2]
+    for head, saved in (("f16", 4), ("f32", 0), ("int8", 0)):
+        e16 = ops.rust_engine_from_weights(m.config, ternary, d16, threads=1, head=head)
+        e32 = ops.rust_engine_from_weights(m.config, ternary, d32, threads=1, head=head)
+        np.testing.assert_array_equal(e16.new_session().forward_all(ids), e32.new_session().forward_all(ids))
+        assert e32.weight_bytes - e16.weight_bytes == saved * wte16.size, head

@@ -133,7 +133,10 @@ def rust_engine_from_weights(
     for name, arr in dense.items():
         if name in weights:
             raise ValueError(f"weight {name!r} given both as ternary and as dense")
-        weights[name] = np.ascontiguousarray(np.asarray(arr), dtype=np.float32)
+        arr = np.asarray(arr)
+        # float16 stays float16 (a GGUF's token_embd, memory-mapped): the engine widens it exactly, or keeps it as
+        # the one copy a tied f16 head and the embedding lookups share (no f32 copy of the embedding)
+        weights[name] = np.ascontiguousarray(arr, dtype=np.float16 if arr.dtype == np.float16 else np.float32)
     core = _core.EngineModel(_config_dict(config), weights, int(threads), kernel, head, kv, bool(profile))
     return RustEngine(core)
 

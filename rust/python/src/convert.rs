@@ -85,6 +85,13 @@ pub fn array_u8<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonly
     typed_array(obj, name, "uint8")
 }
 
+pub fn array_u16<'py>(
+    obj: &Bound<'py, PyAny>,
+    name: &str,
+) -> PyResult<PyReadonlyArrayDyn<'py, u16>> {
+    typed_array(obj, name, "uint16")
+}
+
 pub fn array_i8<'py>(obj: &Bound<'py, PyAny>, name: &str) -> PyResult<PyReadonlyArrayDyn<'py, i8>> {
     typed_array(obj, name, "int8")
 }

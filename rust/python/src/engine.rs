@@ -11,8 +11,9 @@
 //! * `weights`: the torch model's `state_dict()` names. BitLinear weights
 //!   (`blocks.N.attn.{q,k,v,o}_proj.weight`, `blocks.N.mlp.{gate,up,down}_proj.weight`) are
 //!   `(packed uint8 (rows, cols/4), scale float)` tuples in the kernel layout (`ops.pack_ternary`
-//!   or `_core.tq2_0_to_kernel_layout`); everything else is a float32 array of the state-dict
-//!   shape: `wte.weight`, `norm.weight`, `lm_head.weight` (untied only),
+//!   or `_core.tq2_0_to_kernel_layout`); everything else is a float32 (or float16, widened
+//!   exactly; a tied `wte.weight` read by an f16 head stays f16, the one copy for both) array of
+//!   the state-dict shape: `wte.weight`, `norm.weight`, `lm_head.weight` (untied only),
 //!   `blocks.N.{attn_norm,mlp_norm}.weight`, `blocks.N.attn.{sub_norm,q_norm,k_norm}.weight`,
 //!   `blocks.N.mlp.sub_norm.weight`, `blocks.N.{mhc_attn,mhc_mlp}.{pre_bias,post_bias,
 //!   res_logits,alpha,proj}`. Missing, unexpected or mis-shaped weights raise ValueError /
@@ -184,6 +185,20 @@ fn parse_tensor(name: &str, v: &Bound<'_, PyAny>) -> PyResult<Tensor> {
             scale,
             qs: arr.as_slice()?.to_vec(),
         }));
+    }
+    // float16 (a GGUF's token_embd, memory-mapped): its bits, through a uint16 view (no copy).
+    let is_f16 = v
+        .getattr("dtype")
+        .and_then(|d| d.getattr("str"))
+        .and_then(|s| s.extract::<String>())
+        .is_ok_and(|s| s == "<f2" || s == "=f2");
+    if is_f16 {
+        let bits = v.call_method1("view", ("uint16",))?;
+        let arr = crate::convert::array_u16(&bits, &format!("weights['{name}']"))?;
+        return Ok(Tensor::F16 {
+            shape: arr.shape().to_vec(),
+            data: arr.as_slice()?.to_vec(),
+        });
     }
     let arr = f32_array(v, &format!("weights['{name}']"))?;
     Ok(Tensor::F32 {

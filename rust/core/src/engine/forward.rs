@@ -321,9 +321,18 @@ pub(crate) fn forward(
     let mut row = 0;
     for (s, toks) in batch.iter() {
         for (j, &tok) in toks.iter().enumerate() {
-            let e = &model.tok_emb[tok as usize * c..(tok as usize + 1) * c];
-            for st in 0..ns {
-                ws.x[(row * ns + st) * c..(row * ns + st + 1) * c].copy_from_slice(e);
+            let (r0, r1) = (tok as usize * c, (tok as usize + 1) * c);
+            let first = &mut ws.x[row * ns * c..(row * ns + 1) * c];
+            match &model.tok_emb {
+                super::Emb::F32(e) => first.copy_from_slice(&e[r0..r1]),
+                super::Emb::F16(e) => {
+                    for (x, &b) in first.iter_mut().zip(&e[r0..r1]) {
+                        *x = f16::from_bits(b).to_f32(); // exact
+                    }
+                }
+            }
+            for st in 1..ns {
+                ws.x.copy_within(row * ns * c..(row * ns + 1) * c, (row * ns + st) * c);
             }
             ws.pos[row] = s.pos + j;
             row += 1;
@@ -567,13 +576,24 @@ pub(crate) fn forward(
         let h = &ws.h[..nout * c];
         match &model.head {
             Head::F32(w) => {
-                let w = w.as_deref().unwrap_or(&model.tok_emb);
+                let w = match (w, &model.tok_emb) {
+                    (Some(w), _) => w.as_slice(),
+                    (None, super::Emb::F32(e)) => e.as_slice(),
+                    (None, super::Emb::F16(_)) => unreachable!("an f32 head widens the embedding"),
+                };
                 team.run(v, HEAD_CHUNK, |_, lo, hi| {
                     // SAFETY: this thread writes only columns lo..hi of the nout × v output.
                     unsafe { math::matvec_rows_f32(w, c, lo, hi, h, nout, out.ptr(), v) };
                 })?;
             }
             Head::F16(w) => {
+                let w = match (w, &model.tok_emb) {
+                    (Some(w), _) => w.as_slice(),
+                    (None, super::Emb::F16(e)) => e.as_slice(),
+                    (None, super::Emb::F32(_)) => {
+                        unreachable!("a tied fp16 head shares an fp16 embedding")
+                    }
+                };
                 team.run(v, HEAD_CHUNK, |_, lo, hi| {
                     for r in lo..hi {
                         let wr = &w[r * c..(r + 1) * c];

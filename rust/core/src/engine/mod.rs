@@ -354,10 +354,13 @@ impl Config {
     }
 }
 
-/// One named input tensor: f32 with a shape, or a packed ternary matrix.
+/// One named input tensor: f32 or fp16 (bits) with a shape, or a packed ternary matrix. An fp16
+/// tensor is widened to f32 exactly, except a tied embedding read by an fp16 head: that one is
+/// kept as is, the head and the lookups sharing the one copy (a GGUF's `token_embd`).
 #[derive(Clone, Debug)]
 pub enum Tensor {
     F32 { data: Vec<f32>, shape: Vec<usize> },
+    F16 { data: Vec<u16>, shape: Vec<usize> },
     Ternary(TernaryMatrix),
 }
 
@@ -442,12 +445,28 @@ pub(crate) struct Layer {
     pub mhc_mlp: Option<MhcParams>,
 }
 
+/// The token embedding, `vocab × C`: f32, or the fp16 bits it was given in when an fp16 head is
+/// tied to it (one copy for both).
+pub(crate) enum Emb {
+    F32(Vec<f32>),
+    F16(Vec<u16>),
+}
+
+impl Emb {
+    fn bytes(&self) -> usize {
+        match self {
+            Emb::F32(v) => v.len() * 4,
+            Emb::F16(v) => v.len() * 2,
+        }
+    }
+}
+
 /// The LM head weights in the chosen precision.
 pub(crate) enum Head {
     /// `vocab × C` f32 (the embedding itself when tied: stored once).
     F32(Option<Vec<f32>>),
-    /// `vocab × C` fp16 bits.
-    F16(Vec<u16>),
+    /// `vocab × C` fp16 bits (`None`: the fp16 embedding itself, tied).
+    F16(Option<Vec<u16>>),
     /// `vocab × C` int8 and per-row scales.
     Int8 { q: Vec<i8>, scale: Vec<f32> },
 }
@@ -460,7 +479,7 @@ pub struct Model {
     pub(crate) id: u64,
     pub(crate) kernel: Kernel,
     pub(crate) kv: KvPrecision,
-    pub(crate) tok_emb: Vec<f32>,
+    pub(crate) tok_emb: Emb,
     pub(crate) head: Head,
     pub(crate) norm: Vec<f32>,
     pub(crate) layers: Vec<Layer>,
@@ -591,9 +610,43 @@ fn take_f32(t: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Res
             }
             Ok(data)
         }
+        Some(Tensor::F16 { data, shape: s }) => {
+            let data = data
+                .iter()
+                .map(|&b| half::f16::from_bits(b).to_f32())
+                .collect();
+            t.insert(name.to_string(), Tensor::F32 { data, shape: s });
+            take_f32(t, name, shape)
+        }
         Some(Tensor::Ternary(_)) => Err(Error::Value(format!(
             "weight '{name}' must be a float32 array, got a packed ternary matrix"
         ))),
+    }
+}
+
+/// The embedding: kept as fp16 bits when given so and `keep_f16` (an fp16 head tied to it),
+/// else as f32 (checked as [`take_f32`] does).
+fn take_emb(t: &mut HashMap<String, Tensor>, shape: &[usize], keep_f16: bool) -> Result<Emb> {
+    let name = "wte.weight";
+    match t.remove(name) {
+        Some(Tensor::F16 { data, shape: s }) if keep_f16 => {
+            if s != shape || data.len() != shape.iter().product::<usize>() {
+                return Err(shape_err!(
+                    "weight '{name}' has shape {s:?}, expected {shape:?}"
+                ));
+            }
+            if data.iter().any(|&b| !half::f16::from_bits(b).is_finite()) {
+                return Err(Error::Value(format!(
+                    "weight '{name}' contains NaN or infinity"
+                )));
+            }
+            Ok(Emb::F16(data))
+        }
+        Some(other) => {
+            t.insert(name.to_string(), other);
+            Ok(Emb::F32(take_f32(t, name, shape)?))
+        }
+        None => Err(Error::Value(format!("missing weight '{name}'"))),
     }
 }
 
@@ -616,7 +669,7 @@ fn take_ternary(
             m.view()?;
             Ok(m)
         }
-        Some(Tensor::F32 { .. }) => Err(Error::Value(format!(
+        Some(Tensor::F32 { .. } | Tensor::F16 { .. }) => Err(Error::Value(format!(
             "weight '{name}' must be a packed ternary matrix (uint8 rows × cols/4, scale); \
              got float32 (pack it with ops.pack_ternary)"
         ))),
@@ -658,7 +711,8 @@ impl Model {
         let (c, v, hd) = (cfg.n_embd, cfg.vocab_size, cfg.head_dim());
         let kv = cfg.kv_dim();
         let hid = cfg.mlp_hidden;
-        let tok_emb = take_f32(&mut t, "wte.weight", &[v, c])?;
+        let share_f16 = cfg.tie_embeddings && opts.head == HeadPrecision::F16;
+        let tok_emb = take_emb(&mut t, &[v, c], share_f16)?;
         let norm = take_f32(&mut t, "norm.weight", &[c])?;
         let untied = if cfg.tie_embeddings {
             if t.contains_key("lm_head.weight") {
@@ -725,18 +779,22 @@ impl Model {
                 "unexpected weights {extra:?} (does the config match the checkpoint?)"
             )));
         }
-        let head = match opts.head {
-            HeadPrecision::F32 => Head::F32(untied),
-            HeadPrecision::F16 => {
-                let w = untied.as_deref().unwrap_or(&tok_emb);
-                Head::F16(
-                    w.iter()
-                        .map(|&x| half::f16::from_f32(x).to_bits())
-                        .collect(),
-                )
+        let to_f16 = |w: &[f32]| -> Vec<u16> {
+            w.iter()
+                .map(|&x| half::f16::from_f32(x).to_bits())
+                .collect()
+        };
+        let head = match (opts.head, &tok_emb) {
+            (HeadPrecision::F32, _) => Head::F32(untied),
+            (HeadPrecision::F16, Emb::F16(_)) => Head::F16(None),
+            (HeadPrecision::F16, Emb::F32(e)) => {
+                Head::F16(Some(to_f16(untied.as_deref().unwrap_or(e))))
             }
-            HeadPrecision::Int8 => {
-                let w = untied.as_deref().unwrap_or(&tok_emb);
+            (HeadPrecision::Int8, _) => {
+                let Emb::F32(e) = &tok_emb else {
+                    unreachable!("an fp16 embedding is kept only for a tied fp16 head")
+                };
+                let w = untied.as_deref().unwrap_or(e);
                 let mut q = vec![0i8; w.len()];
                 let mut scale = vec![0f32; v];
                 for (r, (row, qr)) in w.chunks_exact(c).zip(q.chunks_exact_mut(c)).enumerate() {
@@ -815,11 +873,11 @@ impl Model {
     /// Bytes of weights held (packed ternary + f32 / int8 tensors).
     pub fn weight_bytes(&self) -> usize {
         let f = |v: &Vec<f32>| v.len() * 4;
-        let mut b = f(&self.tok_emb) + f(&self.norm);
+        let mut b = self.tok_emb.bytes() + f(&self.norm);
         b += match &self.head {
             Head::F32(Some(w)) => f(w),
-            Head::F32(None) => 0,
-            Head::F16(w) => w.len() * 2,
+            Head::F32(None) | Head::F16(None) => 0,
+            Head::F16(Some(w)) => w.len() * 2,
             Head::Int8 { q, scale } => q.len() + scale.len() * 4,
         };
         for l in &self.layers {

@@ -544,6 +544,57 @@ fn default_head_is_f16_and_the_head_is_held_once() {
     }
 }
 
+/// A float16 embedding (a GGUF's `token_embd`) tied to the f16 head is kept once, in f16, for
+/// both the lookups and the head: the logits equal, bit for bit, those of the same values given
+/// as f32 (widened exactly), with the f32 embedding's 4 bytes per value gone.
+#[test]
+fn f16_embedding_is_shared_by_a_tied_f16_head() {
+    let c = cfg(Residual::MhcLite, MlpKind::SwiGlu, true, 2);
+    let mut t = weights(&c, 6);
+    let Some(Tensor::F32 { data, shape }) = t.remove("wte.weight") else {
+        panic!("wte")
+    };
+    let bits: Vec<u16> = data
+        .iter()
+        .map(|&x| half::f16::from_f32(x).to_bits())
+        .collect();
+    let widened: Vec<f32> = bits
+        .iter()
+        .map(|&b| half::f16::from_bits(b).to_f32())
+        .collect();
+    let with = |wte: Tensor, head| {
+        let mut t = t.clone();
+        t.insert("wte.weight".into(), wte);
+        let o = Options {
+            head,
+            threads: 1,
+            ..Default::default()
+        };
+        Model::new(c.clone(), t, o).unwrap()
+    };
+    let ids = toks(9, 5, c.vocab_size);
+    let run = |m: &Model| m.step(&mut m.new_session(0), &ids).unwrap();
+    let f16_data = || Tensor::F16 {
+        data: bits.clone(),
+        shape: shape.clone(),
+    };
+    let f32_data = || Tensor::F32 {
+        data: widened.clone(),
+        shape: shape.clone(),
+    };
+    let vc = c.vocab_size * c.n_embd;
+    for head in [HeadPrecision::F16, HeadPrecision::F32, HeadPrecision::Int8] {
+        let (a, b) = (with(f16_data(), head), with(f32_data(), head));
+        assert_eq!(run(&a), run(&b), "{head:?}");
+        let saved = if head == HeadPrecision::F16 {
+            4 * vc
+        } else {
+            0
+        };
+        assert_eq!(a.weight_bytes() + saved, b.weight_bytes(), "{head:?}");
+    }
+}
+
 #[test]
 fn fp16_kv_cache_is_close() {
     let c = cfg(Residual::MhcLite, MlpKind::SwiGlu, true, 2);
