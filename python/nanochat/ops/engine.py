@@ -14,7 +14,8 @@ Weight names are the torch model's (``wte.weight``, ``blocks.0.attn.q_proj.weigh
 the torch engine, :class:`nanochat.engine.TorchEngine`).
 
 Sessions (``RustEngine.new_session()``) are ``_core.EngineSession`` objects: ``prefill(ids)`` and ``decode(id)``
-return float32 numpy logits ``(vocab,)`` of the last position; ``position``, ``reset()``, ``truncate(n)``.
+return float32 numpy logits ``(vocab,)`` of the last position; ``position``, ``reset()``, ``truncate(n)``, and
+``fork()``: a new session holding a copy of the KV cache and position (prefill a prompt once, fork it per sample).
 ``RustEngine.decode_batch(sessions, ids)`` advances several sessions by one token each in one batched step.
 All compute releases the GIL.
 """

@@ -22,7 +22,9 @@
 //!   sections of a decode step, with work stealing and jobs that close behind late workers so a
 //!   busy machine degrades to one-thread speed instead of stalling; the kernels are called
 //!   single-threaded on row ranges. Prefill feeds the kernels 32 activation rows at a time over
-//!   ~48 KiB weight chunks (cache blocking: ~2× on a 128-token prompt).
+//!   ~48 KiB weight chunks (cache blocking: ~2× on a 128-token prompt); the `amx` kernel up to
+//!   256 rows (it unpacks each weight block once per call). A matrix's activations are prepared
+//!   for the kernel once ([`crate::kernels::Kernel::prepare`]) and shared by every work item.
 //! * **No allocation per token in the hot loop** of the engine: the workspace is sized on first
 //!   use and only grows (longer prompts, bigger batches); the KV cache (head-major, so one head's
 //!   keys are contiguous) grows in chunks of [`CACHE_CHUNK`] positions up to the session's

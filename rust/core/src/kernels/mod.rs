@@ -8,8 +8,10 @@
 //! row (`Σ (c − 1)·x = Σ c·x − Σ x`), which is exact.
 //!
 //! Every kernel shares one signature ([`RowsFn`]); [`Kernel`] names them, detects which run on
-//! this CPU, and picks the best by default (overridable with `NANOCHAT_KERNEL`). The scalar
-//! kernel is the oracle every SIMD kernel is tested equal to.
+//! this CPU, and picks the best by default (overridable with `NANOCHAT_KERNEL`): `amx` (AMX-INT8
+//! tiles for 16+ activation rows, `avx512_vnni` below) where the CPU and Linux allow it. The
+//! scalar kernel is the oracle every SIMD kernel is tested equal to. Activations can be prepared
+//! once ([`Kernel::prepare`]) for several products ([`gemm_i32_prepared`]).
 //!
 //! Batching: with `n > 1` activation rows every kernel decodes each weight vector once and uses
 //! it for up to 4 activation rows (`avx2_lut`: all of them) while it is in registers, and keeps
