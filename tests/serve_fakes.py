@@ -217,7 +217,7 @@ class ReferenceBackend:
         ids = torch.tensor([list(prompt_ids)], dtype=torch.long, device=self.device)  # (1, T)
         while ids.shape[1] < self.context_length:
             with torch.inference_mode():
-                logits = self._model(ids)[0, -1].float().cpu()  # (V,) at the last position
+                logits = self._model(ids)[0, -1].float().cpu().numpy()  # (V,) at the last position
             tok = sample(logits if adjust is None else adjust(logits), s.temperature, s.top_k, s.top_p, gen)
             if adjust is not None:
                 adjust.saw(tok)

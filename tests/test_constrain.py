@@ -11,8 +11,8 @@ import json
 import random
 from typing import Any
 
+import numpy as np
 import pytest
-import torch
 
 from nanochat.engine.constrain import (
     JsonChooser,
@@ -152,14 +152,14 @@ def encode(text: str) -> list[int]:
     return [BYTE_TOKENS.index(bytes([b])) for b in text.encode()]
 
 
-def run_chooser(seed: int, budget: int, temperature: float, bias: torch.Tensor | None = None) -> tuple[str, int]:
+def run_chooser(seed: int, budget: int, temperature: float, bias: np.ndarray | None = None) -> tuple[str, int]:
     table = TokenTable(len(VOCAB), lambda i: b"" if i == 0 else BYTE_TOKENS[i])
     chooser = JsonChooser(table, encode)
-    gen = torch.Generator().manual_seed(seed)
+    gen = np.random.default_rng(seed)
     out = b""
     n = 0
     while n < budget and not chooser.complete:
-        logits = torch.randn(len(VOCAB), generator=gen) * 3
+        logits = gen.standard_normal(len(VOCAB)).astype(np.float32) * 3
         if bias is not None:
             logits += bias
         tok = chooser.choose(logits, temperature, None, 0.9 if seed % 2 else None, gen, budget - n)
@@ -181,7 +181,7 @@ def test_chooser_always_ends_in_a_json_object(temperature: float) -> None:
 
 def test_chooser_when_the_likeliest_tokens_are_all_invalid() -> None:
     """The model insists on junk ("xyz" and letters): the fallback over the whole vocabulary still builds JSON."""
-    bias = torch.zeros(len(VOCAB))
+    bias = np.zeros(len(VOCAB), dtype=np.float32)
     bias[VOCAB.index("xyz")] = 50.0
     for c in "qwxz":
         bias[VOCAB.index(c)] = 40.0
@@ -194,7 +194,7 @@ def test_chooser_refuses_a_budget_too_small() -> None:
     table = TokenTable(len(VOCAB), lambda i: b"" if i == 0 else BYTE_TOKENS[i])
     chooser = JsonChooser(table, encode)
     with pytest.raises(ValueError, match="max_tokens"):
-        chooser.choose(torch.zeros(len(VOCAB)), 0.0, None, None, None, 1)  # "{}" needs two byte tokens
+        chooser.choose(np.zeros(len(VOCAB), dtype=np.float32), 0.0, None, None, None, 1)  # "{}" needs two byte tokens
 
 
 def test_whitespace_policy_for_generation() -> None:
@@ -207,7 +207,7 @@ def test_whitespace_policy_for_generation() -> None:
 
 
 def test_chooser_output_for_a_whitespace_loving_model() -> None:
-    bias = torch.zeros(len(VOCAB))
+    bias = np.zeros(len(VOCAB), dtype=np.float32)
     for c in [" ", "\n", "  "]:
         bias[VOCAB.index(c)] = 30.0
     text, n = run_chooser(0, 60, 0.0, bias)
@@ -326,10 +326,12 @@ def test_chooser_with_a_schema_writes_conforming_documents(temperature: float) -
     for seed in range(30):
         budget = len(encode(SchemaPrefix(prog).closing())) + seed * 3
         chooser = JsonChooser(table, encode, schema=prog)
-        gen = torch.Generator().manual_seed(seed)
+        gen = np.random.default_rng(seed)
         out, n = b"", 0
         while n < budget and not chooser.complete:
-            tok = chooser.choose(torch.randn(len(VOCAB), generator=gen) * 3, temperature, None, None, gen, budget - n)
+            tok = chooser.choose(
+                gen.standard_normal(len(VOCAB)).astype(np.float32) * 3, temperature, None, None, gen, budget - n
+            )
             out, n = out + BYTE_TOKENS[tok], n + 1
         value = json.loads(out.decode("utf-8", "replace"))
         assert conforms(value, PERSON), out

@@ -190,11 +190,6 @@ def test_gguf_load_and_rust_engine_import_no_torch_and_compute_the_models_logits
     assert err <= 1e-3 * want.abs().max().item(), err
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the sampler runs on torch tensors and generators: engine/generate.py and engine/sampling.py import torch "
-    "at the top (issue 13 item 3: a numpy sampler would take torch off this path)",
-)
 def test_sample_on_a_gguf_imports_no_torch(gguf) -> None:
     path, _ = gguf
     report, out, err = run_entry(

@@ -14,7 +14,8 @@ results = engine.generate_batch(["def a():", "class B:"], max_new_tokens=32, tem
 Notable choices:
 - **Backends.** ``backend="auto"`` runs the Rust engine (``nanochat.ops.RustEngine``: KV cache, ternary kernels,
   batched decode) for ternary models on CPU, and :class:`~nanochat.engine.torch_engine.TorchEngine` otherwise
-  (CUDA, ``quant="fp"``). Both expose ``new_session / prefill / decode_batch``; sampling is shared and runs on CPU.
+  (CUDA, ``quant="fp"``). Both expose ``new_session / prefill / decode_batch``; sampling is shared and runs on CPU,
+  in numpy (the torch backend converts its logits at the boundary), so the Rust path never imports torch.
   The Rust engine's own validation decides what it runs (e.g. it refuses ``head_dim > 512``): under ``"auto"`` a
   model it refuses runs on the torch engine (the model's own KV-cache forward, never an uncached O(T²) loop), with
   a warning that gives the Rust engine's reason, kept in :attr:`Engine.backend_note`; ``backend="rust"`` raises it.
@@ -38,15 +39,19 @@ from __future__ import annotations
 import bisect
 import inspect
 import logging
+import sys
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
-import torch
-from torch import Tensor
+import numpy as np
 
 from nanochat.engine.sampling import SamplingParams, make_generator, sample
-from nanochat.engine.torch_engine import TorchEngine
+
+if TYPE_CHECKING:
+    import torch
+
+    from nanochat.engine.torch_engine import TorchEngine
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +148,7 @@ class TextStream:
 
 
 class _RustBackend:
-    """``nanochat.ops.RustEngine`` with torch-tensor logits."""
+    """``nanochat.ops.RustEngine``: its float32 numpy logits as they come (no torch on this path)."""
 
     kind = "rust"
 
@@ -155,14 +160,16 @@ class _RustBackend:
     def new_session(self, max_seq: int) -> Any:
         return self.eng.new_session(max_seq)
 
-    def prefill_batch(self, sessions: Sequence[Any], prompts: Sequence[Sequence[int]]) -> Tensor:
-        return torch.from_numpy(self.eng.forward(sessions, prompts))
+    def prefill_batch(self, sessions: Sequence[Any], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        return self.eng.forward(sessions, prompts)  # (B, V) float32
 
-    def decode_batch(self, sessions: Sequence[Any], tokens: Sequence[int]) -> Tensor:
-        return torch.from_numpy(self.eng.decode_batch(sessions, tokens))
+    def decode_batch(self, sessions: Sequence[Any], tokens: Sequence[int]) -> np.ndarray:
+        return self.eng.decode_batch(sessions, tokens)  # (B, V) float32
 
 
 class _TorchBackend:
+    """:class:`TorchEngine`, its logits converted to float32 numpy at this boundary (the sampler is numpy)."""
+
     kind = "torch"
 
     def __init__(self, eng: TorchEngine) -> None:
@@ -173,11 +180,14 @@ class _TorchBackend:
     def new_session(self, max_seq: int) -> Any:
         return self.eng.new_session(max_seq)
 
-    def prefill_batch(self, sessions: Sequence[Any], prompts: Sequence[Sequence[int]]) -> Tensor:
-        return torch.stack([self.eng.prefill(s, p) for s, p in zip(sessions, prompts, strict=True)]).float().cpu()
+    def prefill_batch(self, sessions: Sequence[Any], prompts: Sequence[Sequence[int]]) -> np.ndarray:
+        import torch
 
-    def decode_batch(self, sessions: Sequence[Any], tokens: Sequence[int]) -> Tensor:
-        return self.eng.decode_batch(sessions, tokens).float().cpu()
+        rows = [self.eng.prefill(s, p) for s, p in zip(sessions, prompts, strict=True)]
+        return torch.stack(rows).float().cpu().numpy()  # (B, V)
+
+    def decode_batch(self, sessions: Sequence[Any], tokens: Sequence[int]) -> np.ndarray:
+        return self.eng.decode_batch(sessions, tokens).float().cpu().numpy()  # (B, V)
 
 
 # ----------------------------------------------------------------------------- sequences
@@ -189,12 +199,12 @@ class LiveSequence:
 
     session: Any
     params: SamplingParams
-    generator: torch.Generator
+    generator: np.random.Generator
     stream: TextStream
     max_new_tokens: int
     stop_ids: frozenset[int]
     prompt_tokens: int
-    logits: Tensor | None = None  # (V,) for the next token
+    logits: np.ndarray | None = None  # (V,) float32 for the next token
     allowed: list[int] | None = None  # token healing: the ids the first token may be (their text extends the tail)
     token_ids: list[int] = field(default_factory=list)
     finish_reason: FinishReason | None = None
@@ -239,13 +249,30 @@ class Generation:
 # ----------------------------------------------------------------------------- the facade
 
 
+def _device_type(device: Any) -> str:
+    """``"cpu"``, ``"cuda"``...: a plain ``"cpu"`` is read without importing torch (the Rust engine's path);
+    anything else is parsed by ``torch.device``, which also refuses a malformed name."""
+    if isinstance(device, str) and device == "cpu":
+        return "cpu"
+    import torch
+
+    return torch.device(device).type
+
+
+def _default_threads() -> int:
+    """The one thread budget: torch's when torch is already loaded (a torch model; ``torch.set_num_threads``
+    counts), else 0, the Rust core's own default (``NANOCHAT_THREADS``, or every core), so no torch is imported."""
+    torch = sys.modules.get("torch")
+    return int(torch.get_num_threads()) if torch is not None else 0
+
+
 class Engine:
     """Generation with a KV cache over a ternary GPT (see the module docstring).
 
     ``model`` is a torch ``GPT`` or a ``nanochat.export.load.LoadedModel`` (whose packed weights feed the Rust engine
     directly, without materialising a torch model); ``tokenizer`` defaults to the loaded model's. ``backend``:
     ``"auto"`` | ``"rust"`` | ``"torch"``. ``threads`` sizes the Rust engine's thread team (default: torch's thread
-    count, the one budget both share). ``head``: the Rust engine's LM-head precision (``"f16"`` default, ``"f32"`` exact,
+    count, the one budget both share, when torch is loaded; else the Rust core's, ``NANOCHAT_THREADS`` or every core). ``head``: the Rust engine's LM-head precision (``"f16"`` default, ``"f32"`` exact,
     ``"int8"``); ``kv``: its KV cache type (``"f32"`` exact, ``"f16"``). ``max_seq``: context per sequence (default:
     the model's ``seq_len``). :attr:`backend_note` says why ``"auto"`` did not pick the Rust engine for a ternary CPU
     model (the engine's own error), else ``None``.
@@ -270,11 +297,11 @@ class Engine:
         self.tokenizer = tokenizer if tokenizer is not None else getattr(loaded, "tokenizer", None)
         if device is None:
             device = "cpu" if loaded is not None else next(model.parameters()).device
-        device = torch.device(device)
+        device_type = _device_type(device)
         self.backend_note: str | None = None
         auto = backend == "auto"
         if auto:
-            backend = "rust" if device.type == "cpu" and config.quant == "ternary" else "torch"
+            backend = "rust" if device_type == "cpu" and config.quant == "ternary" else "torch"
         self.backend: _RustBackend | _TorchBackend
         if threads is not None:
             from nanochat import ops
@@ -287,7 +314,7 @@ class Engine:
                     "(4 × the cores, at least 8)"
                 )
         if backend == "rust":
-            if device.type != "cpu":
+            if device_type != "cpu":
                 raise ValueError(f"the Rust engine runs on CPU, not {device}")
             from nanochat import ops
             from nanochat.ops.engine import HEAD_PRECISIONS, KV_PRECISIONS
@@ -297,7 +324,7 @@ class Engine:
                 raise ValueError(f"head must be one of {HEAD_PRECISIONS}, got {head!r}")
             if kv not in KV_PRECISIONS:
                 raise ValueError(f"kv must be one of {KV_PRECISIONS}, got {kv!r}")
-            n = int(threads) if threads else torch.get_num_threads()
+            n = int(threads) if threads else _default_threads()
             try:
                 if loaded is not None:
                     ternary, dense = loaded.packed_weights()
@@ -313,6 +340,10 @@ class Engine:
             else:
                 self.backend = _RustBackend(eng)
         if backend == "torch":
+            import torch
+
+            from nanochat.engine.torch_engine import TorchEngine
+
             if threads:
                 torch.set_num_threads(int(threads))
             tm = loaded.torch_model(device) if loaded is not None else model.to(device)
@@ -466,8 +497,10 @@ class Engine:
             p = q.params
             logits = q.logits
             if q.allowed is not None:  # token healing: the first token must re-spell the prompt's tail
-                keep = torch.as_tensor(q.allowed, device=logits.device)
-                logits = torch.full_like(logits, float("-inf")).index_copy_(0, keep, logits.index_select(0, keep))
+                keep = np.asarray(q.allowed, dtype=np.intp)
+                masked = np.full_like(logits, -np.inf)
+                masked[keep] = logits[keep]
+                logits = masked
                 q.allowed = None
             tok = sample(logits, p.temperature, p.top_k, p.top_p, q.generator)
             if tok in q.stop_ids:

@@ -1,23 +1,28 @@
 """Next-token sampling: greedy, temperature, top-k, top-p (nucleus), seeded; numerically safe for every value.
 
+numpy only, no torch: the Rust engine hands back numpy logits, and importing torch would cost a command-line run
+most of its start-up (``nanochat-sample --max-tokens 1`` on a GGUF imports no torch). The torch backend converts its
+logits at the boundary (``.float().cpu().numpy()``).
+
 Order of operations (the engine and the tests' KV-cache-free reference loop, ``tests/serve_fakes.py``, both call
 :func:`sample`, so both draw the same token from the same logits and generator state): temperature 0 is ``argmax``
 (the first maximum); otherwise shift the logits so their maximum is 0, divide by the temperature, keep the ``top_k``
 largest (ties at the k-th value are kept), then the smallest prefix of the sorted distribution whose probability
-reaches ``top_p`` (the most likely token always stays), and draw once with ``torch.multinomial`` from a CPU
-``torch.Generator``.
+reaches ``top_p`` (the most likely token always stays; ties in that order broken by token id), and draw once by
+inverting the cumulative distribution with one uniform number from a ``numpy.random.Generator`` (PCG64).
 
 Numerical safety (one bad request must not be able to raise inside a batched decode step):
 - the shift before the division means a tiny temperature gives ``0`` for the best token and ``-inf`` for the others
   (greedy in effect), never ``inf - inf``; a temperature below float32's smallest normal number is greedy outright;
-- the most likely token always survives top-k (k >= 1) and top-p, however small ``top_p`` is (``1e-46`` rounds to
-  ``0`` in float32, which used to drop every token);
-- NaN logits count as ``-inf`` and ``+inf`` logits share all the probability, so the distribution handed to
-  ``multinomial`` always sums to at least 1. Only a row with no finite logit at all raises (:class:`ValueError`).
+- the most likely token always survives top-k (k >= 1) and top-p, however small ``top_p`` is;
+- NaN logits count as ``-inf`` and ``+inf`` logits share all the probability, so the distribution drawn from always
+  has mass; a token of probability 0 is never drawn. Only a row with no finite logit at all raises
+  (:class:`ValueError`).
 
-Sampling always runs on CPU in float32 with one generator per sequence, so a seed gives the same tokens whichever
-backend (Rust or torch, CPU or CUDA) produced the logits, and a sequence samples the same whether it is generated
-alone or in a batch.
+Sampling runs on CPU in float64 (float32 or float64 logits in) with one generator per sequence, so a seed gives the
+same tokens whichever backend (Rust or torch, CPU or CUDA) produced the logits, and a sequence samples the same
+whether it is generated alone or in a batch. Seeded draws differ from the torch sampler this replaced (another
+generator): a seed reproduces runs of this version, not of earlier ones.
 """
 
 from __future__ import annotations
@@ -25,12 +30,12 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
+from typing import Any
 
-import torch
-from torch import Tensor
+import numpy as np
 
-# below this, dividing by the temperature underflows float32 (x / 0): treated as 0, i.e. greedy
-MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+# below this, a temperature is treated as 0, i.e. greedy (dividing float32 logits by it would underflow x / 0)
+MIN_TEMPERATURE = float(np.finfo(np.float32).tiny)
 
 
 @dataclass(frozen=True)
@@ -63,83 +68,114 @@ def new_seed() -> int:
     return int.from_bytes(os.urandom(8), "little") >> 2
 
 
-def make_generator(seed: int | None) -> torch.Generator:
-    """A CPU generator seeded with ``seed`` (a fresh random seed if None)."""
-    g = torch.Generator(device="cpu")
-    g.manual_seed(new_seed() if seed is None else int(seed))
-    return g
+def make_generator(seed: int | None) -> np.random.Generator:
+    """A PCG64 generator seeded with ``seed`` (a fresh random seed if None). Any integer works: it is taken modulo
+    2**64, so the signed 64-bit seeds the server derives (``seed + i``, wrapped) are the unsigned ones they equal."""
+    s = new_seed() if seed is None else int(seed) % (1 << 64)
+    return np.random.Generator(np.random.PCG64(s))
 
 
-def _clean(logits: Tensor) -> Tensor:
+def as_logits(logits: Any) -> np.ndarray:
+    """``logits`` as a flat numpy float array (V,): float32 and float64 as they are, other numbers as float32.
+    Raises ``TypeError`` for non-numeric data and ``ValueError`` for an empty row."""
+    a = np.asarray(logits)
+    if a.dtype.kind not in "fiub":
+        raise TypeError(f"logits must be a numeric array, got dtype {a.dtype}")
+    if a.dtype not in (np.float32, np.float64):
+        a = a.astype(np.float32)
+    a = a.reshape(-1)
+    if a.size == 0:
+        raise ValueError("cannot sample: the logits are empty")
+    return a
+
+
+def _clean(logits: np.ndarray) -> np.ndarray:
     """NaN -> ``-inf``; if any logit is ``+inf``, those share the mass (``0``) and all others are ``-inf``."""
-    logits = torch.nan_to_num(logits, nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-    pos = torch.isposinf(logits)
-    if bool(pos.any()):
-        logits = torch.where(pos, 0.0, float("-inf"))
-    if not bool(torch.isfinite(logits).any()):
+    logits = np.where(np.isnan(logits), -np.inf, logits)
+    pos = np.isposinf(logits)
+    if pos.any():
+        logits = np.where(pos, 0.0, -np.inf)
+    if not np.isfinite(logits).any():
         raise ValueError("cannot sample: the logits have no finite value (the model produced NaN or -inf only)")
     return logits
 
 
-def filter_logits(logits: Tensor, temperature: float, top_k: int | None, top_p: float | None) -> Tensor:
-    """Temperature-scaled logits (V,), shifted so the best is ``0``, with everything outside top-k / top-p set to
-    ``-inf``. The result always has at least one finite entry (the best token); ``temperature`` must be > 0."""
-    logits = logits.float()
-    m = float(logits.max())
+def filter_logits(logits: Any, temperature: float, top_k: int | None, top_p: float | None) -> np.ndarray:
+    """Temperature-scaled float64 logits (V,), shifted so the best is ``0``, with everything outside top-k / top-p
+    set to ``-inf``. The result always has at least one finite entry (the best token); ``temperature`` must be > 0.
+    ``softmax`` of it is the distribution :func:`sample` draws from."""
+    x = as_logits(logits).astype(np.float64)  # a copy: the caller's row is never modified
+    m = float(x.max())
     if not math.isfinite(m):  # NaN or +inf somewhere (max propagates NaN), or every logit -inf
-        logits = _clean(logits)
-        m = float(logits.max())
-    scaled = (logits - m) / float(temperature)  # <= 0 everywhere, exactly 0 for the best token(s)
+        x = _clean(x)
+        m = float(x.max())
+    with np.errstate(invalid="ignore", over="ignore"):
+        scaled = (x - m) / float(temperature)  # <= 0 everywhere, exactly 0 for the best token(s)
     if math.isinf(temperature):
-        scaled = torch.nan_to_num(scaled, nan=float("-inf"))  # -inf / inf
-    if top_k is not None and 0 < top_k < scaled.numel():
-        kth = torch.topk(scaled, top_k).values[-1]
-        scaled = scaled.masked_fill(scaled < kth, float("-inf"))
+        scaled[np.isnan(scaled)] = -np.inf  # -inf / inf
+    n = scaled.size
+    if top_k is not None and 0 < top_k < n:
+        kth = np.partition(scaled, n - top_k)[n - top_k]  # the k-th largest
+        scaled[scaled < kth] = -np.inf
     if top_p is not None and top_p < 1.0:
-        sorted_logits, order = torch.sort(scaled, descending=True)
-        probs = torch.softmax(sorted_logits, dim=-1)
+        idx = np.flatnonzero(scaled > -np.inf)  # only these can be in the nucleus (few after a top-k)
+        idx = idx[np.argsort(-scaled[idx], kind="stable")]  # most likely first, ties by token id
+        w = np.exp(scaled[idx])  # (n_finite,), w[0] == 1
+        before = np.concatenate(([0.0], np.cumsum(w)[:-1]))  # mass of the tokens before each one, unnormalised
         # drop a token when the tokens before it already reach top_p; the first token always stays, even when
-        # top_p rounds to 0 in float32
-        drop = (torch.cumsum(probs, dim=-1) - probs) >= top_p
+        # top_p is a denormal
+        drop = before >= top_p * w.sum()
         drop[0] = False
-        scaled = scaled.scatter(0, order, sorted_logits.masked_fill(drop, float("-inf")))
+        scaled[idx[drop]] = -np.inf
     return scaled
 
 
 def penalize(
-    logits: Tensor,
-    counts: Tensor | None = None,
+    logits: Any,
+    counts: np.ndarray | None = None,
     presence: float = 0.0,
     frequency: float = 0.0,
-    bias: Tensor | None = None,
-) -> Tensor:
+    bias: np.ndarray | None = None,
+) -> np.ndarray:
     """OpenAI's logit processors, applied before :func:`sample`: ``l[j] + bias[j] - frequency * c[j] - presence *
     (c[j] > 0)``, with ``c[j]`` how many times token ``j`` was generated so far (``counts``, (V,)). Returns a new
-    float32 tensor on CPU (``logits`` is not modified)."""
-    out = logits.detach().reshape(-1).float().cpu().clone()
+    array of the logits' float dtype (``logits`` is not modified)."""
+    out = as_logits(logits).copy()
+    for name, arr in (("bias", bias), ("counts", counts)):
+        if arr is not None and np.shape(arr) != out.shape:
+            raise ValueError(f"penalize: {name} has shape {np.shape(arr)}, the logits {out.shape}")
     if bias is not None:
         out += bias
     if counts is not None and (presence or frequency):
-        out -= frequency * counts + presence * (counts > 0).float()
+        c = np.asarray(counts)
+        out -= frequency * c + presence * (c > 0)
     return out
 
 
 def sample(
-    logits: Tensor,
+    logits: Any,
     temperature: float = 1.0,
     top_k: int | None = None,
     top_p: float | None = None,
-    generator: torch.Generator | None = None,
+    generator: np.random.Generator | None = None,
 ) -> int:
-    """One token id from ``logits`` (V,) (any device; sampled on CPU). Raises ``ValueError`` only for a row with no
-    finite logit."""
-    logits = logits.detach().reshape(-1).float().cpu()
+    """One token id from ``logits`` (V,) (a numpy float array; float32 or float64). ``generator`` None draws from a
+    fresh, unseeded one. Raises ``ValueError`` only for a row with no finite logit."""
+    x = as_logits(logits)
     if is_greedy(temperature):
-        best = int(torch.argmax(logits))
-        if math.isnan(float(logits[best])):  # argmax treats NaN as the maximum
-            best = int(torch.argmax(_clean(logits)))
-        elif math.isinf(float(logits[best])) and float(logits[best]) < 0:
-            _clean(logits)  # raises: nothing finite
+        best = int(np.argmax(x))  # the first maximum; argmax treats NaN as the maximum
+        v = float(x[best])
+        if math.isnan(v):
+            best = int(np.argmax(_clean(x)))
+        elif v == -math.inf:
+            _clean(x)  # raises: nothing finite
         return best
-    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
+    w = np.exp(filter_logits(x, temperature, top_k, top_p))  # unnormalised probabilities: 1 for the best token
+    cdf = np.cumsum(w)
+    g = generator if generator is not None else np.random.default_rng()
+    u = g.random() * float(cdf[-1])  # in [0, total)
+    # the first index whose cumulative mass exceeds u: a token of probability 0 adds nothing, so it is never chosen
+    tok = int(np.searchsorted(cdf, u, side="right"))
+    if tok >= cdf.size:  # u rounded up to the total
+        tok = int(np.flatnonzero(w)[-1])
+    return tok

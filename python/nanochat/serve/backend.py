@@ -33,12 +33,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, Protocol
 
+import numpy as np
+
 from nanochat.engine.constrain import JsonChooser, TokenTable
-from nanochat.engine.sampling import SamplingParams, new_seed, penalize
+from nanochat.engine.sampling import SamplingParams, as_logits, new_seed, penalize
 
 if TYPE_CHECKING:
-    import torch
-
     from nanochat.export.load import LoadedModel
 
 log = logging.getLogger("nanochat.serve")
@@ -86,17 +86,15 @@ class LogitAdjuster:
     Applied to the logits before sampling; the logprobs a request asks for stay those of the raw logits."""
 
     def __init__(self, params: GenerationParams, vocab_size: int) -> None:
-        import torch
-
         self.params = params
-        self.counts = torch.zeros(vocab_size)  # (V,) times each token was generated
-        self.bias: torch.Tensor | None = None
+        self.counts = np.zeros(vocab_size, dtype=np.float32)  # (V,) times each token was generated
+        self.bias: np.ndarray | None = None
         if params.logit_bias:
-            self.bias = torch.zeros(vocab_size)
+            self.bias = np.zeros(vocab_size, dtype=np.float32)
             for i, b in params.logit_bias:
                 self.bias[i] = b
 
-    def __call__(self, logits: torch.Tensor) -> torch.Tensor:
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
         p = self.params
         return penalize(logits, self.counts, p.presence_penalty, p.frequency_penalty, self.bias)
 
@@ -126,15 +124,19 @@ class Delta:
 
 def token_logprob(logits: Any, token_id: int, k: int) -> TokenLogprob:
     """The log-probability of ``token_id`` and the ``k`` most likely tokens under ``logits`` (V,), clamped to
-    :data:`LOGPROB_FLOOR` (``-inf`` and NaN are not JSON)."""
-    import torch
-
-    lp = torch.log_softmax(logits.detach().reshape(-1).float().cpu(), dim=-1)
-    lp = torch.nan_to_num(lp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR).clamp_min(LOGPROB_FLOOR)
+    :data:`LOGPROB_FLOOR` (``-inf`` and NaN are not JSON). Computed in float64 and reported as float32 values
+    (what the model's logits hold)."""
+    x = as_logits(logits).astype(np.float64)
+    with np.errstate(invalid="ignore", over="ignore"):
+        m = np.max(x)
+        lp = x - m - np.log(np.sum(np.exp(x - m)))  # log_softmax; NaN where the row has NaN or no finite value
+    lp = np.maximum(np.nan_to_num(lp, nan=LOGPROB_FLOOR, neginf=LOGPROB_FLOOR), LOGPROB_FLOOR).astype(np.float32)
     top: tuple[tuple[int, float], ...] = ()
     if k > 0:
-        values, ids = torch.topk(lp, min(k, lp.numel()))
-        top = tuple(zip(ids.tolist(), values.tolist(), strict=True))
+        k = min(k, lp.size)
+        ids = np.argpartition(-lp, k - 1)[:k]
+        ids = ids[np.argsort(-lp[ids], kind="stable")]  # most likely first
+        top = tuple((int(i), float(lp[i])) for i in ids)
     return TokenLogprob(int(token_id), float(lp[int(token_id)]), top)
 
 
@@ -353,10 +355,8 @@ def _unsampleable(seq: Any) -> RuntimeError | None:
 
     Sampling is total for every accepted parameter value (``nanochat.engine.sampling``); a logits row with no finite
     value is the one input it refuses. Checked before the batched step, so that sequence fails alone."""
-    import torch
-
     logits = getattr(seq, "logits", None)
-    if logits is None or getattr(seq, "finish_reason", None) is not None or bool(torch.isfinite(logits).any()):
+    if logits is None or getattr(seq, "finish_reason", None) is not None or bool(np.isfinite(logits).any()):
         return None
     return RuntimeError("the model produced no finite logit for the next token (NaN or -inf only)")
 
@@ -493,8 +493,6 @@ class Batcher:
     def _choose_json(self, c: _Choice) -> bool:
         """Pick a constrained choice's next token and make it the only one its logits allow (so the engine's own
         sampler draws exactly it); ``False`` (and the request failed) if the JSON value cannot be completed."""
-        import torch
-
         seq, n = c.seq, len(c.seq.token_ids)
         assert c.json is not None
         left = min(seq.max_new_tokens - n, int(self.engine.max_seq) - seq.prompt_tokens - n)
@@ -505,7 +503,7 @@ class Batcher:
             c.cacheable = False
             self._fail(c.req, e)
             return False
-        only = torch.full((int(seq.logits.numel()),), float("-inf"))
+        only = np.full(int(np.size(seq.logits)), -np.inf, dtype=np.float32)
         only[tok] = 0.0
         seq.logits = only
         return True
