@@ -272,9 +272,10 @@ class Engine:
     ``model`` is a torch ``GPT`` or a ``nanochat.export.load.LoadedModel`` (whose packed weights feed the Rust engine
     directly, without materialising a torch model); ``tokenizer`` defaults to the loaded model's. ``backend``:
     ``"auto"`` | ``"rust"`` | ``"torch"``. ``threads`` sizes the Rust engine's thread team (default: torch's thread
-    count, the one budget both share, when torch is loaded; else the Rust core's, ``NANOCHAT_THREADS`` or every core). ``head``: the Rust engine's LM-head precision (``"f16"`` default, ``"f32"`` exact,
-    ``"int8"``); ``kv``: its KV cache type (``"f32"`` exact, ``"f16"``). ``max_seq``: context per sequence (default:
-    the model's ``seq_len``). :attr:`backend_note` says why ``"auto"`` did not pick the Rust engine for a ternary CPU
+    count, the one budget both share, when torch is loaded; else the Rust core's, ``NANOCHAT_THREADS`` or every
+    core). ``head``: the Rust engine's LM-head precision (``"f16"`` default, ``"f32"`` exact, ``"int8"``); ``kv``:
+    its KV cache type (``"f32"`` exact, ``"f16"``). ``max_seq``: context per sequence (default: the model's
+    ``seq_len``). :attr:`backend_note` says why ``"auto"`` did not pick the Rust engine for a ternary CPU
     model (the engine's own error), else ``None``.
     """
 

@@ -134,8 +134,8 @@ def token_logprob(logits: Any, token_id: int, k: int) -> TokenLogprob:
     top: tuple[tuple[int, float], ...] = ()
     if k > 0:
         k = min(k, lp.size)
-        ids = np.argpartition(-lp, k - 1)[:k]
-        ids = ids[np.argsort(-lp[ids], kind="stable")]  # most likely first
+        ids = np.sort(np.argpartition(-lp, k - 1)[:k])
+        ids = ids[np.argsort(-lp[ids], kind="stable")]  # most likely first, ties by token id
         top = tuple((int(i), float(lp[i])) for i in ids)
     return TokenLogprob(int(token_id), float(lp[int(token_id)]), top)
 
