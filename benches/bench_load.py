@@ -10,15 +10,15 @@ fresh Python process (so imports and allocator state do not blur the numbers):
   to the first token ready — and the resident-set growth (RSS after minus before) against the file size; and whether
   any of it imported torch (it should not: the Rust engine serves a GGUF with numpy alone);
 - **the command line** (unless ``--no-cli``): wall time of ``nanochat-sample --max-tokens 1`` on the file
-  (interpreter start-up, imports, load, engine, one token, exit: what issue 13 compares with ``llama-simple -n 1``)
-  and of ``--help`` of every console script.
+  (interpreter start-up, imports, load, engine, one token, exit: what issue 13 compares with ``llama-simple -n 1``),
+  its RSS after the token (from ``--stats``), and the wall time of ``--help`` of every console script.
 
 Best of ``--repeat`` runs each; the load average is printed before and after, since this is a shared machine.
 Aims (DESIGN §6, issues 13 and 16): ≤ 50 ms to first token ready; RSS growth ≤ 1.2× the file (no dequantized
 copies); ≤ 0.5 s for ``nanochat-sample --max-tokens 1`` and for each ``--help``.
 ``--json`` keys: ``config, file_mb, load_ms, engine_ms, first_token_ms, total_ms, rss_delta_mb, rss_ratio,
-torch_imported, cli_sample_s, cli_help_s`` (``cli_help_s``: script name → seconds; the ``cli_*`` keys are null with
-``--no-cli``), ``loadavg`` (1-minute load average before and after).
+torch_imported, cli_sample_s, cli_sample_rss_mb, cli_help_s`` (``cli_help_s``: script name → seconds; the
+``cli_*`` keys are null with ``--no-cli``), ``loadavg`` (1-minute load average before and after).
 """
 
 from __future__ import annotations
@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -71,6 +72,16 @@ def wall(cmd: list[str], repeat: int) -> float:
     return best
 
 
+def cli_rss_mib(cmd: list[str]) -> float:
+    """The RSS in MiB that ``cmd`` (``nanochat-sample ... --stats``) reports after its token. Not its peak: the
+    kernel's peak survives ``exec``, so a child forked from this process (torch, a 125M model) inherits ours."""
+    r = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    m = re.search(r"RSS (\d+) MiB", r.stderr)
+    if m is None:
+        raise SystemExit(f"error: no RSS in the --stats line: {r.stderr[-500:]!r}")
+    return float(m.group(1))
+
+
 def script(name: str) -> list[str]:
     """The console script beside this interpreter (the venv's), else on PATH."""
     here = Path(sys.executable).parent / name
@@ -113,10 +124,11 @@ def main() -> None:
             )
             for _ in range(args.repeat)
         ]
-        cli_sample = cli_help = None
+        cli_sample = cli_help = cli_rss = None
         if not args.no_cli:
             sample = [*script("nanochat-sample"), "--model", str(path), "--prompt", "def f(x):", "--max-tokens", "1"]
             cli_sample = wall([*sample, "--temperature", "0"], args.repeat)
+            cli_rss = cli_rss_mib([*sample, "--temperature", "0", "--stats"])
             cli_help = {name: wall([*script(name), "--help"], args.repeat) for name in SCRIPTS}
     best = min(runs, key=lambda r: r["total_ms"])
     rec = {
@@ -130,6 +142,7 @@ def main() -> None:
         "rss_ratio": best["rss_delta"] / size,
         "torch_imported": any(r["torch_imported"] for r in runs),
         "cli_sample_s": cli_sample,
+        "cli_sample_rss_mb": cli_rss,
         "cli_help_s": cli_help,
         "loadavg": [load_before, loadavg()],
     }
@@ -140,7 +153,7 @@ def main() -> None:
         f" ({rec['rss_ratio']:.2f}× the file) | torch imported: {'yes' if rec['torch_imported'] else 'no'}"
     )
     if cli_sample is not None and cli_help is not None:
-        print(f"nanochat-sample --max-tokens 1: {cli_sample:.2f} s wall (aim ≤ 0.5 s)")
+        print(f"nanochat-sample --max-tokens 1: {cli_sample:.2f} s wall (aim ≤ 0.5 s), RSS {cli_rss:.0f} MiB")
         print("--help: " + ", ".join(f"{name} {t:.2f} s" for name, t in cli_help.items()) + " (aim ≤ 0.5 s each)")
     if args.json:
         Path(args.json).write_text(json.dumps([rec], indent=2))
