@@ -41,9 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import threading
-from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -58,16 +56,27 @@ from nanochat.export.names import (
     ARCH_NANOCHAT,
     CHECKSUM_KEY,
     from_gguf_name,
-    is_ternary,
-    to_gguf_name,
 )
 from nanochat.model.config import GPTConfig
+from nanochat.model.schema import (
+    BITNET_FIXED,
+    HPARAMS,
+    NANOCHAT_HPARAMS,
+    HParam,
+    TensorSpec,
+    expected_shapes,
+    layer_count_problem,
+    state_dict_problem,
+    tensor_specs,
+)
 
 if TYPE_CHECKING:
     import torch
 
     from nanochat.model import GPT
 
+# their home is nanochat.model.schema; callers (safetensors_io, train.checkpoint, tests) import them from here too
+REEXPORTED = (expected_shapes, layer_count_problem, state_dict_problem)
 _log = logging.getLogger("nanochat.export")
 QK_K = 256  # weights per TQ2_0/TQ1_0 block: a ternary row is whole blocks
 TQ2_0_BLOCK_BYTES, TQ1_0_BLOCK_BYTES = 66, 54  # qs[64] then fp16 d; qs[48] qh[4] then fp16 d
@@ -122,17 +131,17 @@ def _tokenizer_fields(tok: Tokenizer) -> dict[str, Any]:
 
 
 def write_hparams(w: Any, cfg: GPTConfig) -> None:
-    """The ``<arch>.*`` hyperparameter keys llama.cpp's ``bitnet`` loader reads (and ours)."""
-    w.add_context_length(cfg.seq_len)
-    w.add_embedding_length(cfg.n_embd)
-    w.add_block_count(cfg.n_layer)
-    w.add_feed_forward_length(cfg.mlp_hidden)
-    w.add_head_count(cfg.n_head)
-    w.add_head_count_kv(cfg.n_kv_head)
-    w.add_layer_norm_rms_eps(cfg.norm_eps)
-    w.add_rope_freq_base(cfg.rope_theta)
-    w.add_rope_dimension_count(cfg.head_dim)
-    w.add_vocab_size(cfg.vocab_size)
+    """The ``<arch>.*`` hyperparameter keys llama.cpp's ``bitnet`` loader reads (and ours), from the schema's table
+    (:data:`nanochat.model.schema.HPARAMS`), plus ``rope.dimension_count`` (derived: the head size)."""
+    for hp in HPARAMS:
+        _write_hparam(w, hp, getattr(cfg, hp.field))
+        if hp.field == "rope_theta":
+            w.add_rope_dimension_count(cfg.head_dim)
+
+
+def _write_hparam(w: Any, hp: HParam, value: Any) -> None:
+    key = f"{w.arch}.{hp.key}"
+    {"u32": w.add_uint32, "f32": w.add_float32, "str": w.add_string, "bool": w.add_bool}[hp.kind](key, value)
 
 
 # tokenizer.ggml.fim_{pre,suf,mid}_token_id: gguf.Keys.Tokenizer.FIM_PRE_ID/FIM_SUF_ID/FIM_MID_ID, the keys
@@ -198,30 +207,24 @@ def export_gguf(
         write_hparams(w, cfg)
         w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0 if quant == "tq2_0" else gguf.LlamaFileType.MOSTLY_TQ1_0)
         if arch == ARCH_NANOCHAT:
-            w.add_string(f"{arch}.residual", cfg.residual)
-            w.add_uint32(f"{arch}.n_streams", cfg.n_streams)
-            w.add_uint32(f"{arch}.sinkhorn_iters", cfg.sinkhorn_iters)
-            w.add_string(f"{arch}.mlp", cfg.mlp)
-            w.add_bool(f"{arch}.qk_norm", cfg.qk_norm)
-            w.add_bool(f"{arch}.tie_embeddings", cfg.tie_embeddings)
-            w.add_string(f"{arch}.quant", cfg.quant)
+            for hp in NANOCHAT_HPARAMS:
+                _write_hparam(w, hp, getattr(cfg, hp.field))
         write_tokenizer(w, tokenizer, cfg.vocab_size)
         template = CHAT_TEMPLATE if tokenizer.has_chat_tokens else tokenizer.chat_template
         if template:
             w.add_chat_template(template)
         w.add_string(CHECKSUM_KEY, "0" * 64)  # a placeholder of the digest's length, filled in by seal_gguf
 
+        specs = {s.name: s for s in tensor_specs(cfg)}
         for pname, t in model.state_dict().items():
-            gname = to_gguf_name(pname)
+            spec = specs[pname]  # the schema's row: GGUF name, BitLinear or not, float type
             t = t.detach().float().cpu()
-            if is_ternary(pname) and cfg.quant == "ternary":
+            if spec.ternary and cfg.quant == "ternary":
                 trits, scale = ops.absmean_quantize(t)
                 data = ops.pack_gguf(trits.to(torch.int8).numpy(), float(scale), quant)
-                w.add_tensor(gname, data, raw_shape=data.shape, raw_dtype=qtypes[quant])
-            elif pname == "wte.weight" or pname == "lm_head.weight" or is_ternary(pname):
-                w.add_tensor(gname, t.numpy().astype(np.float16))
+                w.add_tensor(spec.gguf_name, data, raw_shape=data.shape, raw_dtype=qtypes[quant])
             else:
-                w.add_tensor(gname, t.numpy().astype(np.float32))
+                w.add_tensor(spec.gguf_name, t.numpy().astype(np.float16 if spec.f16 else np.float32))
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_tensors_to_file()
@@ -428,143 +431,45 @@ def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
 
 
 def _config_from_gguf(reader: Any, arch: str) -> GPTConfig:
-    def key(k: str, required: bool = True) -> Any:
-        return _field(reader, f"{arch}.{k}", required)
+    """The config from the file's ``<arch>.*`` keys (the schema's tables), the header's numbers checked for type and,
+    ``block_count`` first, against the tensors the file really holds."""
 
-    def int_key(k: str, required: bool = True) -> int | None:
-        v = key(k, required)
-        if v is not None and (isinstance(v, bool) or not isinstance(v, int)):
-            raise GGUFError(f"{reader.path}: {arch}.{k} must be an integer, got {v!r}"[:300])
-        return v
-
-    def num_key(k: str, default: float | None = None) -> float:
-        v = key(k, required=default is None)
+    def value(hp: HParam) -> Any:
+        v = _field(reader, f"{arch}.{hp.key}", hp.required)
         if v is None:
-            return default  # type: ignore[return-value]
-        if isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise GGUFError(f"{reader.path}: {arch}.{k} must be a number, got {v!r}"[:300])
+            return None
+        bad = {
+            "u32": isinstance(v, bool) or not isinstance(v, int),
+            "f32": isinstance(v, bool) or not isinstance(v, (int, float)),
+            "str": not isinstance(v, str),
+            "bool": not isinstance(v, bool),
+        }[hp.kind]
+        if bad:
+            want = {"u32": "an integer", "f32": "a number", "str": "a string", "bool": "a boolean"}[hp.kind]
+            raise GGUFError(f"{reader.path}: {arch}.{hp.key} must be {want}, got {v!r}"[:300])
+        if hp.kind == "f32":  # float32 keys: shortest decimal that round-trips through f32 (1e-5, not 9.99999974e-06)
+            return float(f"{v:.7g}")
         return v
 
-    n_embd = int_key("embedding_length")
-    n_head = int_key("attention.head_count")
-    vocab = int_key("vocab_size", required=False)
-    if vocab is None:
-        vocab = len(_string_list(reader, "tokenizer.ggml.tokens") or [])
-    kw: dict[str, Any] = dict(
-        vocab_size=int(vocab),
-        seq_len=int_key("context_length"),
-        n_layer=int_key("block_count"),
-        n_head=n_head,
-        n_kv_head=int_key("attention.head_count_kv", required=False) or n_head,
-        n_embd=n_embd,
-        mlp_hidden=int_key("feed_forward_length"),
-        # float32 keys: shortest decimal that round-trips through f32 (1e-5, not 9.99999974e-06)
-        norm_eps=float(f"{num_key('attention.layer_norm_rms_epsilon'):.7g}"),
-        rope_theta=float(f"{num_key('rope.freq_base', 10000.0):.7g}"),
-    )
+    kw: dict[str, Any] = {}
+    for hp in HPARAMS + (NANOCHAT_HPARAMS if arch == ARCH_NANOCHAT else ()):
+        v = value(hp)
+        if v is not None:
+            kw[hp.field] = v
+    problem = layer_count_problem(kw["n_layer"], (t.name for t in reader.tensors))
+    if problem:  # before any other check of the numbers: it says the most about a patched header
+        raise GGUFError(f"{reader.path}: {problem}")
+    kw.setdefault("n_kv_head", kw["n_head"])
+    if "vocab_size" not in kw:
+        kw["vocab_size"] = len(_string_list(reader, "tokenizer.ggml.tokens") or [])
     if arch == ARCH_BITNET:
         # llama.cpp's bitnet graph always ties the head; a file with an explicit output.weight still runs here
         untied = any(t.name == "output.weight" for t in reader.tensors)
-        kw.update(residual="standard", mlp="swiglu", qk_norm=False, tie_embeddings=not untied, quant="ternary")
-    else:
-        kw.update(
-            residual=str(key("residual")),
-            n_streams=int_key("n_streams"),
-            sinkhorn_iters=int_key("sinkhorn_iters"),
-            mlp=str(key("mlp")),
-            qk_norm=bool(key("qk_norm")),
-            tie_embeddings=bool(key("tie_embeddings")),
-            quant=str(key("quant", required=False) or "ternary"),
-        )
+        kw.update(BITNET_FIXED, tie_embeddings=not untied)
     try:
         return GPTConfig(**kw)
     except ValueError as e:
         raise GGUFError(f"{reader.path}: hyperparameters in the file are inconsistent: {e}") from None
-
-
-_BLOCK_INDEX = re.compile(r"^(?:blocks|blk)\.(\d+)\.")
-
-
-def layer_count_problem(n_layer: int, names: Iterable[str]) -> str | None:
-    """Why ``n_layer`` disagrees with the blocks present among tensor ``names`` (``blocks.N.*`` or ``blk.N.*``), or
-    None. Cheap and done first: anything per layer (``expected_shapes``, building a model) costs O(n_layer), and a
-    header's ``n_layer`` is just a number anyone can patch to 2**32-1."""
-    idx = {int(m.group(1)) for n in names if (m := _BLOCK_INDEX.match(n))}
-    if len(idx) == n_layer and (not idx or max(idx) == n_layer - 1):
-        return None
-    have = f"{len(idx)} blocks" + (f" (numbered {min(idx)}..{max(idx)})" if idx else "")
-    return f"n_layer (block_count) is {n_layer}, but the file has tensors for {have}"
-
-
-def state_dict_problem(cfg: GPTConfig, shapes: Mapping[str, tuple[int, ...]]) -> str | None:
-    """Why a tensor directory ``{state-dict name: shape}`` does not fit ``cfg``, or None (layers checked first)."""
-    problem = layer_count_problem(cfg.n_layer, shapes)
-    if problem:
-        return problem
-    want = expected_shapes(cfg)
-    missing = sorted(set(want) - set(shapes))
-    unexpected = sorted(set(shapes) - set(want))
-    wrong = [
-        f"{k} is {tuple(shapes[k])}, expected {want[k]}" for k in want if k in shapes and tuple(shapes[k]) != want[k]
-    ]
-    parts = []
-    if missing:
-        parts.append(f"missing {missing[:5]}" + (f" and {len(missing) - 5} more" if len(missing) > 5 else ""))
-    if unexpected:
-        parts.append(
-            f"unexpected {unexpected[:5]}" + (f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else "")
-        )
-    if wrong:
-        parts.append("; ".join(wrong[:5]) + (f" and {len(wrong) - 5} more" if len(wrong) > 5 else ""))
-    return "; ".join(parts) or None
-
-
-def expected_shapes(cfg: GPTConfig) -> dict[str, tuple[int, ...]]:
-    """State-dict name -> shape of every tensor a model with ``cfg`` has, from the config alone (building even a
-    meta-device model costs seconds of first-use torch imports, which a loader should not pay; a test holds this
-    equal to ``GPT(cfg).state_dict()``)."""
-    import math
-
-    C, H, V, hd = cfg.n_embd, cfg.mlp_hidden, cfg.vocab_size, cfg.head_dim
-    kv = cfg.n_kv_head * hd
-    shapes: dict[str, tuple[int, ...]] = {"wte.weight": (V, C), "norm.weight": (C,)}
-    if not cfg.tie_embeddings:
-        shapes["lm_head.weight"] = (V, C)
-    n = cfg.n_streams
-    n_res = math.factorial(n) if cfg.residual == "mhc_lite" else n * n
-    for i in range(cfg.n_layer):
-        b = f"blocks.{i}."
-        shapes.update(
-            {
-                b + "attn_norm.weight": (C,),
-                b + "attn.q_proj.weight": (C, C),
-                b + "attn.k_proj.weight": (kv, C),
-                b + "attn.v_proj.weight": (kv, C),
-                b + "attn.o_proj.weight": (C, C),
-                b + "attn.sub_norm.weight": (C,),
-                b + "mlp_norm.weight": (C,),
-                b + "mlp.up_proj.weight": (H, C),
-                b + "mlp.down_proj.weight": (C, H),
-                b + "mlp.sub_norm.weight": (H,),
-            }
-        )
-        if cfg.qk_norm:
-            shapes[b + "attn.q_norm.weight"] = (hd,)
-            shapes[b + "attn.k_norm.weight"] = (hd,)
-        if cfg.mlp == "swiglu":
-            shapes[b + "mlp.gate_proj.weight"] = (H, C)
-        if cfg.residual != "standard":
-            for sub in ("mhc_attn", "mhc_mlp"):
-                shapes.update(
-                    {
-                        f"{b}{sub}.pre_bias": (n,),
-                        f"{b}{sub}.post_bias": (n,),
-                        f"{b}{sub}.res_logits": (n_res,),
-                        f"{b}{sub}.alpha": (3,),
-                        f"{b}{sub}.proj": (2 * n + n_res, n * C),
-                    }
-                )
-    return shapes
 
 
 def _float_tensor(path: Path, name: str, ttype: Any, data: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -643,15 +548,13 @@ def _check_block_scales(path: Path, name: str, d: np.ndarray) -> None:
         raise GGUFError(f"{path}: tensor {name!r} block {b} has scale {float(d[b])}: block scales must be finite, >= 0")
 
 
-def _ours_expected_type(name: str, cfg: GPTConfig) -> tuple[Any, ...]:
-    """The tensor types :func:`export_gguf` writes for state-dict tensor ``name``."""
+def _ours_expected_type(spec: TensorSpec, cfg: GPTConfig) -> tuple[Any, ...]:
+    """The tensor types :func:`export_gguf` writes for the schema's tensor ``spec``."""
     from gguf.constants import GGMLQuantizationType as T
 
-    if is_ternary(name):
-        return (T.TQ2_0, T.TQ1_0) if cfg.quant == "ternary" else (T.F16,)
-    if name in ("wte.weight", "lm_head.weight"):
-        return (T.F16,)
-    return (T.F32,)
+    if spec.ternary and cfg.quant == "ternary":
+        return (T.TQ2_0, T.TQ1_0)
+    return (T.F16,) if spec.f16 else (T.F32,)
 
 
 def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
@@ -688,10 +591,7 @@ def _read_gguf(path: Path) -> GGUFModel:
     arch = _field(reader, "general.architecture")
     if arch not in (ARCH_BITNET, ARCH_NANOCHAT):
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (bitnet or nanochat)")
-    cfg = _config_from_gguf(reader, arch)
-    problem = layer_count_problem(cfg.n_layer, (t.name for t in reader.tensors))
-    if problem:
-        raise GGUFError(f"{path}: {problem}")
+    cfg = _config_from_gguf(reader, arch)  # block_count checked against the tensors first
     tok = _tokenizer_from_gguf(reader)
     stored_digest = reader.fields.get(CHECKSUM_KEY)
     ours = stored_digest is not None or arch == ARCH_NANOCHAT  # only nanochat writes either
@@ -700,7 +600,7 @@ def _read_gguf(path: Path) -> GGUFModel:
     if stored_digest is not None:
         hasher = threading.Thread(target=lambda: digest.append(reader.content_digest(CHECKSUM_EXCLUDED)), daemon=True)
         hasher.start()
-    shapes = expected_shapes(cfg)
+    specs = {s.gguf_name: s for s in tensor_specs(cfg)}  # the schema: what this config's file holds
     ternary: dict[str, tuple[np.ndarray, float]] = {}
     dense: dict[str, np.ndarray] = {}
     scales: dict[str, float] = {}
@@ -720,13 +620,14 @@ def _read_gguf(path: Path) -> GGUFModel:
                 raise GGUFError(f"{path}: scale tensor {t.name!r} holds {s}; a weight scale must be finite and > 0")
             scales[t.name[: -len(".scale")] + ".weight"] = s
             continue
-        try:
-            name = from_gguf_name(t.name)
-        except KeyError:
-            raise GGUFError(f"{path}: unexpected tensor {t.name!r} for architecture {arch!r}") from None
-        if name not in shapes:
+        spec = specs.get(t.name)
+        if spec is None:
+            try:
+                from_gguf_name(t.name)
+            except KeyError:
+                raise GGUFError(f"{path}: unexpected tensor {t.name!r} for architecture {arch!r}") from None
             raise GGUFError(f"{path}: tensor {t.name!r} does not belong to this configuration")
-        want = shapes[name]
+        name, want = spec.name, spec.shape
         got = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
         if got != want:
             raise GGUFError(f"{path}: tensor {t.name!r} has shape {got}, expected {want}")
@@ -735,13 +636,13 @@ def _read_gguf(path: Path) -> GGUFModel:
                 f"{path}: the file declares quant = {cfg.quant!r} (float weights), but tensor {t.name!r} holds "
                 f"ternary {ttype.name} data"
             )
-        if ours and ttype not in (allowed := _ours_expected_type(name, cfg)):
+        if ours and ttype not in (allowed := _ours_expected_type(spec, cfg)):
             raise GGUFError(
                 f"{path}: tensor {t.name!r} has type {ttype.name}, but nanochat writes it as "
                 f"{' or '.join(a.name for a in allowed)}: the file is corrupt or was modified"
             )
         if ttype in (T.TQ2_0, T.TQ1_0):
-            if not is_ternary(name):
+            if not spec.ternary:
                 raise GGUFError(f"{path}: tensor {t.name!r} is ternary but should be a float tensor")
             data = np.asarray(t.data, dtype=np.uint8).reshape(want[0], -1)
             try:
@@ -760,7 +661,7 @@ def _read_gguf(path: Path) -> GGUFModel:
             ternary[name] = (packed, scale)
             continue
         arr = _float_tensor(path, t.name, ttype, t.data, want)
-        if is_ternary(name) and cfg.quant == "ternary":
+        if spec.ternary and cfg.quant == "ternary":
             packed, scale, exact = _ternarize(path, t.name, arr)
             ternary[name] = (packed, scale)
             (exact_float if exact else latent_float).append(t.name)
@@ -793,9 +694,9 @@ def _read_gguf(path: Path) -> GGUFModel:
         if name in ternary:
             packed, scale = ternary[name]
             ternary[name] = (packed, scale * s if scale > 0 else s)
-    missing = sorted(set(shapes) - set(ternary) - set(dense))
+    missing = [g for g, spec in specs.items() if spec.name not in ternary and spec.name not in dense]
     if missing:
-        raise GGUFError(f"{path}: missing tensor(s) {[to_gguf_name(m) for m in missing]}")
+        raise GGUFError(f"{path}: missing tensor(s) {sorted(missing)}")
     if hasher is not None:  # last: the checks above name what is wrong, this says only that something is
         hasher.join()
         if stored_digest != digest[0]:

@@ -10,43 +10,32 @@ from __future__ import annotations
 
 import re
 
+from nanochat.model.schema import BLOCK_ROWS, GLOBAL_ROWS, MHC_PARAMS
+
+__all__ = [
+    "ARCH_BITNET",
+    "ARCH_NANOCHAT",
+    "BLOCK_TENSORS",
+    "CHECKSUM_KEY",
+    "GLOBAL_TENSORS",
+    "MHC_PARAMS",
+    "TERNARY_BLOCK_TENSORS",
+    "from_gguf_name",
+    "is_ternary",
+    "to_gguf_name",
+]
+
 ARCH_BITNET = "bitnet"
 ARCH_NANOCHAT = "nanochat"
 # the content checksum our exports carry (hex SHA-256): in a GGUF's metadata (over metadata and tensors, see
 # ``GGUFFile.content_digest``) and in a safetensors file's ``__metadata__`` (over the other metadata and the tensors)
 CHECKSUM_KEY = "nanochat.checksum.sha256"
 
-# model state-dict suffix within blocks.N -> GGUF name within blk.N
-BLOCK_TENSORS: dict[str, str] = {
-    "attn_norm.weight": "attn_norm.weight",
-    "attn.q_proj.weight": "attn_q.weight",
-    "attn.k_proj.weight": "attn_k.weight",
-    "attn.v_proj.weight": "attn_v.weight",
-    "attn.o_proj.weight": "attn_output.weight",
-    "attn.sub_norm.weight": "attn_sub_norm.weight",
-    "attn.q_norm.weight": "attn_q_norm.weight",
-    "attn.k_norm.weight": "attn_k_norm.weight",
-    "mlp_norm.weight": "ffn_norm.weight",
-    "mlp.gate_proj.weight": "ffn_gate.weight",
-    "mlp.up_proj.weight": "ffn_up.weight",
-    "mlp.down_proj.weight": "ffn_down.weight",
-    "mlp.sub_norm.weight": "ffn_sub_norm.weight",
-}
-MHC_PARAMS = ("pre_bias", "post_bias", "res_logits", "alpha", "proj")
-GLOBAL_TENSORS: dict[str, str] = {
-    "wte.weight": "token_embd.weight",
-    "norm.weight": "output_norm.weight",
-    "lm_head.weight": "output.weight",
-}
-TERNARY_SUFFIXES = (
-    "q_proj.weight",
-    "k_proj.weight",
-    "v_proj.weight",
-    "o_proj.weight",
-    "gate_proj.weight",
-    "up_proj.weight",
-    "down_proj.weight",
-)
+# model state-dict suffix within blocks.N -> GGUF name within blk.N, and the same for the global tensors: from the
+# model schema (nanochat.model.schema), like the shapes and which tensors are BitLinear weights
+BLOCK_TENSORS: dict[str, str] = {r.name: r.gguf for r in BLOCK_ROWS}  # mHC parameters keep their names
+GLOBAL_TENSORS: dict[str, str] = {r.name: r.gguf for r in GLOBAL_ROWS}
+TERNARY_BLOCK_TENSORS = frozenset(r.name for r in BLOCK_ROWS if r.ternary)  # BitLinear weights, within blocks.N
 
 _BLOCK_RE = re.compile(r"^blocks\.(\d+)\.(.+)$")
 _BLK_RE = re.compile(r"^blk\.(\d+)\.(.+)$")
@@ -61,8 +50,6 @@ def to_gguf_name(name: str) -> str:
         i, rest = m.groups()
         if rest in BLOCK_TENSORS:
             return f"blk.{i}.{BLOCK_TENSORS[rest]}"
-        if rest.startswith(("mhc_attn.", "mhc_mlp.")):
-            return f"blk.{i}.{rest}"
     raise KeyError(f"no GGUF name for model tensor {name!r}")
 
 
@@ -79,11 +66,10 @@ def from_gguf_name(name: str) -> str:
         i, rest = m.groups()
         if rest in _INV_BLOCK:
             return f"blocks.{i}.{_INV_BLOCK[rest]}"
-        if rest.startswith(("mhc_attn.", "mhc_mlp.")):
-            return f"blocks.{i}.{rest}"
     raise KeyError(f"unknown GGUF tensor {name!r}")
 
 
 def is_ternary(name: str) -> bool:
     """Whether a model state-dict tensor is a BitLinear weight (packed as TQ2_0/TQ1_0)."""
-    return name.startswith("blocks.") and name.endswith(TERNARY_SUFFIXES)
+    m = _BLOCK_RE.match(name)
+    return m is not None and m.group(2) in TERNARY_BLOCK_TENSORS

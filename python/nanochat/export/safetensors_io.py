@@ -28,10 +28,10 @@ from safetensors.torch import save_file
 
 from nanochat.data.tokenizer import Tokenizer
 from nanochat.export.gguf_file import LoadError, open_regular
-from nanochat.export.gguf_io import state_dict_problem
 from nanochat.export.names import CHECKSUM_KEY
 from nanochat.model import GPT, GPTConfig
 from nanochat.model.config import ConfigError
+from nanochat.model.schema import raw_layer_count_problem, state_dict_problem
 
 FORMAT = "nanochat"
 # bytes per element of the safetensors dtypes (https://github.com/huggingface/safetensors, format spec)
@@ -147,7 +147,11 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[GPT, Tokenizer]:
     if meta.get("format") != FORMAT or "nanochat.config" not in meta:
         raise LoadError(f"{path}: not a nanochat safetensors export (no nanochat.config metadata)")
     try:
-        cfg = GPTConfig.from_dict(json.loads(meta["nanochat.config"]))
+        raw = json.loads(meta["nanochat.config"])
+        problem = raw_layer_count_problem(raw, tensors)  # a patched n_layer, named against the tensors first
+        if problem:
+            raise LoadError(f"{path}: tensors do not fit the stored config: {problem}")
+        cfg = GPTConfig.from_dict(raw)
     except (json.JSONDecodeError, ConfigError, TypeError, AttributeError) as e:
         raise LoadError(f"{path}: invalid nanochat.config metadata: {e}") from None
     problem = state_dict_problem(cfg, {k: shape for k, (_, shape) in tensors.items()})

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import importlib.resources
 import math
+import struct
 import sys
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -66,6 +67,23 @@ MAX_VALUES = {
     "sinkhorn_iters": 10_000,
 }
 MAX_PARAMS = 1 << 40  # ~1.1T parameters: anything larger is a typo, not a model
+
+# Hard limits every config must keep (``_validate``, so loaders too): what the Rust engine's ``Config::validate``
+# (rust/core/src/engine/mod.rs) refuses, so that a model Python accepts is one the engine runs, and a refusal comes
+# up front, naming the key, instead of from the engine later. ``tests/test_schema.py`` holds the two equal at every
+# boundary. The sane limits above are tighter; these are what the code can represent.
+HARD_LIMITS = {
+    "vocab_size": (1 << 32) - 1,  # token ids are u32
+    "seq_len": 1 << 24,
+    "n_layer": 1 << 12,
+    "n_head": 1 << 16,
+    "n_kv_head": 1 << 16,
+    "n_embd": 1 << 20,
+    "mlp_hidden": 1 << 22,
+    "sinkhorn_iters": 10_000,  # the core's sinkhorn::MAX_ITERS
+}
+MAX_HEAD_DIM = 512  # the engine's attention keeps one head's scores and values in fixed-size scratch
+MAX_MHC_STREAMS = 6  # mhc_lite materialises all n! permutations; more than 6 streams has no use at these sizes
 
 
 class ConfigError(ValueError):
@@ -170,6 +188,13 @@ def _validate(cfg: GPTConfig) -> None:
         v = getattr(cfg, key)
         if not (math.isfinite(v) and v > 0):
             raise ConfigError(f"model.{key} must be a positive finite number, got {v}")
+    if not _positive_f32(cfg.norm_eps):  # RMSNorm adds it in float32 (torch, the engine) and GGUF stores an f32
+        raise ConfigError(
+            f"model.norm_eps = {cfg.norm_eps} is not a positive finite float32 (it would round to 0 or inf)"
+        )
+    for key, limit in HARD_LIMITS.items():
+        if getattr(cfg, key) > limit:
+            raise ConfigError(f"model.{key} = {getattr(cfg, key)} is above the limit {limit}")
     if cfg.mlp not in MLP_KINDS:
         raise ConfigError(f"model.mlp must be one of {MLP_KINDS}, got {cfg.mlp!r}")
     if cfg.residual not in RESIDUAL_KINDS:
@@ -182,9 +207,16 @@ def _validate(cfg: GPTConfig) -> None:
         raise ConfigError(f"model.n_head ({cfg.n_head}) must be divisible by model.n_kv_head ({cfg.n_kv_head})")
     if cfg.head_dim % 2 != 0:
         raise ConfigError(f"head_dim = model.n_embd / model.n_head = {cfg.head_dim} must be even (RoPE rotates pairs)")
-    if cfg.residual != "standard" and cfg.n_streams > 6:
-        # mhc_lite materialises all n! permutations; mhc is fine but n > 6 streams has no use at these sizes
-        raise ConfigError(f"model.n_streams must be <= 6 for residual {cfg.residual!r}, got {cfg.n_streams}")
+    if cfg.head_dim > MAX_HEAD_DIM:
+        raise ConfigError(
+            f"head_dim = model.n_embd / model.n_head = {cfg.n_embd} / {cfg.n_head} = {cfg.head_dim} is above the "
+            f"limit {MAX_HEAD_DIM} "
+            "(the Rust engine's attention); use more heads"
+        )
+    if cfg.residual != "standard" and cfg.n_streams > MAX_MHC_STREAMS:
+        raise ConfigError(
+            f"model.n_streams must be <= {MAX_MHC_STREAMS} for residual {cfg.residual!r}, got {cfg.n_streams}"
+        )
     if cfg.quant == "ternary":
         for key in ("n_embd", "mlp_hidden"):
             if getattr(cfg, key) % QK_K != 0:
@@ -192,6 +224,15 @@ def _validate(cfg: GPTConfig) -> None:
                     f"model.{key} ({getattr(cfg, key)}) must be a multiple of {QK_K} when model.quant = 'ternary' "
                     "(packed ternary rows are whole TQ2_0 blocks)"
                 )
+
+
+def _positive_f32(v: float) -> bool:
+    """Whether ``v`` stays a positive finite number once rounded to float32."""
+    try:
+        (f,) = struct.unpack("<f", struct.pack("<f", v))
+    except OverflowError:
+        return False
+    return bool(math.isfinite(f) and f > 0)
 
 
 def approx_params(cfg: GPTConfig) -> int:

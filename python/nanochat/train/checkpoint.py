@@ -540,18 +540,22 @@ def model_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
 def checkpoint_model_config(ckpt: Path) -> GPTConfig:
     """The model config of a checkpoint, checked against ``model.safetensors``' tensor directory before anyone
     builds a model from it (a patched ``n_layer`` of 100000 would otherwise take minutes to fail)."""
-    from nanochat.export.gguf_io import state_dict_problem
     from nanochat.model.config import ConfigError
+    from nanochat.model.schema import raw_layer_count_problem, state_dict_problem
 
     state = read_state(ckpt)
     path = Path(ckpt) / "state.json"
     if not isinstance(state.get("model_config"), dict):
         raise CheckpointError(f"{path}: model_config is missing (needed to build the model)")
+    shapes = model_tensor_shapes(Path(ckpt) / "model.safetensors")
+    problem = raw_layer_count_problem(state["model_config"], shapes)  # a patched n_layer, named against the file
+    if problem:
+        raise CheckpointError(f"{Path(ckpt) / 'model.safetensors'} does not fit {path}'s model_config: {problem}")
     try:
         cfg = GPTConfig.from_dict(state["model_config"])
     except (ConfigError, TypeError) as e:
         raise CheckpointError(f"{path}: invalid model_config: {e}") from None
-    problem = state_dict_problem(cfg, model_tensor_shapes(Path(ckpt) / "model.safetensors"))
+    problem = state_dict_problem(cfg, shapes)
     if problem:
         raise CheckpointError(f"{Path(ckpt) / 'model.safetensors'} does not fit {path}'s model_config: {problem}")
     return cfg
