@@ -498,12 +498,21 @@ def test_sample_cli_bad_model_is_one_line_error(tmp_path) -> None:
         assert "error:" in r.output and "Traceback" not in r.output
 
 
-def test_a_model_the_rust_engine_refuses_runs_on_the_cached_torch_forward_or_fails_loudly(tokenizer, caplog) -> None:
-    """head_dim 768 > 512: only the Rust engine's validation refuses it. ``backend="rust"`` raises that error; "auto"
-    runs the model on the torch engine with a warning naming the reason, one token per decode forward (a KV cache,
-    not an uncached O(T²) loop), and generates what the full forward's argmax does."""
-    m = make_model(16, residual="standard", n_layer=1, n_embd=768, n_head=1, n_kv_head=1, mlp_hidden=256)
-    assert m.config.head_dim == 768
+def test_a_model_the_rust_engine_refuses_runs_on_the_cached_torch_forward_or_fails_loudly(
+    tokenizer, caplog, monkeypatch
+) -> None:
+    """A model the Rust engine refuses: ``backend="rust"`` raises that error; "auto" runs the model on the torch
+    engine with a warning naming the reason, one token per decode forward (a KV cache, not an uncached O(T²) loop),
+    and generates what the full forward's argmax does. (head_dim 768 > 512, the case only the engine used to refuse,
+    is now refused up front by GPTConfig's validation, tests/test_schema.py; the engine's refusal is stood in for.)"""
+    with pytest.raises(ValueError, match="head_dim"):
+        GPTConfig(n_embd=768, n_head=1, n_kv_head=1, mlp_hidden=256)
+    m = make_model(16, residual="standard", n_layer=1)
+
+    def refuse(*args: object, **kwargs: object) -> None:
+        raise ValueError("config: head_dim 768 > 512 is not supported")
+
+    monkeypatch.setattr(ops, "build_rust_engine", refuse)
     with pytest.raises(ValueError, match="head_dim 768 > 512"):
         Engine(m, tokenizer, backend="rust")
     with caplog.at_level(logging.WARNING, logger="nanochat.engine.generate"):
