@@ -45,7 +45,7 @@ from serve_fakes import (
     parse_metrics,
 )
 
-from nanochat.engine.sampling import make_generator, sample
+from nanochat.engine.sampling import SamplingParams, make_generator, sample
 from nanochat.serve import EngineBackend, GenerationParams, Settings, create_app
 from nanochat.serve.backend import Delta, model_id_for
 from nanochat.serve.cli import exposure_warning
@@ -350,6 +350,56 @@ def model_id(client: openai.OpenAI) -> str:
 @pytest.fixture(scope="module")
 def real_backend(tiny_model: Path) -> EngineBackend:
     return EngineBackend.from_path(tiny_model, threads=1)  # in-process generation shares 2 cores with the server
+
+
+# Streams requests that use every logit-side feature (sampling, penalties, bias, logprobs, n, JSON mode) through an
+# EngineBackend on a GGUF in a fresh interpreter; prints their token ids and logprobs, and whether torch was imported.
+SERVE_NO_TORCH = r"""
+import json, sys, threading
+from nanochat.engine.sampling import SamplingParams
+from nanochat.serve import EngineBackend
+from nanochat.serve.backend import GenerationParams
+b = EngineBackend.from_path(sys.argv[1], threads=1)
+out = []
+for kw in json.loads(sys.argv[2]):
+    s = SamplingParams(**kw.pop("sampling"))
+    kw["logit_bias"] = tuple(map(tuple, kw.get("logit_bias", ())))
+    ds = list(b.stream([1, 5, 9, 13], GenerationParams(sampling=s, **kw), threading.Event()))
+    out.append([[d.index, d.token_id, d.text, d.logprob and d.logprob.logprob] for d in ds])
+print(json.dumps({"torch": "torch" in sys.modules, "out": out}))
+"""
+
+
+def test_serving_a_gguf_imports_no_torch_and_samples_as_in_process(
+    tiny_model: Path, real_backend: EngineBackend
+) -> None:
+    """Logit processing is numpy: penalties, bias, logprobs, ``n`` and JSON mode need no torch on the Rust engine, and
+    a fresh torch-free process gives exactly the tokens and logprobs of this one (where torch is loaded)."""
+    requests: list[dict[str, Any]] = [
+        {"max_tokens": 12, "n": 2, "logprobs": 2, "presence_penalty": 0.7, "frequency_penalty": 0.3,
+         "logit_bias": [[7, 3.0], [11, -50.0]], "sampling": {"temperature": 0.9, "top_k": 50, "top_p": 0.9, "seed": 3}},
+        {"max_tokens": 30, "json_object": True, "sampling": {"temperature": 0.7, "seed": 4}},
+        {"max_tokens": 8, "logprobs": 0, "sampling": {"temperature": 0.0}},
+    ]  # fmt: skip
+    r = subprocess.run(
+        [sys.executable, "-c", SERVE_NO_TORCH, str(tiny_model), json.dumps(requests)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["torch"] is False, "serving a GGUF imported torch"
+    for req, sub in zip(requests, got["out"], strict=True):
+        kw = dict(req)
+        s = SamplingParams(**kw.pop("sampling"))
+        kw["logit_bias"] = tuple(map(tuple, kw.get("logit_bias", ())))
+        ds = list(real_backend.stream([1, 5, 9, 13], GenerationParams(sampling=s, **kw), threading.Event()))
+        here = [[d.index, d.token_id, d.text, d.logprob and d.logprob.logprob] for d in ds]
+        assert here == sub
+        assert sum(1 for d in ds if d.token_id is not None) >= req["max_tokens"] // 2
+    json_text = "".join(text for _, _, text, _ in got["out"][1])
+    assert isinstance(json.loads(json_text), dict), json_text
 
 
 @pytest.fixture(scope="session")
