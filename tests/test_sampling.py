@@ -102,6 +102,43 @@ def test_top_p_keeps_the_minimal_prefix() -> None:
         assert len(kept) == 1 or mass[len(kept) - 2] < top_p <= mass[len(kept) - 1] + 1e-12
 
 
+@pytest.mark.parametrize("spread", [0.05, 1.0, 6.0, 40.0])
+def test_top_p_on_a_large_vocabulary_equals_the_full_sort(spread: float) -> None:
+    """The nucleus search looks at the likeliest few hundred tokens first: on 5000 tokens with many ties (logits on a
+    coarse grid), from a peaked to an almost flat distribution (nuclei of one to thousands of tokens), its kept set is
+    the prefix of the full sort (probability, then token id) in plain Python."""
+    rng = random.Random(int(spread * 100))
+    n = 5000
+    for _ in range(6):
+        logits = [rng.randint(-40, 40) * spread / 32 for _ in range(n)]  # 81 distinct values: ties everywhere
+        top_p = rng.choice([1e-9, 0.1, 0.5, 0.9, 0.99, 0.999999])
+        scaled = filter_logits(np.array(logits, dtype=np.float32), 1.0, None, top_p)
+        kept = [i for i in range(n) if scaled[i] > -np.inf]
+        m = max(logits)
+        w = [math.exp(x - m) for x in logits]
+        order = sorted(range(n), key=lambda i: (-logits[i], i))
+        total, cum, want = sum(w), 0.0, []
+        for i in order:
+            if want and cum >= top_p * total:
+                break
+            want.append(i)
+            cum += w[i]
+        if set(kept) != set(want):  # only where the boundary mass equals top_p to rounding
+            assert abs(len(kept) - len(want)) == 1 and abs(cum / total - top_p) < 1e-9, (len(kept), len(want))
+        assert set(kept) == set(order[: len(kept)])  # always a prefix of the full order
+
+
+def test_top_p_ending_in_a_tie_group_beyond_the_first_candidates_keeps_the_lowest_ids() -> None:
+    """200 tokens at 0 after 5000 tied at -1: the nucleus ends 20 tokens into the tied group, which the first few
+    hundred candidates cut through; the kept ones must be that group's 20 lowest ids, as in the full sort."""
+    x = np.array([-1.0] * 5000 + [0.0] * 200)
+    w_tie = math.exp(-1.0)
+    total = 200 + 5000 * w_tie
+    top_p = (200 + 19.5 * w_tie) / total  # reached by the 20th tied token
+    scaled = filter_logits(x, 1.0, None, top_p)
+    assert np.flatnonzero(scaled > -np.inf).tolist() == list(range(20)) + list(range(5000, 5200))
+
+
 def test_top_k_and_a_tiny_top_p_keep_the_best_token() -> None:
     rng = np.random.default_rng(3)
     g = make_generator(4)
