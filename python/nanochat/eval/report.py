@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from nanochat.runlog import plot_losses, read_jsonl
+
 
 def _load_json(p: Path) -> Any:
     try:
@@ -112,15 +114,11 @@ def build_report(run_dir: str | Path) -> Path:
         lines.append("_No summary.json: the run has not finished._")
     metrics = run / "metrics.jsonl"
     if not (run / "loss.png").exists() and metrics.exists():
-        from nanochat.train.metrics import MetricsLog, plot_losses
-
-        plot_losses(MetricsLog.read(metrics), run / "loss.png", run.name)
+        plot_losses(read_jsonl(metrics), run / "loss.png", run.name)
     if (run / "loss.png").exists():
         lines += ["", "![training curve](loss.png)"]
     if metrics.exists():
-        from nanochat.train.metrics import MetricsLog
-
-        diag = [r for r in MetricsLog.read(metrics) if any(k.startswith("mhc_") for k in r)]
+        diag = [r for r in read_jsonl(metrics) if any(k.startswith("mhc_") for k in r)]
         if diag:
             last = diag[-1]
             lines += [

@@ -7,7 +7,8 @@ demand) a torch ``GPT`` for CUDA or as the reference.
 
 Every problem with a file raises :class:`~nanochat.export.gguf_file.LoadError` (a ``ValueError``) naming the file;
 a path that does not exist raises ``FileNotFoundError``. Only regular files are opened (a FIFO would block), and a
-checkpoint is loaded from ``state.json`` and ``model.safetensors`` alone: the optimizer state is never read.
+checkpoint is loaded from ``state.json`` and ``model.safetensors`` alone (:mod:`nanochat.checkpoint_format`; this
+module never imports the trainer): the optimizer state is never read.
 """
 
 from __future__ import annotations
@@ -77,7 +78,7 @@ class LoadedModel:
 
 
 def _load_checkpoint_dir(path: Path) -> LoadedModel:
-    from nanochat.train.checkpoint import CheckpointError, checkpoint_model_config, find_checkpoint, load_checkpoint
+    from nanochat.checkpoint_format import CheckpointError, checkpoint_model_config, find_checkpoint, load_model_weights
 
     ckpt = find_checkpoint(path)
     cfg = checkpoint_model_config(ckpt)  # validated against model.safetensors before building anything
@@ -99,7 +100,7 @@ def _load_checkpoint_dir(path: Path) -> LoadedModel:
     with torch.device("meta"):
         model = GPT(cfg)
     model.to_empty(device="cpu")
-    load_checkpoint(ckpt, model)
+    load_model_weights(ckpt, model)
     return LoadedModel(cfg, tok, ckpt, "checkpoint", _torch=model.eval())
 
 

@@ -1,29 +1,16 @@
-"""Checkpoints: safetensors for tensors, JSON for everything else, written atomically.
+"""Checkpoints of a training run: saving, retention and the disk guard, and resuming with optimizer state.
 
-Layout of a run directory::
-
-    RUN/checkpoints/step_000200/{model.safetensors, optim.safetensors, state.json, complete.json}
-    RUN/checkpoints/latest.json      -> {"step": 200, "dir": "step_000200"}
-    RUN/checkpoints/best.json        -> {"step": 150, "dir": "step_000150", "val_loss": 3.21}
+The format itself (layout, manifest, checksums, finding the latest complete checkpoint, loading model weights) lives
+in :mod:`nanochat.checkpoint_format`, below both this module and ``nanochat.export`` (which loads run directories for
+inference without importing the trainer). Its names are re-exported here.
 
 Notable choices:
 - A checkpoint is written into ``.tmp-step_...-PID``; its data files are fsynced, then ``complete.json`` (the
-  manifest: every file with its size) is written last, and the directory is renamed into place. A checkpoint counts
-  only when it is *complete*: its manifest is there and every file has the recorded size. Directories written
-  before the manifest existed count when all three files are there, ``state.json`` parses and each safetensors
-  file is exactly as long as its header says (:func:`nanochat.export.safetensors_io.safetensors_header`), so old
-  runs still resume while a half-deleted one does not.
+  manifest: every file with its size and SHA-256) is written last, and the directory is renamed into place.
 - Deleting (retention, the disk guard) renames a checkpoint to ``.trash-step_...-PID`` first and then removes it,
   so a kill mid-delete never leaves a ``step_*`` directory missing files. :meth:`CheckpointManager.clean_leftovers`
   removes ``.tmp-*``/``.trash-*`` directories and ``.*.json.tmp-PID`` files of dead processes (the trainer calls it
   at start; every save calls it too).
-- ``latest()`` is the newest complete checkpoint; ``latest.json`` is a pointer for people and tools, not trusted.
-  Falling back past a newer checkpoint that is broken (its ``state.json`` gone, a file short) is never silent: a
-  warning names the skipped step, what is wrong with it, and the step used instead.
-- The manifest records a SHA-256 of each tensor file; loading verifies the files it reads against it, so a flipped
-  byte in tensor data is a :class:`CheckpointError`, never a model with silently different weights. (A d20 checkpoint
-  is ~120 MB to hash per save and per load, well under a second; checkpoints written before checksums load
-  unverified.)
 - Retention keeps the last ``keep_last`` checkpoints plus the best one by validation loss.
 - Disk guard: before writing, free space is compared with the expected size plus a margin; old
   checkpoints are pruned per retention and, if space is still short, the save is skipped with a
@@ -33,16 +20,11 @@ Notable choices:
   :attr:`CheckpointManager.skipped` records every skipped save, so a run can say plainly that nothing was saved.
 - Optimizer state is flattened into named tensors (``opt{i}.{param}.{key}``); its non-tensor parts
   (param groups, hyperparameters) go to JSON. Loading for inference never reads it.
-- Every load problem raises :class:`CheckpointError` (a :class:`~nanochat.export.gguf_file.LoadError`) naming the
-  file; ``state.json``'s ``model_config`` is checked against ``model.safetensors``' tensor directory before a model
-  is built (:func:`checkpoint_model_config`).
 """
 
 from __future__ import annotations
 
 import errno
-import hashlib
-import json
 import math
 import os
 import re
@@ -55,25 +37,63 @@ from typing import Any
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, load_model, save_file, save_model
+from safetensors.torch import load_file, save_file, save_model
 
-from nanochat.export.gguf_file import LoadError, check_regular_file
-from nanochat.model import GPTConfig
+from nanochat.checkpoint_format import (
+    CHECKSUMMED,
+    CKPT_DIRNAME,
+    CKPT_FILES,
+    INFERENCE_FILES,
+    MANIFEST,
+    CheckpointError,
+    checkpoint_model_config,
+    complete_checkpoints,
+    file_sha256,
+    find_checkpoint,
+    incomplete_reason,
+    is_complete,
+    latest_checkpoint,
+    load_model_weights,
+    model_tensor_shapes,
+    read_pointer,
+    read_state,
+    step_dir_name,
+    step_dirs,
+    verify_checksum,
+)
+from nanochat.export.gguf_file import check_regular_file
+from nanochat.runlog import finite_json, write_json_atomic
 
-CKPT_DIRNAME = "checkpoints"
+__all__ = [  # the format's names too, so callers of this module keep working
+    "CHECKSUMMED",
+    "CKPT_DIRNAME",
+    "CKPT_FILES",
+    "INFERENCE_FILES",
+    "MANIFEST",
+    "CheckpointError",
+    "CheckpointManager",
+    "checkpoint_model_config",
+    "clean_leftovers",
+    "disk_can_hold_one_checkpoint",
+    "file_sha256",
+    "find_checkpoint",
+    "finite_json",
+    "incomplete_reason",
+    "is_complete",
+    "is_disk_full",
+    "load_checkpoint",
+    "model_tensor_shapes",
+    "read_state",
+    "safe_write",
+    "state_bytes",
+    "verify_checksum",
+    "write_json_atomic",
+]
+
 DISK_MARGIN_BYTES = 64 * 1024 * 1024
-MANIFEST = "complete.json"  # written last: {"format": 2, "step": N, "files": {name: size}, "sha256": {name: hex}}
-CHECKSUMMED = ("model.safetensors", "optim.safetensors")  # the tensor files, whose content the manifest vouches for
-CKPT_FILES = ("model.safetensors", "optim.safetensors", "state.json")
-INFERENCE_FILES = ("model.safetensors", "state.json")  # what loading a model needs: never the optimizer state
 DISK_FULL_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
-_STEP_DIR = re.compile(r"^step_(\d+)$")
 # what a killed writer leaves: .tmp-step_N-PID, .trash-step_N-PID (checkpoints), .NAME.json.tmp-PID (write_json_atomic)
 _LEFTOVER = re.compile(r"^\.(?:(?:tmp|trash)-step_\d+-|[^/]+\.json\.tmp-)(\d+)$")
-
-
-class CheckpointError(LoadError):
-    """A checkpoint that cannot be loaded; the message names the file and what is wrong."""
 
 
 def free_bytes(path: Path) -> int:
@@ -171,31 +191,6 @@ def clean_leftovers(directory: Path) -> list[Path]:
     return removed
 
 
-def finite_json(obj: Any) -> Any:
-    """``obj`` with every non-finite float (NaN, ±inf) replaced by None: strict JSON has no NaN."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {k: finite_json(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [finite_json(v) for v in obj]
-    return obj
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    """Strict JSON (non-finite floats become null) via a temp file, fsync and rename; the temp never outlives us."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "w") as f:
-            json.dump(finite_json(obj), f, indent=2, allow_nan=False)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-
-
 def _flatten_optim(optimizers: list[torch.optim.Optimizer]) -> tuple[dict[str, torch.Tensor], list[dict]]:
     tensors: dict[str, torch.Tensor] = {}
     meta: list[dict] = []
@@ -236,73 +231,6 @@ def _fsync_file(path: Path) -> None:
         os.close(fd)
 
 
-def file_sha256(path: Path) -> str:
-    """Hex SHA-256 of a file's bytes (streamed: a multi-GB checkpoint is never held in memory)."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:  # (hashlib.file_digest is Python 3.11+; the package supports 3.10)
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def verify_checksum(ckpt: Path, name: str) -> None:
-    """Check ``ckpt/name`` against the size and SHA-256 its manifest recorded; :class:`CheckpointError` naming the
-    file when they differ. Checkpoints without a manifest, or whose manifest predates checksums, pass unverified."""
-    path = Path(ckpt) / name
-    mpath = Path(ckpt) / MANIFEST
-    if not mpath.exists():
-        return
-    try:
-        manifest = json.loads(mpath.read_text())
-        size, digest = manifest["files"][name], manifest.get("sha256", {}).get(name)
-    except (OSError, UnicodeDecodeError, ValueError, KeyError, TypeError, AttributeError) as e:
-        raise CheckpointError(f"{mpath}: unreadable or does not describe {name} ({e!r})") from None
-    got = check_regular_file(path).st_size
-    if got != size:
-        raise CheckpointError(f"{path}: corrupt or truncated ({got} bytes, {MANIFEST} recorded {size})")
-    if digest is not None and file_sha256(path) != digest:
-        raise CheckpointError(
-            f"{path}: corrupt: its content no longer matches the SHA-256 {MANIFEST} recorded when it was written "
-            "(a changed byte in the tensor data)"
-        )
-
-
-def incomplete_reason(ckpt: Path, files: tuple[str, ...] = CKPT_FILES) -> str | None:
-    """Why ``ckpt`` does not hold ``files`` whole (by default all of it; :data:`INFERENCE_FILES` for loading a model),
-    or None when it does: its manifest is there and lists them with the sizes they have, or (a checkpoint written
-    before manifests, which has none) each exists, ``state.json`` parses and each safetensors file is exactly as long
-    as its header says."""
-    from nanochat.export.safetensors_io import safetensors_header
-
-    ckpt = Path(ckpt)
-    try:
-        if (ckpt / MANIFEST).exists():
-            sizes = json.loads((ckpt / MANIFEST).read_text())["files"]
-            for name in files:
-                size = check_regular_file(ckpt / name).st_size
-                if size != sizes[name]:
-                    return f"{name} has {size} bytes, {MANIFEST} recorded {sizes[name]}"
-            return None
-        for name in files:
-            if name.endswith(".safetensors"):
-                safetensors_header(ckpt / name)
-            elif name.endswith(".json"):
-                check_regular_file(ckpt / name)
-                json.loads((ckpt / name).read_text())
-            else:
-                check_regular_file(ckpt / name)
-    except KeyError as e:
-        return f"{MANIFEST} does not list {e}"
-    except (OSError, ValueError, TypeError, AttributeError) as e:
-        return str(e)
-    return None
-
-
-def is_complete(ckpt: Path, files: tuple[str, ...] = CKPT_FILES) -> bool:
-    """Whether ``ckpt`` holds ``files`` whole (see :func:`incomplete_reason`)."""
-    return incomplete_reason(ckpt, files) is None
-
-
 @dataclass
 class CheckpointManager:
     """Saves, prunes and finds checkpoints of one run."""
@@ -317,61 +245,19 @@ class CheckpointManager:
         return self.run_dir / CKPT_DIRNAME
 
     def _step_dirs(self) -> list[tuple[int, Path]]:
-        if not self.ckpt_dir.is_dir():
-            return []
-        out = []
-        for p in self.ckpt_dir.iterdir():
-            m = _STEP_DIR.match(p.name)
-            if m and p.is_dir():
-                out.append((int(m.group(1)), p))
-        return sorted(out)
+        return step_dirs(self.ckpt_dir)
 
     def _list(self, files: tuple[str, ...] = CKPT_FILES) -> list[tuple[int, Path]]:
         """Complete checkpoints (as far as ``files`` go), oldest first."""
-        return [(s, p) for s, p in self._step_dirs() if is_complete(p, files)]
+        return complete_checkpoints(self.ckpt_dir, files)
 
     def _pointer(self, name: str) -> dict | None:
-        p = self.ckpt_dir / f"{name}.json"
-        if not p.exists():
-            return None
-        try:
-            ptr = json.loads(p.read_text())
-        except (OSError, ValueError):
-            return None
-        return ptr if isinstance(ptr, dict) and isinstance(ptr.get("dir"), str) else None
+        return read_pointer(self.ckpt_dir, name)
 
     def latest(self, files: tuple[str, ...] = CKPT_FILES) -> Path | None:
-        """The newest complete checkpoint directory (``files=INFERENCE_FILES``: whole enough to load the model).
-
-        A fallback is never silent: when newer ``step_*`` directories are broken (``state.json`` gone, a file short),
-        or ``latest.json`` names a checkpoint that is not there, a warning names each skipped step, why, and the step
-        used instead. (With no complete checkpoint at all, the caller's error says why.)"""
-        found = self._list(files)
-        if not found:
-            return None
-        step, newest = found[-1]
-        complete = {p.name for _, p in found}
-        broken = [(p.name, incomplete_reason(p, files)) for s, p in self._step_dirs() if s > step]
-        broken = [(name, why) for name, why in broken if name not in complete]
-        ptr = self._pointer("latest")
-        named = ptr["dir"] if ptr and ptr["dir"] != newest.name else None
-        m = _STEP_DIR.match(named or "")
-        if m and int(m.group(1)) < step:
-            named = None  # a stale pointer to an older checkpoint: the newer one is used, nothing is skipped
-        if named and named not in {name for name, _ in broken}:
-            target = self.ckpt_dir / named
-            if not (target.is_dir() and is_complete(target, files)):
-                broken.insert(
-                    0, (named, "its directory is gone" if not target.exists() else incomplete_reason(target, files))
-                )
-        for name, why in broken:
-            said = f"{self.ckpt_dir / 'latest.json'} names {name}, which" if name == named else f"{name}"
-            warnings.warn(
-                f"{said} is missing or incomplete ({why}); falling back to the older {newest.name}",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-        return newest
+        """The newest complete checkpoint directory (``files=INFERENCE_FILES``: whole enough to load the model);
+        a fallback past broken newer ones warns (:func:`nanochat.checkpoint_format.latest_checkpoint`)."""
+        return latest_checkpoint(self.ckpt_dir, files, stacklevel=3)
 
     def best(self) -> dict | None:
         return self._pointer("best")
@@ -441,7 +327,7 @@ class CheckpointManager:
         size = sum(p.numel() * p.element_size() for p in model.state_dict().values())
         size += sum(t.numel() * t.element_size() for t in [*opt_tensors.values(), *extra.values()])
         need = bytes_needed(size)
-        name = f"step_{step:06d}"
+        name = step_dir_name(step)
         final = self.ckpt_dir / name
         tmp = self.ckpt_dir / f".tmp-{name}-{os.getpid()}"
         old: Path | None = None
@@ -509,58 +395,6 @@ class CheckpointManager:
         return f"latest checkpoint: {latest}{skipped}"
 
 
-def read_state(ckpt: Path) -> dict[str, Any]:
-    """``state.json`` of a checkpoint as a dict; :class:`CheckpointError` naming the file when it is not."""
-    path = Path(ckpt) / "state.json"
-    try:
-        check_regular_file(path)
-        state = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{ckpt} is not a checkpoint: state.json is missing") from None
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: unreadable or invalid JSON ({e})") from None
-    if not isinstance(state, dict):
-        raise CheckpointError(f"{path}: expected a JSON object")
-    return state
-
-
-def model_tensor_shapes(path: Path) -> dict[str, tuple[int, ...]]:
-    """``{name: shape}`` from a checkpoint's ``model.safetensors`` header (validated against the file's size)."""
-    from nanochat.export.safetensors_io import safetensors_header
-
-    try:
-        tensors, _ = safetensors_header(path)
-    except FileNotFoundError:
-        raise CheckpointError(f"{path.parent} is not a checkpoint: {path.name} is missing") from None
-    except LoadError as e:
-        raise CheckpointError(str(e)) from None
-    return {k: shape for k, (_, shape) in tensors.items()}
-
-
-def checkpoint_model_config(ckpt: Path) -> GPTConfig:
-    """The model config of a checkpoint, checked against ``model.safetensors``' tensor directory before anyone
-    builds a model from it (a patched ``n_layer`` of 100000 would otherwise take minutes to fail)."""
-    from nanochat.model.config import ConfigError
-    from nanochat.model.schema import raw_layer_count_problem, state_dict_problem
-
-    state = read_state(ckpt)
-    path = Path(ckpt) / "state.json"
-    if not isinstance(state.get("model_config"), dict):
-        raise CheckpointError(f"{path}: model_config is missing (needed to build the model)")
-    shapes = model_tensor_shapes(Path(ckpt) / "model.safetensors")
-    problem = raw_layer_count_problem(state["model_config"], shapes)  # a patched n_layer, named against the file
-    if problem:
-        raise CheckpointError(f"{Path(ckpt) / 'model.safetensors'} does not fit {path}'s model_config: {problem}")
-    try:
-        cfg = GPTConfig.from_dict(state["model_config"])
-    except (ConfigError, TypeError) as e:
-        raise CheckpointError(f"{path}: invalid model_config: {e}") from None
-    problem = state_dict_problem(cfg, shapes)
-    if problem:
-        raise CheckpointError(f"{Path(ckpt) / 'model.safetensors'} does not fit {path}'s model_config: {problem}")
-    return cfg
-
-
 def load_checkpoint(
     ckpt: Path,
     model: torch.nn.Module,
@@ -573,23 +407,7 @@ def load_checkpoint(
     :class:`CheckpointError` naming the file.
     """
     ckpt = Path(ckpt)
-    state = read_state(ckpt)
-    model_path = ckpt / "model.safetensors"
-    shapes = model_tensor_shapes(model_path)
-    want = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = sorted(k for k in set(want) - set(shapes) if not k.endswith("lm_head.weight"))
-    unexpected = sorted(set(shapes) - set(want))
-    wrong = sorted(f"{k}: file {shapes[k]}, model {want[k]}" for k in set(want) & set(shapes) if shapes[k] != want[k])
-    if missing or unexpected or wrong:
-        raise CheckpointError(
-            f"{model_path} does not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}, "
-            f"shape mismatches {wrong[:5]}"
-        )
-    verify_checksum(ckpt, "model.safetensors")
-    try:
-        load_model(model, str(model_path), strict=False)
-    except (OSError, RuntimeError, SafetensorError) as e:
-        raise CheckpointError(f"{model_path}: unreadable ({e})") from None
+    state = load_model_weights(ckpt, model)
     extra: dict[str, torch.Tensor] = {}
     if optimizers is not None:
         opt_path = ckpt / "optim.safetensors"
@@ -611,22 +429,3 @@ def load_checkpoint(
         except (ValueError, KeyError, TypeError) as e:
             raise CheckpointError(f"{opt_path}: does not fit the run's optimizers ({e})") from None
     return state, extra
-
-
-def find_checkpoint(path: Path) -> Path:
-    """A checkpoint directory to load a model from: ``path`` itself when it is one, else the newest checkpoint whose
-    model and state are whole under a run directory or its ``checkpoints/`` directory."""
-    path = Path(path)
-    if (path / "state.json").exists() and (path / "model.safetensors").exists():
-        return path
-    for mgr_root in (path, path.parent):
-        latest = CheckpointManager(mgr_root).latest(INFERENCE_FILES)
-        if latest is not None:
-            return latest
-    broken = [p for root in (path, path.parent) for _, p in CheckpointManager(root)._step_dirs()]
-    if broken:
-        why = "; ".join(f"{p.name}: {incomplete_reason(p, INFERENCE_FILES)}" for p in broken[-3:])
-        raise CheckpointError(
-            f"no complete checkpoint under {path} ({why}); pass a checkpoint directory itself to load it anyway"
-        )
-    raise FileNotFoundError(f"no checkpoint found under {path} (expected RUN_DIR/{CKPT_DIRNAME}/step_*/)")

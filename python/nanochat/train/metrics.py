@@ -1,10 +1,12 @@
-"""Training logs: per-step JSONL records, a rich progress bar, and the end-of-run summary + plot."""
+"""Training logs: per-step JSONL records, a rich progress bar, and the end-of-run summary + plot.
+
+Reading the files back (``read_jsonl``, ``plot_losses``, strict JSON) lives in :mod:`nanochat.runlog`, which the run
+report uses without importing the trainer."""
 
 from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import time
 import warnings
@@ -14,7 +16,9 @@ from typing import Any
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from nanochat.train.checkpoint import finite_json
+from nanochat.runlog import finite_json, plot_losses, read_jsonl
+
+__all__ = ["MetricsLog", "Throughput", "console", "make_progress", "plot_losses"]
 
 console = Console(stderr=True)
 
@@ -57,16 +61,7 @@ class MetricsLog:
             if e.errno not in (errno.ENOSPC, errno.EDQUOT):
                 raise
 
-    @staticmethod
-    def read(path: Path) -> list[dict[str, Any]]:
-        out = []
-        for line in Path(path).read_text().splitlines():
-            if line.strip():
-                try:
-                    out.append(json.loads(line))
-                except json.JSONDecodeError:
-                    pass  # a torn last line after a crash
-        return out
+    read = staticmethod(read_jsonl)  # the records of a metrics.jsonl (nanochat.runlog, which the report uses too)
 
 
 def make_progress(enabled: bool) -> Progress:
@@ -81,32 +76,6 @@ def make_progress(enabled: bool) -> Progress:
         disable=not enabled,
         transient=False,
     )
-
-
-def plot_losses(records: list[dict[str, Any]], out_png: Path, title: str) -> None:
-    """Loss curve (train per step, validation points) as a PNG."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tr = [(r["step"], r["loss"]) for r in records if "loss" in r and math.isfinite(r["loss"])]
-    va = [(r["step"], r["val_loss"]) for r in records if "val_loss" in r]
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=120)
-    if tr:
-        ax.plot(*zip(*tr), lw=1, alpha=0.8, label="train loss")
-    if va:
-        ax.plot(*zip(*va), "o-", lw=1.5, label="val loss")
-    ax.set_xlabel("step")
-    ax.set_ylabel("cross-entropy (nats/token)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    tmp = out_png.with_name(f".{out_png.name}.tmp.png")
-    fig.savefig(tmp)
-    plt.close(fig)
-    os.replace(tmp, out_png)
 
 
 class Throughput:
