@@ -278,17 +278,6 @@ def test_batch_equals_one_at_a_time_with_sampling(tokenizer) -> None:
     assert [r.token_ids for r in g_rust] == [r.token_ids for r in g_torch]
 
 
-def test_generate_tokens_matches_generate(tokenizer) -> None:
-    m = make_model(11, residual="standard")
-    eng = Engine(m, tokenizer)
-    ids = tokenizer.encode("def")
-    res = eng.generate(ids, max_new_tokens=10, temperature=0.7, seed=5, stop_token_ids=[])
-    toks = list(eng.generate_tokens(ids, temperature=0.7, seed=5, max_new_tokens=10))
-    assert toks == res.token_ids
-    # without a limit it runs to the end of the context
-    assert len(list(eng.generate_tokens(ids, temperature=0))) == 64 - len(ids)
-
-
 def test_stop_strings_max_tokens_and_stop_tokens(tokenizer) -> None:
     m = make_model(12)
     eng = Engine(m, tokenizer)

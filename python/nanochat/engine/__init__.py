@@ -8,8 +8,8 @@ engine = Engine(model, tokenizer)            # or Engine(nanochat.export.load.lo
 print(engine.generate("def fib(n):", max_new_tokens=64, temperature=0).text)
 ```
 
-- :mod:`.generate`: :class:`Engine` (backend choice, ``generate`` / ``stream`` / ``generate_batch`` /
-  ``generate_tokens``), :class:`TextStream` (UTF-8-safe deltas, stop strings).
+- :mod:`.generate`: :class:`Engine` (backend choice, ``generate`` / ``stream`` / ``generate_batch``),
+  :class:`TextStream` (UTF-8-safe deltas, stop strings).
 - :mod:`.torch_engine`: :class:`TorchEngine`, cached step-by-step forward of the torch model.
 - :mod:`.sampling`: greedy / temperature / top-k / top-p with seeded CPU generators.
 - :mod:`.cli`: ``nanochat-sample``.

@@ -40,7 +40,7 @@ import bisect
 import inspect
 import logging
 import sys
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
@@ -574,31 +574,3 @@ class Engine:
         while not all(q.done for q in seqs):
             self.step(seqs)
         return [q.result() for q in seqs]
-
-    def generate_tokens(
-        self,
-        prompt_ids: Sequence[int],
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        max_new_tokens: int | None = None,
-    ) -> Iterator[int]:
-        """Lazy stream of sampled token ids (no stop tokens, no text): ends when the context is full or after
-        ``max_new_tokens``. The server's adapter does its own detokenisation and stop handling on top."""
-        ids = self._ids(prompt_ids)
-        params = SamplingParams(temperature, top_k, top_p, seed)
-        gen = make_generator(seed)
-        sess = self.backend.new_session(self.max_seq)
-        logits = self.backend.prefill_batch([sess], [ids])[0]
-        pos = len(ids)
-        n = 0
-        limit = self.max_seq - len(ids) if max_new_tokens is None else min(max_new_tokens, self.max_seq - len(ids))
-        while n < limit:
-            tok = sample(logits, params.temperature, params.top_k, params.top_p, gen)
-            yield tok
-            n += 1
-            pos += 1
-            if n >= limit:
-                return
-            logits = self.backend.decode_batch([sess], [tok])[0]

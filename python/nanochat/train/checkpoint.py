@@ -98,9 +98,6 @@ _LEFTOVER = re.compile(r"^\.(?:(?:tmp|trash)-step_\d+-|[^/]+\.json\.tmp-)(\d+)$"
 
 def free_bytes(path: Path) -> int:
     """Free bytes on the filesystem holding ``path`` (or its nearest existing parent; tests monkeypatch this)."""
-    fake = os.environ.get("NANOCHAT_FAKE_FREE_BYTES")
-    if fake is not None:
-        return int(fake)
     path = Path(path).absolute()
     while not path.exists() and path != path.parent:
         path = path.parent

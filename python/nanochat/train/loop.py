@@ -185,11 +185,6 @@ def load_teacher(path: str, device: torch.device) -> GPT:
     return teacher
 
 
-def raw_model(model: torch.nn.Module) -> GPT:
-    m = model.module if hasattr(model, "module") else model
-    return getattr(m, "_orig_mod", m)
-
-
 def compute_loss(
     model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, teacher: GPT | None, cfg: TrainConfig
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -275,9 +270,6 @@ class StopFlag:
     def __exit__(self, *exc: Any) -> None:
         for s, h in self._old.items():
             signal.signal(s, h)
-
-
-MHC_LOG_KEYS = ("max_row_err", "max_col_err", "composite_gain_fwd", "composite_gain_bwd", "composite_identity_weight")
 
 
 def default_run_dir(cfg: TrainConfig) -> Path:
