@@ -19,6 +19,7 @@ Exit code 2 when there is no model to serve (none given, none under ./runs) or i
 from __future__ import annotations
 
 import logging
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -152,12 +153,11 @@ def serve(
         _fail(f"{model}: no such file or directory")
 
     if settings.threads is not None:
-        import torch
-
         from nanochat import ops
 
-        torch.set_num_threads(settings.threads)
         ops.set_num_threads(settings.threads)  # one thread budget for torch and Rust
+        if "torch" in sys.modules:  # a torch-backed model sizes torch's pool too; a GGUF on Rust never imports it
+            sys.modules["torch"].set_num_threads(settings.threads)
 
     from nanochat.serve.app import create_app
     from nanochat.serve.backend import EngineBackend

@@ -127,7 +127,7 @@ class SamplingRequest(_Request):
 def schema_program(response_format: dict[str, Any]) -> tuple[bytes | str, ...]:
     """OpenAI's ``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}, "strict": ...}}``, compiled;
     ``ValueError`` for a shape or a schema outside the supported subset."""
-    from nanochat.engine.constrain import compile_schema  # imports torch: only when a schema is asked for
+    from nanochat.engine.constrain import compile_schema  # imported only when a schema is asked for
 
     spec = response_format.get("json_schema")
     if not isinstance(spec, dict) or not isinstance(spec.get("schema"), dict):
