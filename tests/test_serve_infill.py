@@ -217,7 +217,9 @@ def test_n_choices_are_the_single_replies_with_consecutive_seeds(srv: ServerThre
 def test_n_choices_share_one_batch(backend: EngineBackend) -> None:
     prompt = backend.tokenizer.render_chat(MSG)
     steps0 = backend.batcher.steps
+    prefilled0 = backend.engine.prefilled_tokens
     deltas = list(backend.stream(prompt, gp(max_tokens=10, temperature=0.7, seed=1, n=4), threading.Event()))
+    assert backend.engine.prefilled_tokens - prefilled0 == len(prompt)  # one prefill, its KV cache forked 3 times
     assert sorted({d.index for d in deltas}) == [0, 1, 2, 3]
     assert sum(d.finish_reason is not None for d in deltas) == 4
     assert backend.batcher.steps - steps0 == 10  # four choices advanced together, not 40 steps one after another

@@ -163,6 +163,9 @@ class _RustBackend:
     def prefill_batch(self, sessions: Sequence[Any], prompts: Sequence[Sequence[int]]) -> np.ndarray:
         return self.eng.forward(sessions, prompts)  # (B, V) float32
 
+    def fork(self, session: Any) -> Any:
+        return session.fork()  # the KV cache copied in Rust
+
     def decode_batch(self, sessions: Sequence[Any], tokens: Sequence[int]) -> np.ndarray:
         return self.eng.decode_batch(sessions, tokens)  # (B, V) float32
 
@@ -179,6 +182,9 @@ class _TorchBackend:
 
     def new_session(self, max_seq: int) -> Any:
         return self.eng.new_session(max_seq)
+
+    def fork(self, session: Any) -> Any:
+        return session.fork()  # KVCache.fork: the cache tensors cloned
 
     def prefill_batch(self, sessions: Sequence[Any], prompts: Sequence[Sequence[int]]) -> np.ndarray:
         import torch
@@ -353,6 +359,7 @@ class Engine:
         self.max_seq = int(max_seq or config.seq_len)
         self._decode = decode_fn(self.tokenizer) if self.tokenizer is not None else None
         self._vocab: tuple[list[str], list[int]] | None = None  # token healing's sorted vocabulary (built once)
+        self.prefilled_tokens = 0  # prompt tokens actually prefilled (a prompt repeated in one start() counts once)
 
     @property
     def backend_name(self) -> str:
@@ -462,12 +469,15 @@ class Engine:
         if len(seeds) != len(ids):
             raise ValueError(f"{len(seeds)} seeds for {len(ids)} prompts")
         stop_ids = self._stop_ids(stop_token_ids)
+        # the same prompt several times (n samples): prefilled once, its KV cache forked for the others
+        first: dict[tuple[int, ...], int] = {}
+        owner = [first.setdefault(tuple(p), i) for i, p in enumerate(ids)]
         seqs = []
-        for (p, allowed, tail), s in zip(heals, seeds, strict=True):
+        for i, ((p, allowed, tail), s) in enumerate(zip(heals, seeds, strict=True)):
             params = SamplingParams(temperature, top_k, top_p, s)
             seqs.append(
                 LiveSequence(
-                    session=self.backend.new_session(self.max_seq),
+                    session=self.backend.new_session(self.max_seq) if owner[i] == i else None,
                     params=params,
                     generator=make_generator(s),
                     stream=TextStream(self._decode, stop or (), skip=tail),
@@ -479,11 +489,16 @@ class Engine:
             )
         if not seqs:
             return seqs
-        logits = self.backend.prefill_batch([q.session for q in seqs], ids)  # (B, V)
-        for q, row in zip(seqs, logits, strict=True):
-            q.logits = row
+        unique = [i for i in range(len(seqs)) if owner[i] == i]
+        logits = self.backend.prefill_batch([seqs[i].session for i in unique], [ids[i] for i in unique])  # (U, V)
+        row_of = dict(zip(unique, logits, strict=True))
+        for i, q in enumerate(seqs):
+            if owner[i] != i:
+                q.session = self.backend.fork(seqs[owner[i]].session)
+            q.logits = np.array(row_of[owner[i]], copy=True)
             if q.max_new_tokens == 0:
                 q.finish_reason = "length"
+        self.prefilled_tokens += sum(len(ids[i]) for i in unique)
         return seqs
 
     def step(self, seqs: Sequence[LiveSequence]) -> list[str]:

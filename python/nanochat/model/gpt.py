@@ -41,6 +41,8 @@ Notable choices:
 
 from __future__ import annotations
 
+import copy
+
 import math
 from typing import Literal, cast, overload
 
@@ -151,6 +153,14 @@ class KVCache:
 
     def reset(self) -> None:
         self.pos = 0
+
+    def fork(self) -> KVCache:
+        """An independent cache with a copy of the positions written so far (a prompt prefilled once, then sampled
+        several ways)."""
+        twin = copy.copy(self)  # same class and settings (a TorchSession stays one)
+        twin.k = [None if t is None else t.clone() for t in self.k]
+        twin.v = [None if t is None else t.clone() for t in self.v]
+        return twin
 
     def truncate(self, position: int) -> None:
         """Forget positions from ``position`` on (e.g. to reuse a shared prompt)."""
