@@ -42,7 +42,6 @@ Notable choices:
 from __future__ import annotations
 
 import copy
-
 import math
 from typing import Literal, cast, overload
 
