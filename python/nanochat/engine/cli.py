@@ -106,7 +106,9 @@ def main(
         list[str] | None,
         typer.Option(help="Stop string (repeatable; \\n-style escapes work); not printed.", rich_help_panel="Sampling"),
     ] = None,
-    threads: Annotated[int, typer.Option(help="CPU threads (0 = every core, or NANOCHAT_THREADS).", rich_help_panel="Runtime")] = 0,
+    threads: Annotated[
+        int, typer.Option(help="CPU threads (0 = every core, or NANOCHAT_THREADS).", rich_help_panel="Runtime")
+    ] = 0,
     backend: Annotated[str, typer.Option(help="auto | rust | torch.", rich_help_panel="Runtime")] = "auto",
     device: Annotated[str, typer.Option(help="cpu | cuda (torch backend).", rich_help_panel="Runtime")] = "cpu",
     head: Annotated[str, typer.Option(help="Rust LM head: f32 | f16 | int8.", rich_help_panel="Runtime")] = "f32",
