@@ -301,11 +301,16 @@ fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
     Ok(pool)
 }
 
-/// Cores this process may use (`available_parallelism`, at least 1).
+/// Cores this process may use (`available_parallelism`, at least 1), read once: on Linux
+/// `available_parallelism` reads the cgroup quota files and the affinity mask on every call,
+/// tens of microseconds that a decode step (dozens of kernel calls) must not pay each time.
 pub fn cores() -> usize {
-    std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(1)
+    static CORES: std::sync::OnceLock<usize> = std::sync::OnceLock::new();
+    *CORES.get_or_init(|| {
+        std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1)
+    })
 }
 
 /// The most threads any pool or team of this crate may have: 4 × the cores, at least 8. More
