@@ -234,3 +234,23 @@ def test_sample_console_script_output_is_complete_when_piped(gguf) -> None:
     assert r.returncode == 0, r.stderr
     assert r.stdout.startswith("def fib(n):") and r.stdout.endswith("\n"), repr(r.stdout)
     assert "4 new tokens" in r.stderr.strip().splitlines()[-1]
+
+
+def test_train_help_shows_the_default_configs_values() -> None:
+    """Issue 16 item 7: config-driven options show d20's value, read here from the TOML independently."""
+    import tomllib
+
+    doc = tomllib.loads((Path(__file__).parents[1] / "python/nanochat/configs/d20.toml").read_text())
+    report, out, err = run_entry("nanochat-train", "--help")
+    assert report["code"] == 0, err
+    flat = re.sub(r"[│\s]+", " ", out)  # rich wraps help text across table rows
+    checked = 0
+    for key, flag in [("steps", "--steps"), ("batch_size", "--batch-size"), ("lr_muon", "--lr-muon"),
+                      ("seq_len", "--seq-len"), ("quant", "--quant"), ("residual", "--residual")]:  # fmt: skip
+        v = doc["train"].get(key, doc["model"].get(key))
+        shown = f"{v:g}" if isinstance(v, float) else str(v)
+        section = flat.split(flag + " <", 1)[1][:400]  # its row of the options table (not an example)
+        assert f"(d20: {shown})" in section, (flag, section[:200])
+        checked += 1
+    assert checked == 6
+    assert "(d20: 900 s)" in flat  # the time budget, with its unit

@@ -49,7 +49,8 @@ def main(
     config: Annotated[
         str | None,
         typer.Option(
-            help="config name (tiny_cpu, d20, nano_125m, nano_1b) or a .toml path [default: d20; on --resume, the run's]",
+            help="config name (tiny_cpu, d20, nano_125m, nano_1b) or a .toml path (default: d20; on --resume, the "
+            "run's). Options left out take the config's values: (d20: ...) after an option shows d20's",
             rich_help_panel=MODEL,
         ),
     ] = None,
@@ -390,9 +391,37 @@ def dry_run_report(cfg: TrainConfig) -> None:
     print(json.dumps({"train": cfg.to_dict(), "model": model_cfg.to_dict(), "params": counts}, indent=2))
 
 
+def command_with_config_defaults(name: str = "d20") -> Any:
+    """The click command behind :data:`app`, with ``(d20: VALUE)`` appended to the help of every option the default
+    config sets (its [model] and [train] tables): ``--help`` shows what a run without the flag uses. Reads one small
+    TOML file, no torch."""
+    from importlib import resources
+
+    if sys.version_info >= (3, 11):
+        import tomllib
+    else:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+
+    cmd = typer.main.get_command(app)
+    try:
+        doc = tomllib.loads(resources.files("nanochat").joinpath("configs").joinpath(f"{name}.toml").read_text())
+    except (OSError, ValueError):
+        return cmd
+    values = {**doc.get("model", {}), **doc.get("train", {})}
+    opt: Any  # typer's own (vendored) click Option: it has .help
+    for opt in cmd.params:
+        if opt.name not in values or not getattr(opt, "help", None):
+            continue
+        v = values[opt.name]
+        shown = f"{v:g}" if isinstance(v, float) else str(v).lower() if isinstance(v, bool) else str(v)
+        unit = " s" if opt.name == "time_budget" else ""
+        opt.help = f"{opt.help} ({name}: {shown}{unit})"
+    return cmd
+
+
 def entry() -> None:
     """Console-script entry point."""
-    app(prog_name="nanochat-train")
+    command_with_config_defaults()(prog_name="nanochat-train")
 
 
 if __name__ == "__main__":
