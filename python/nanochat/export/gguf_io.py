@@ -294,28 +294,15 @@ def _string_list(reader: Any, key: str, required: bool = True) -> list[str] | No
     return val
 
 
-def _byte_level_alphabet() -> frozenset[str]:
-    """The 256 characters GPT-2's byte-level BPE maps bytes to: every NORMAL token is spelled in them."""
-    keep = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
-    chars, extra = [], 0
-    for b in range(256):
-        if b in keep:
-            chars.append(chr(b))
-        else:
-            chars.append(chr(256 + extra))
-            extra += 1
-    return frozenset(chars)
-
-
-BYTE_LEVEL_ALPHABET = _byte_level_alphabet()
-
-
 def _check_tokenizer_arrays(path: Path, tokens: list[str], types: list[int], merges: list[str]) -> dict[str, int]:
     """The BPE vocabulary ``{token: id}`` once the arrays agree; GGUFError naming the key and entry otherwise."""
     if len(types) != len(tokens):
         raise GGUFError(
             f"{path}: tokenizer.ggml.token_type has {len(types)} entries, tokenizer.ggml.tokens has {len(tokens)}"
         )
+    from tokenizers import pre_tokenizers
+
+    alphabet = frozenset(pre_tokenizers.ByteLevel.alphabet())  # the 256 characters GPT-2's byte-level BPE spells in
     vocab: dict[str, int] = {}
     for i, (t, ty) in enumerate(zip(tokens, types, strict=True)):
         if isinstance(ty, bool) or not isinstance(ty, int) or not 1 <= ty <= 6:
@@ -324,7 +311,7 @@ def _check_tokenizer_arrays(path: Path, tokens: list[str], types: list[int], mer
             continue
         if t in vocab:
             raise GGUFError(f"{path}: tokenizer.ggml.tokens[{i}] = {t!r} repeats token {vocab[t]}")
-        if ty == 1 and (not t or not BYTE_LEVEL_ALPHABET.issuperset(t)):
+        if ty == 1 and (not t or not alphabet.issuperset(t)):
             raise GGUFError(f"{path}: tokenizer.ggml.tokens[{i}] = {t!r} is not a byte-level BPE token")
         vocab[t] = i
     if not merges and any(len(t) > 1 for t, i in vocab.items() if types[i] == 1):
