@@ -495,7 +495,8 @@ class Engine:
         for i, q in enumerate(seqs):
             if owner[i] != i:
                 q.session = self.backend.fork(seqs[owner[i]].session)
-            q.logits = np.array(row_of[owner[i]], copy=True)
+            row = row_of[owner[i]]
+            q.logits = row if owner[i] == i else row.copy()  # a fork gets its own row: samplers may write in place
             if q.max_new_tokens == 0:
                 q.finish_reason = "length"
         self.prefilled_tokens += sum(len(ids[i]) for i in unique)
