@@ -1,24 +1,28 @@
 //! The forward step over a batch of sessions (see the module docs of [`super`]).
 //!
 //! Layout: `N` = total new tokens (rows) over all sessions; the residual is `N × ns × C`
-//! (`ns` = streams, 1 for `standard`). Per sublayer:
+//! (`ns` = streams, 1 for `standard`). [`forward`] reads top to bottom: [`embed`], then per block
+//! [`attention_sublayer`] and [`mlp_sublayer`], then [`final_norm`] and [`head`]. A sublayer is
 //!
 //! ```text
-//! rows  : [mHC mappings, u = H_pre·x] → RMSNorm → int8 quantize      (row-parallel for big N)
-//! team  : ternary GEMM (rows of the fused matrix split over threads)
-//! rows  : QK-norm + RoPE / SwiGLU|ReLU² + sub-norm + quantize
-//! serial: K, V into the session caches
-//! team  : attention, (session, head) items split over threads
-//! team  : GEMM o / down
-//! rows  : residual: x += y, or x = H_res·x + H_postᵀ·y
+//! pre_sublayer   rows  : [mHC mappings, u = H_pre·x] → RMSNorm → int8 quantize
+//! gemm           team  : ternary GEMM (rows of the fused matrix split over threads)
+//! qk_norm_rope   rows  : QK-norm + RoPE            | mlp_act: SwiGLU|ReLU² + sub-norm + quantize
+//! write_kv       serial: K, V into the session caches, then the segment table
+//! attention      team  : (session, head) items split over threads
+//! norm_quant_rows rows : sub-norm + quantize
+//! gemm           team  : o / down
+//! post_sublayer  rows  : residual: x += y, or x = H_res·x + H_postᵀ·y
 //! ```
-//! then the stream mean, the final norm and the head for the requested rows (vocab split over
-//! threads).
+//! (the MLP sublayer skips the attention-only steps). `rows` steps are split over the team for
+//! [`PAR_ROWS`] rows or more; the head splits the vocabulary over the team.
 
 use super::attention::attend;
 use super::math;
 use super::team::{SendPtr, Team};
-use super::{Fused, Head, KvPrecision, Logits, MhcParams, MlpKind, Model, Residual, Session};
+use super::{
+    Fused, Head, KvPrecision, Layer, Logits, MhcParams, MlpKind, Model, Residual, Session,
+};
 use crate::kernels::{self, Kernel, TernaryView};
 use crate::{Error, Result};
 use half::f16;
@@ -257,6 +261,72 @@ fn rows_par<F: Fn(usize, usize) + Sync>(team: &mut Team, n: usize, f: F) -> Resu
     team.run(n, chunk, |_, lo, hi| f(lo, hi))
 }
 
+impl Workspace {
+    /// Grow every buffer for a step of `n` rows over `batch` on `threads` threads.
+    fn reserve(
+        &mut self,
+        model: &Model,
+        batch: &[(&mut Session, &[u32])],
+        n: usize,
+        threads: usize,
+    ) -> Result<()> {
+        let cfg = &model.cfg;
+        let (c, ns) = (cfg.n_embd, cfg.streams());
+        let qkv_rows = c + 2 * cfg.kv_dim();
+        let gu_rows = model.layers[0].gate_up.rows;
+        let nd = 2 * ns + cfg.n_res();
+        let wide = c.max(cfg.mlp_hidden);
+        grow(&mut self.x, n * ns * c)?;
+        grow(&mut self.xn, n * ns * c)?;
+        grow(&mut self.u, n * c)?;
+        grow(&mut self.a, n * wide)?;
+        grow(&mut self.xq, n * wide)?;
+        grow(&mut self.xs, n)?;
+        grow(&mut self.qkv, n * qkv_rows)?;
+        grow(&mut self.att, n * c)?;
+        grow(&mut self.y, n * c)?;
+        grow(&mut self.gu, n * gu_rows)?;
+        grow(&mut self.hpre, n * ns)?;
+        grow(&mut self.hpost, n * ns)?;
+        grow(&mut self.hres, n * ns * ns)?;
+        grow(&mut self.dyn_, n * nd.max(1))?;
+        grow(&mut self.pos, n)?;
+        let max_rows = qkv_rows.max(gu_rows).max(c);
+        let max_ctx = batch
+            .iter()
+            .map(|(s, t)| s.pos + t.len())
+            .max()
+            .unwrap_or(0);
+        if self.threads.len() < threads {
+            self.threads.resize_with(threads, Default::default);
+        }
+        for ts in self.threads.iter_mut() {
+            grow(&mut ts.acc, n * max_rows)?;
+            grow(&mut ts.scores, max_ctx)?;
+        }
+        Ok(())
+    }
+}
+
+/// One forward step in flight: the model, the team and workspace it borrows, the profile.
+struct Step<'a> {
+    model: &'a Model,
+    team: &'a mut Team,
+    ws: &'a mut Workspace,
+    prof: &'a mut Profile,
+    clock: Clock,
+    /// Rows of the step: new tokens over all sessions.
+    n: usize,
+}
+
+impl Step<'_> {
+    fn mark(&mut self, s: Section) {
+        self.clock.mark(self.prof, s);
+    }
+}
+
+/// The batched step (see the module docs): embed, every block's attention and MLP sublayers,
+/// then the final norm and the head for the requested rows.
 pub(crate) fn forward(
     model: &Model,
     batch: &mut [(&mut Session, &[u32])],
@@ -266,58 +336,43 @@ pub(crate) fn forward(
     let mut guard = model.lock();
     let rt = &mut *guard;
     let t_start = Instant::now();
-    let cfg = &model.cfg;
-    let (c, ns, hd) = (cfg.n_embd, cfg.streams(), cfg.head_dim());
-    let (nh, nkv) = (cfg.n_head, cfg.n_kv_head);
-    let kvd = cfg.kv_dim();
-    let qkv_rows = c + 2 * kvd;
-    let hid = cfg.mlp_hidden;
-    let gu_rows = model.layers[0].gate_up.rows;
-    let nr = cfg.n_res();
-    let nd = 2 * ns + nr;
-    let wide = c.max(hid);
-    let nthreads = rt.team.threads();
-
-    // ---- workspace
-    let ws = &mut rt.ws;
-    grow(&mut ws.x, n * ns * c)?;
-    grow(&mut ws.xn, n * ns * c)?;
-    grow(&mut ws.u, n * c)?;
-    grow(&mut ws.a, n * wide)?;
-    grow(&mut ws.xq, n * wide)?;
-    grow(&mut ws.xs, n)?;
-    grow(&mut ws.qkv, n * qkv_rows)?;
-    grow(&mut ws.att, n * c)?;
-    grow(&mut ws.y, n * c)?;
-    grow(&mut ws.gu, n * gu_rows)?;
-    grow(&mut ws.hpre, n * ns)?;
-    grow(&mut ws.hpost, n * ns)?;
-    grow(&mut ws.hres, n * ns * ns)?;
-    grow(&mut ws.dyn_, n * nd.max(1))?;
-    grow(&mut ws.pos, n)?;
-    let max_rows = qkv_rows.max(gu_rows).max(c);
-    let max_ctx = batch
-        .iter()
-        .map(|(s, t)| s.pos + t.len())
-        .max()
-        .unwrap_or(0);
-    if ws.threads.len() < nthreads {
-        ws.threads.resize_with(nthreads, Default::default);
-    }
-    for ts in ws.threads.iter_mut() {
-        grow(&mut ts.acc, n * max_rows)?;
-        grow(&mut ts.scores, max_ctx)?;
-    }
-
-    let mut clock = Clock {
+    rt.ws.reserve(model, batch, n, rt.team.threads())?;
+    let clock = Clock {
         on: rt.profile.enabled,
         t: Instant::now(),
     };
-    let prof = &mut rt.profile;
-    let team = &mut rt.team;
+    let mut st = Step {
+        model,
+        team: &mut rt.team,
+        ws: &mut rt.ws,
+        prof: &mut rt.profile,
+        clock,
+        n,
+    };
+    embed(&mut st, batch);
+    for (li, layer) in model.layers.iter().enumerate() {
+        attention_sublayer(&mut st, batch, li, layer)?;
+        mlp_sublayer(&mut st, layer)?;
+    }
+    let nout = final_norm(&mut st, batch, which)?;
+    let logits = head(&mut st, nout)?;
+    for (s, toks) in batch.iter_mut() {
+        s.pos += toks.len();
+    }
+    if st.prof.enabled {
+        st.prof.calls += 1;
+        st.prof.rows += n as u64;
+        st.prof.total += t_start.elapsed().as_secs_f64();
+    }
+    Ok(logits)
+}
 
-    // ---- embedding (and the n stream copies) and row positions
-    ws.segs.clear();
+/// Token embeddings into the first stream of each row, copied into the other streams; and each
+/// row's position in its session.
+fn embed(st: &mut Step, batch: &[(&mut Session, &[u32])]) {
+    let model = st.model;
+    let ws = &mut *st.ws;
+    let (c, ns) = (model.cfg.n_embd, model.cfg.streams());
     let mut row = 0;
     for (s, toks) in batch.iter() {
         for (j, &tok) in toks.iter().enumerate() {
@@ -338,208 +393,236 @@ pub(crate) fn forward(
             row += 1;
         }
     }
-    clock.mark(prof, Section::Embed);
+    st.mark(Section::Embed);
+}
 
-    let kernel = model.kernel;
-    let err: Mutex<Option<Error>> = Mutex::new(None);
+/// Attention sublayer: (mHC mappings,) norm → fused q/k/v GEMM → QK-norm + RoPE → KV-cache
+/// writes → attention → sub-norm → o GEMM → residual.
+fn attention_sublayer(
+    st: &mut Step,
+    batch: &mut [(&mut Session, &[u32])],
+    li: usize,
+    layer: &Layer,
+) -> Result<()> {
+    pre_sublayer(st, layer.mhc_attn.as_ref(), &layer.attn_norm)?;
+    gemm(st, &layer.qkv, Out::Qkv)?;
+    st.mark(Section::GemmQkv);
+    qk_norm_rope(st, layer)?;
+    write_kv(st, batch, li);
+    st.mark(Section::Rope);
+    attention(st)?;
+    st.mark(Section::Attention);
+    norm_quant_rows(st, Src::Att, &layer.attn_sub_norm)?;
+    st.mark(Section::Norm);
+    gemm(st, &layer.o, Out::Y)?;
+    st.mark(Section::GemmO);
+    post_sublayer(st, layer.mhc_attn.as_ref())?;
+    st.mark(Section::Mhc);
+    Ok(())
+}
 
-    for (li, layer) in model.layers.iter().enumerate() {
-        // ================= attention sublayer
-        pre_sublayer(
-            model,
-            team,
-            ws,
-            n,
-            layer.mhc_attn.as_ref(),
-            &layer.attn_norm,
-            prof,
-            &mut clock,
-        )?;
-        gemm(team, kernel, &layer.qkv, ws, n, Out::Qkv, &err)?;
-        clock.mark(prof, Section::GemmQkv);
+/// MLP sublayer: (mHC mappings,) norm → fused gate/up GEMM → SwiGLU | ReLU² → sub-norm →
+/// down GEMM → residual.
+fn mlp_sublayer(st: &mut Step, layer: &Layer) -> Result<()> {
+    pre_sublayer(st, layer.mhc_mlp.as_ref(), &layer.mlp_norm)?;
+    gemm(st, &layer.gate_up, Out::Gu)?;
+    st.mark(Section::GemmGateUp);
+    mlp_act(st, layer)?;
+    st.mark(Section::Norm);
+    gemm(st, &layer.down, Out::Y)?;
+    st.mark(Section::GemmDown);
+    post_sublayer(st, layer.mhc_mlp.as_ref())?;
+    st.mark(Section::Mhc);
+    Ok(())
+}
 
-        // QK-norm + RoPE (row-parallel), then the cache writes.
-        {
-            let qkv = SendPtr::new(&mut ws.qkv);
-            let pos = &ws.pos;
-            let (qn, kn) = (layer.q_norm.as_deref(), layer.k_norm.as_deref());
-            let eps = cfg.norm_eps;
-            let inv_freq = &model.inv_freq;
-            rows_par(team, n, |r0, r1| {
-                let mut cos = [0f32; 256];
-                let mut sin = [0f32; 256];
-                let h2 = hd / 2;
-                for (r, &p) in pos.iter().enumerate().take(r1).skip(r0) {
-                    // SAFETY: disjoint rows per thread.
-                    let row = unsafe { qkv.slice(r * qkv_rows, r * qkv_rows + c + kvd) };
-                    // As rope_cos_sin: the angle is an f32 product, its cos/sin rounded to f32.
-                    for ((cs, sn), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(&inv_freq[..h2]) {
-                        let ang = p as f32 * f;
-                        *cs = (ang as f64).cos() as f32;
-                        *sn = (ang as f64).sin() as f32;
-                    }
-                    for (hh, head) in row.chunks_exact_mut(hd).enumerate() {
-                        let norm = if hh < nh { qn } else { kn };
-                        if let Some(w) = norm {
-                            math::rmsnorm_inplace(head, w, eps);
-                        }
-                        math::rope_neox(head, &cos[..h2], &sin[..h2]);
-                    }
-                }
-            })?;
-            let mut row0 = 0;
-            for (s, toks) in batch.iter_mut() {
-                let cap = s.cap;
-                for j in 0..toks.len() {
-                    let r = row0 + j;
-                    let p = s.pos + j;
-                    let src = &ws.qkv[r * qkv_rows + c..r * qkv_rows + c + 2 * kvd];
-                    for h in 0..nkv {
-                        let dst = (h * cap + p) * hd;
-                        s.k[li].write(dst, &src[h * hd..(h + 1) * hd]);
-                        s.v[li].write(dst, &src[kvd + h * hd..kvd + (h + 1) * hd]);
-                    }
-                }
-                row0 += toks.len();
+/// QK-norm (when the model has it) and NEOX RoPE on the q and k heads of every row, in place
+/// in `qkv` (row-parallel).
+fn qk_norm_rope(st: &mut Step, layer: &Layer) -> Result<()> {
+    let cfg = &st.model.cfg;
+    let (c, hd, nh) = (cfg.n_embd, cfg.head_dim(), cfg.n_head);
+    let kvd = cfg.kv_dim();
+    let qkv_rows = c + 2 * kvd;
+    let ws = &mut *st.ws;
+    let qkv = SendPtr::new(&mut ws.qkv);
+    let pos = &ws.pos;
+    let (qn, kn) = (layer.q_norm.as_deref(), layer.k_norm.as_deref());
+    let eps = cfg.norm_eps;
+    let inv_freq = &st.model.inv_freq;
+    rows_par(st.team, st.n, |r0, r1| {
+        let mut cos = [0f32; 256];
+        let mut sin = [0f32; 256];
+        let h2 = hd / 2;
+        for (r, &p) in pos.iter().enumerate().take(r1).skip(r0) {
+            // SAFETY: disjoint rows per thread.
+            let row = unsafe { qkv.slice(r * qkv_rows, r * qkv_rows + c + kvd) };
+            // As rope_cos_sin: the angle is an f32 product, its cos/sin rounded to f32.
+            for ((cs, sn), &f) in cos.iter_mut().zip(sin.iter_mut()).zip(&inv_freq[..h2]) {
+                let ang = p as f32 * f;
+                *cs = (ang as f64).cos() as f32;
+                *sn = (ang as f64).sin() as f32;
             }
-            // The segment table (raw cache pointers for the attention job) is built only now,
-            // after the last write through `&mut` to this layer's caches: no pointer taken
-            // earlier is used after a mutable borrow of its buffer.
-            ws.segs.clear();
-            let mut row0 = 0;
-            for (s, toks) in batch.iter() {
-                ws.segs.push(Seg {
-                    row0,
-                    n: toks.len(),
-                    pos0: s.pos,
-                    cap: s.cap,
-                    k: s.k[li].as_ptr(),
-                    v: s.v[li].as_ptr(),
-                });
-                row0 += toks.len();
+            for (hh, head) in row.chunks_exact_mut(hd).enumerate() {
+                let norm = if hh < nh { qn } else { kn };
+                if let Some(w) = norm {
+                    math::rmsnorm_inplace(head, w, eps);
+                }
+                math::rope_neox(head, &cos[..h2], &sin[..h2]);
             }
-            clock.mark(prof, Section::Rope);
         }
+    })
+}
 
-        // Attention: items (segment, head).
-        {
-            let att = SendPtr::new(&mut ws.att);
-            let qkv = &ws.qkv;
-            let segs = &ws.segs;
-            let th = SendPtr::new(&mut ws.threads);
-            let items = ws.segs.len() * nh;
-            let group = nh / nkv;
-            let scale = 1.0 / (hd as f32).sqrt();
-            let kv = model.kv;
-            let job = |t: usize, lo: usize, hi: usize| {
-                // SAFETY: thread t alone uses scratch t.
-                let ts = unsafe { &mut th.slice(t, t + 1)[0] };
-                for it in lo..hi {
-                    let sg = segs[it / nh];
-                    let h = it % nh;
-                    let kvh = h / group;
-                    let n_ctx = sg.pos0 + sg.n;
-                    let base = kvh * sg.cap * hd;
-                    for j in 0..sg.n {
-                        let r = sg.row0 + j;
-                        let q = &qkv[r * qkv_rows + h * hd..r * qkv_rows + (h + 1) * hd];
-                        // SAFETY: row r, head h is written by this item only.
-                        let out = unsafe { att.slice(r * c + h * hd, r * c + (h + 1) * hd) };
-                        let n_keys = sg.pos0 + j + 1;
-                        // SAFETY: the caches hold `cap ≥ n_ctx` positions per head (reserved),
-                        // of the model's precision, and are only read while this job runs.
-                        unsafe {
-                            match kv {
-                                KvPrecision::F32 => {
-                                    let (k, v) = (sg.k as *const f32, sg.v as *const f32);
-                                    let kc = std::slice::from_raw_parts(k.add(base), n_ctx * hd);
-                                    let vc = std::slice::from_raw_parts(v.add(base), n_ctx * hd);
-                                    attend(q, kc, vc, n_keys, scale, &mut ts.scores, out)
-                                }
-                                KvPrecision::F16 => {
-                                    let (k, v) = (sg.k as *const f16, sg.v as *const f16);
-                                    let kc = std::slice::from_raw_parts(k.add(base), n_ctx * hd);
-                                    let vc = std::slice::from_raw_parts(v.add(base), n_ctx * hd);
-                                    attend(q, kc, vc, n_keys, scale, &mut ts.scores, out)
-                                }
-                            }
+/// K and V of every row into its session's layer-`li` cache, then the segment table of the
+/// attention job.
+fn write_kv(st: &mut Step, batch: &mut [(&mut Session, &[u32])], li: usize) {
+    let cfg = &st.model.cfg;
+    let (c, hd, nkv) = (cfg.n_embd, cfg.head_dim(), cfg.n_kv_head);
+    let kvd = cfg.kv_dim();
+    let qkv_rows = c + 2 * kvd;
+    let ws = &mut *st.ws;
+    let mut row0 = 0;
+    for (s, toks) in batch.iter_mut() {
+        let cap = s.cap;
+        for j in 0..toks.len() {
+            let r = row0 + j;
+            let p = s.pos + j;
+            let src = &ws.qkv[r * qkv_rows + c..r * qkv_rows + c + 2 * kvd];
+            for h in 0..nkv {
+                let dst = (h * cap + p) * hd;
+                s.k[li].write(dst, &src[h * hd..(h + 1) * hd]);
+                s.v[li].write(dst, &src[kvd + h * hd..kvd + (h + 1) * hd]);
+            }
+        }
+        row0 += toks.len();
+    }
+    // The segment table (raw cache pointers for the attention job) is built only now, after the
+    // last write through `&mut` to this layer's caches: no pointer taken earlier is used after a
+    // mutable borrow of its buffer.
+    ws.segs.clear();
+    let mut row0 = 0;
+    for (s, toks) in batch.iter() {
+        ws.segs.push(Seg {
+            row0,
+            n: toks.len(),
+            pos0: s.pos,
+            cap: s.cap,
+            k: s.k[li].as_ptr(),
+            v: s.v[li].as_ptr(),
+        });
+        row0 += toks.len();
+    }
+}
+
+/// Causal attention (GQA) of every row over its session's cache into `att`: work items are
+/// (segment, head) pairs.
+fn attention(st: &mut Step) -> Result<()> {
+    let cfg = &st.model.cfg;
+    let (c, hd, nh, nkv) = (cfg.n_embd, cfg.head_dim(), cfg.n_head, cfg.n_kv_head);
+    let qkv_rows = c + 2 * cfg.kv_dim();
+    let ws = &mut *st.ws;
+    let att = SendPtr::new(&mut ws.att);
+    let qkv = &ws.qkv;
+    let segs = &ws.segs;
+    let th = SendPtr::new(&mut ws.threads);
+    let items = segs.len() * nh;
+    let group = nh / nkv;
+    let scale = 1.0 / (hd as f32).sqrt();
+    let kv = st.model.kv;
+    let job = |t: usize, lo: usize, hi: usize| {
+        // SAFETY: thread t alone uses scratch t.
+        let ts = unsafe { &mut th.slice(t, t + 1)[0] };
+        for it in lo..hi {
+            let sg = segs[it / nh];
+            let h = it % nh;
+            let kvh = h / group;
+            let n_ctx = sg.pos0 + sg.n;
+            let base = kvh * sg.cap * hd;
+            for j in 0..sg.n {
+                let r = sg.row0 + j;
+                let q = &qkv[r * qkv_rows + h * hd..r * qkv_rows + (h + 1) * hd];
+                // SAFETY: row r, head h is written by this item only.
+                let out = unsafe { att.slice(r * c + h * hd, r * c + (h + 1) * hd) };
+                let n_keys = sg.pos0 + j + 1;
+                // SAFETY: the caches hold `cap ≥ n_ctx` positions per head (reserved), of the
+                // model's precision, and are only read while this job runs.
+                unsafe {
+                    match kv {
+                        KvPrecision::F32 => {
+                            let (k, v) = (sg.k as *const f32, sg.v as *const f32);
+                            let kc = std::slice::from_raw_parts(k.add(base), n_ctx * hd);
+                            let vc = std::slice::from_raw_parts(v.add(base), n_ctx * hd);
+                            attend(q, kc, vc, n_keys, scale, &mut ts.scores, out)
+                        }
+                        KvPrecision::F16 => {
+                            let (k, v) = (sg.k as *const f16, sg.v as *const f16);
+                            let kc = std::slice::from_raw_parts(k.add(base), n_ctx * hd);
+                            let vc = std::slice::from_raw_parts(v.add(base), n_ctx * hd);
+                            attend(q, kc, vc, n_keys, scale, &mut ts.scores, out)
                         }
                     }
+                }
+            }
+        }
+    };
+    if items == 1 || st.team.threads() == 1 {
+        job(0, 0, items);
+        Ok(())
+    } else {
+        st.team.run(items, 1, job)
+    }
+}
+
+/// SwiGLU or ReLU² on the gate/up rows, then the sub-norm and int8 quantization of the down
+/// projection's input (row-parallel).
+fn mlp_act(st: &mut Step, layer: &Layer) -> Result<()> {
+    let cfg = &st.model.cfg;
+    let hid = cfg.mlp_hidden;
+    let gu_rows = layer.gate_up.rows;
+    let ws = &mut *st.ws;
+    let gu = SendPtr::new(&mut ws.gu);
+    let a = SendPtr::new(&mut ws.a);
+    let xq = SendPtr::new(&mut ws.xq);
+    let xs = SendPtr::new(&mut ws.xs);
+    let kind = cfg.mlp;
+    let w = &layer.mlp_sub_norm;
+    let eps = cfg.norm_eps;
+    rows_par(st.team, st.n, |r0, r1| {
+        for r in r0..r1 {
+            // SAFETY: disjoint rows per thread.
+            let g = unsafe { gu.slice(r * gu_rows, (r + 1) * gu_rows) };
+            let h = match kind {
+                MlpKind::SwiGlu => {
+                    let (gate, up) = g.split_at_mut(hid);
+                    math::swiglu(gate, up);
+                    &*gate
+                }
+                MlpKind::Relu2 => {
+                    math::relu2(g);
+                    &*g
                 }
             };
-            if items == 1 || nthreads == 1 {
-                job(0, 0, items);
-            } else {
-                team.run(items, 1, job)?;
-            }
-            clock.mark(prof, Section::Attention);
+            // SAFETY: disjoint rows per thread.
+            let ar = unsafe { a.slice(r * hid, (r + 1) * hid) };
+            math::rmsnorm(ar, h, w, eps);
+            // SAFETY: disjoint rows per thread.
+            let q = unsafe { xq.slice(r * hid, (r + 1) * hid) };
+            // SAFETY: disjoint rows per thread.
+            unsafe { xs.slice(r, r + 1)[0] = math::quantize_row(ar, q) };
         }
+    })
+}
 
-        // sub-norm + quantize, o_proj
-        norm_quant_rows(team, ws, n, Src::Att, &layer.attn_sub_norm, cfg.norm_eps)?;
-        clock.mark(prof, Section::Norm);
-        gemm(team, kernel, &layer.o, ws, n, Out::Y, &err)?;
-        clock.mark(prof, Section::GemmO);
-        post_sublayer(model, team, ws, n, layer.mhc_attn.as_ref())?;
-        clock.mark(prof, Section::Mhc);
-
-        // ================= MLP sublayer
-        pre_sublayer(
-            model,
-            team,
-            ws,
-            n,
-            layer.mhc_mlp.as_ref(),
-            &layer.mlp_norm,
-            prof,
-            &mut clock,
-        )?;
-        gemm(team, kernel, &layer.gate_up, ws, n, Out::Gu, &err)?;
-        clock.mark(prof, Section::GemmGateUp);
-        {
-            let gu = SendPtr::new(&mut ws.gu);
-            let a = SendPtr::new(&mut ws.a);
-            let xq = SendPtr::new(&mut ws.xq);
-            let xs = SendPtr::new(&mut ws.xs);
-            let kind = cfg.mlp;
-            let w = &layer.mlp_sub_norm;
-            let eps = cfg.norm_eps;
-            rows_par(team, n, |r0, r1| {
-                for r in r0..r1 {
-                    // SAFETY: disjoint rows per thread.
-                    let g = unsafe { gu.slice(r * gu_rows, (r + 1) * gu_rows) };
-                    let h = match kind {
-                        MlpKind::SwiGlu => {
-                            let (gate, up) = g.split_at_mut(hid);
-                            math::swiglu(gate, up);
-                            &*gate
-                        }
-                        MlpKind::Relu2 => {
-                            math::relu2(g);
-                            &*g
-                        }
-                    };
-                    // SAFETY: disjoint rows per thread.
-                    let ar = unsafe { a.slice(r * hid, (r + 1) * hid) };
-                    math::rmsnorm(ar, h, w, eps);
-                    // SAFETY: disjoint rows per thread.
-                    let q = unsafe { xq.slice(r * hid, (r + 1) * hid) };
-                    // SAFETY: disjoint rows per thread.
-                    unsafe { xs.slice(r, r + 1)[0] = math::quantize_row(ar, q) };
-                }
-            })?;
-        }
-        clock.mark(prof, Section::Norm);
-        gemm(team, kernel, &layer.down, ws, n, Out::Y, &err)?;
-        clock.mark(prof, Section::GemmDown);
-        post_sublayer(model, team, ws, n, layer.mhc_mlp.as_ref())?;
-        clock.mark(prof, Section::Mhc);
-    }
-
-    // ---- rows to project, stream mean, final norm
+/// The rows to project (every row, or each session's last), their stream mean and the final
+/// RMSNorm into `h`; returns how many.
+fn final_norm(st: &mut Step, batch: &[(&mut Session, &[u32])], which: Logits) -> Result<usize> {
+    let model = st.model;
+    let cfg = &model.cfg;
+    let (c, ns) = (cfg.n_embd, cfg.streams());
+    let ws = &mut *st.ws;
     ws.out_rows.clear();
     match which {
-        Logits::All => ws.out_rows.extend(0..n),
+        Logits::All => ws.out_rows.extend(0..st.n),
         Logits::Last => {
             let mut r = 0;
             for (_, toks) in batch.iter() {
@@ -557,88 +640,80 @@ pub(crate) fn forward(
         } else {
             // x.mean(dim=-2): sum the streams in order, then divide.
             h.copy_from_slice(&ws.x[r * ns * c..r * ns * c + c]);
-            for st in 1..ns {
-                let xs = &ws.x[(r * ns + st) * c..(r * ns + st + 1) * c];
+            for s in 1..ns {
+                let xs = &ws.x[(r * ns + s) * c..(r * ns + s + 1) * c];
                 h.iter_mut().zip(xs).for_each(|(a, b)| *a += b);
             }
             h.iter_mut().for_each(|a| *a /= ns as f32);
         }
         math::rmsnorm_inplace(h, &model.norm, cfg.norm_eps);
     }
-    clock.mark(prof, Section::Embed);
+    st.mark(Section::Embed);
+    Ok(nout)
+}
 
-    // ---- head
-    let v = cfg.vocab_size;
+/// Logits `nout × vocab` of the normed rows `h`, with the vocabulary split over the team.
+fn head(st: &mut Step, nout: usize) -> Result<Vec<f32>> {
+    let model = st.model;
+    let (c, v) = (model.cfg.n_embd, model.cfg.vocab_size);
+    let ws = &mut *st.ws;
+    let team = &mut *st.team;
     let mut logits =
         crate::error::try_zeroed(crate::error::checked_len(nout, v, "logits")?, "logits")?;
-    {
-        let out = SendPtr::new(&mut logits);
-        let h = &ws.h[..nout * c];
-        match &model.head {
-            Head::F32(w) => {
-                let w = match (w, &model.tok_emb) {
-                    (Some(w), _) => w.as_slice(),
-                    (None, super::Emb::F32(e)) => e.as_slice(),
-                    (None, super::Emb::F16(_)) => unreachable!("an f32 head widens the embedding"),
-                };
-                team.run(v, HEAD_CHUNK, |_, lo, hi| {
-                    // SAFETY: this thread writes only columns lo..hi of the nout × v output.
-                    unsafe { math::matvec_rows_f32(w, c, lo, hi, h, nout, out.ptr(), v) };
-                })?;
-            }
-            Head::F16(w) => {
-                let w = match (w, &model.tok_emb) {
-                    (Some(w), _) => w.as_slice(),
-                    (None, super::Emb::F16(e)) => e.as_slice(),
-                    (None, super::Emb::F32(_)) => {
-                        unreachable!("a tied fp16 head shares an fp16 embedding")
-                    }
-                };
-                team.run(v, HEAD_CHUNK, |_, lo, hi| {
-                    for r in lo..hi {
-                        let wr = &w[r * c..(r + 1) * c];
-                        for i in 0..nout {
-                            let y = math::dot_f16(wr, &h[i * c..(i + 1) * c]);
-                            // SAFETY: this thread writes only columns lo..hi.
-                            unsafe { *out.ptr().add(i * v + r) = y };
-                        }
-                    }
-                })?;
-            }
-            Head::Int8 { q, scale } => {
-                grow(&mut ws.hq, nout * c)?;
-                grow(&mut ws.hs, nout)?;
-                for i in 0..nout {
-                    ws.hs[i] =
-                        math::quantize_row(&h[i * c..(i + 1) * c], &mut ws.hq[i * c..(i + 1) * c]);
+    let out = SendPtr::new(&mut logits);
+    let h = &ws.h[..nout * c];
+    match &model.head {
+        Head::F32(w) => {
+            let w = match (w, &model.tok_emb) {
+                (Some(w), _) => w.as_slice(),
+                (None, super::Emb::F32(e)) => e.as_slice(),
+                (None, super::Emb::F16(_)) => unreachable!("an f32 head widens the embedding"),
+            };
+            team.run(v, HEAD_CHUNK, |_, lo, hi| {
+                // SAFETY: this thread writes only columns lo..hi of the nout × v output.
+                unsafe { math::matvec_rows_f32(w, c, lo, hi, h, nout, out.ptr(), v) };
+            })?;
+        }
+        Head::F16(w) => {
+            let w = match (w, &model.tok_emb) {
+                (Some(w), _) => w.as_slice(),
+                (None, super::Emb::F16(e)) => e.as_slice(),
+                (None, super::Emb::F32(_)) => {
+                    unreachable!("a tied fp16 head shares an fp16 embedding")
                 }
-                let (hq, hs) = (&ws.hq, &ws.hs);
-                team.run(v, HEAD_CHUNK, |_, lo, hi| {
-                    for r in lo..hi {
-                        let wr = &q[r * c..(r + 1) * c];
-                        for i in 0..nout {
-                            let acc = math::dot_i8(wr, &hq[i * c..(i + 1) * c]);
-                            // SAFETY: this thread writes only columns lo..hi.
-                            unsafe { *out.ptr().add(i * v + r) = acc as f32 * (scale[r] * hs[i]) };
-                        }
+            };
+            team.run(v, HEAD_CHUNK, |_, lo, hi| {
+                for r in lo..hi {
+                    let wr = &w[r * c..(r + 1) * c];
+                    for i in 0..nout {
+                        let y = math::dot_f16(wr, &h[i * c..(i + 1) * c]);
+                        // SAFETY: this thread writes only columns lo..hi.
+                        unsafe { *out.ptr().add(i * v + r) = y };
                     }
-                })?;
+                }
+            })?;
+        }
+        Head::Int8 { q, scale } => {
+            grow(&mut ws.hq, nout * c)?;
+            grow(&mut ws.hs, nout)?;
+            for i in 0..nout {
+                ws.hs[i] =
+                    math::quantize_row(&h[i * c..(i + 1) * c], &mut ws.hq[i * c..(i + 1) * c]);
             }
+            let (hq, hs) = (&ws.hq, &ws.hs);
+            team.run(v, HEAD_CHUNK, |_, lo, hi| {
+                for r in lo..hi {
+                    let wr = &q[r * c..(r + 1) * c];
+                    for i in 0..nout {
+                        let acc = math::dot_i8(wr, &hq[i * c..(i + 1) * c]);
+                        // SAFETY: this thread writes only columns lo..hi.
+                        unsafe { *out.ptr().add(i * v + r) = acc as f32 * (scale[r] * hs[i]) };
+                    }
+                }
+            })?;
         }
     }
-    clock.mark(prof, Section::Head);
-
-    if let Some(e) = err.lock().unwrap_or_else(|e| e.into_inner()).take() {
-        return Err(e);
-    }
-    for (s, toks) in batch.iter_mut() {
-        s.pos += toks.len();
-    }
-    if prof.enabled {
-        prof.calls += 1;
-        prof.rows += n as u64;
-        prof.total += t_start.elapsed().as_secs_f64();
-    }
+    st.mark(Section::Head);
     Ok(logits)
 }
 
@@ -659,15 +734,10 @@ enum Out {
 
 /// `out = (xq · Wᵀ) · row_scale · xs` over the team: weight rows split in 32-row units, each
 /// thread calling the kernel single-threaded on its row range.
-fn gemm(
-    team: &mut Team,
-    kernel: Kernel,
-    w: &Fused,
-    ws: &mut Workspace,
-    n: usize,
-    which: Out,
-    err: &Mutex<Option<Error>>,
-) -> Result<()> {
+fn gemm(st: &mut Step, w: &Fused, which: Out) -> Result<()> {
+    let (n, kernel) = (st.n, st.model.kernel);
+    let ws = &mut *st.ws;
+    let team = &mut *st.team;
     let rows = w.rows;
     let cols = w.cols;
     let rb = cols / 4;
@@ -702,6 +772,8 @@ fn gemm(
             kernel.prepare(&xq[i0 * cols..(i0 + nb) * cols], nb, cols)
         })
         .collect::<Result<Vec<_>>>()?;
+    // A job cannot return an error: the first kernel error is kept here.
+    let err: Mutex<Option<Error>> = Mutex::new(None);
     team.run(rows, chunk, |t, lo, hi| {
         let m = hi - lo;
         // SAFETY: thread t alone uses scratch t.
@@ -745,15 +817,10 @@ enum Src {
 }
 
 /// `a = rmsnorm(src, w)`, `xq, xs = quantize(a)` per row (width C).
-fn norm_quant_rows(
-    team: &mut Team,
-    ws: &mut Workspace,
-    n: usize,
-    src: Src,
-    w: &[f32],
-    eps: f32,
-) -> Result<()> {
+fn norm_quant_rows(st: &mut Step, src: Src, w: &[f32]) -> Result<()> {
+    let eps = st.model.cfg.norm_eps;
     let c = w.len();
+    let ws = &mut *st.ws;
     let srcbuf: &[f32] = match src {
         Src::X => &ws.x,
         Src::U => &ws.u,
@@ -762,7 +829,7 @@ fn norm_quant_rows(
     let a = SendPtr::new(&mut ws.a);
     let xq = SendPtr::new(&mut ws.xq);
     let xs = SendPtr::new(&mut ws.xs);
-    rows_par(team, n, |r0, r1| {
+    rows_par(st.team, st.n, |r0, r1| {
         for r in r0..r1 {
             // SAFETY: disjoint rows per thread.
             let ar = unsafe { a.slice(r * c, (r + 1) * c) };
@@ -776,30 +843,16 @@ fn norm_quant_rows(
 }
 
 /// Before a sublayer: mHC mappings and `u = H_pre·x` (mHC), then the pre-norm and quantization.
-#[allow(clippy::too_many_arguments)]
-fn pre_sublayer(
-    model: &Model,
-    team: &mut Team,
-    ws: &mut Workspace,
-    n: usize,
-    mhc: Option<&MhcParams>,
-    norm_w: &[f32],
-    prof: &mut Profile,
-    clock: &mut Clock,
-) -> Result<()> {
-    let eps = model.cfg.norm_eps;
+fn pre_sublayer(st: &mut Step, mhc: Option<&MhcParams>, norm_w: &[f32]) -> Result<()> {
     match mhc {
-        None => {
-            norm_quant_rows(team, ws, n, Src::X, norm_w, eps)?;
-            clock.mark(prof, Section::Norm);
-        }
+        None => norm_quant_rows(st, Src::X, norm_w)?,
         Some(p) => {
-            mhc_mappings(model, team, ws, n, p)?;
-            clock.mark(prof, Section::Mhc);
-            norm_quant_rows(team, ws, n, Src::U, norm_w, eps)?;
-            clock.mark(prof, Section::Norm);
+            mhc_mappings(st, p)?;
+            st.mark(Section::Mhc);
+            norm_quant_rows(st, Src::U, norm_w)?;
         }
     }
+    st.mark(Section::Norm);
     Ok(())
 }
 
@@ -810,19 +863,15 @@ fn sigmoid(z: f32) -> f32 {
 
 /// Per row: `d = (φ · flat(x)) · rsqrt(mean(x²) + eps)`, `H_pre`, `H_post`, `H_res`, and
 /// `u = Σ_i H_pre[i]·x_i` (as `StreamResidual.mappings` and its einsum).
-fn mhc_mappings(
-    model: &Model,
-    team: &mut Team,
-    ws: &mut Workspace,
-    n: usize,
-    p: &MhcParams,
-) -> Result<()> {
+fn mhc_mappings(st: &mut Step, p: &MhcParams) -> Result<()> {
+    let model = st.model;
     let cfg = &model.cfg;
     let (ns, c) = (cfg.streams(), cfg.n_embd);
     let nr = cfg.n_res();
     let nd = 2 * ns + nr;
     let nc = ns * c;
     let eps = cfg.norm_eps;
+    let ws = &mut *st.ws;
     let x = &ws.x;
     let u = SendPtr::new(&mut ws.u);
     let hpre = SendPtr::new(&mut ws.hpre);
@@ -833,7 +882,7 @@ fn mhc_mappings(
     let residual = cfg.residual;
     let iters = cfg.sinkhorn_iters;
     let err: Mutex<Option<Error>> = Mutex::new(None);
-    rows_par(team, n, |r0, r1| {
+    rows_par(st.team, st.n, |r0, r1| {
         for r in r0..r1 {
             let flat = &x[r * nc..(r + 1) * nc];
             let rms = 1.0 / (math::dot(flat, flat) / nc as f32 + eps).sqrt();
@@ -895,15 +944,10 @@ fn mhc_mappings(
 }
 
 /// After a sublayer with output `y`: `x += y` (standard) or `x = H_res·x + H_postᵀ·y` (mHC).
-fn post_sublayer(
-    model: &Model,
-    team: &mut Team,
-    ws: &mut Workspace,
-    n: usize,
-    mhc: Option<&MhcParams>,
-) -> Result<()> {
-    let cfg = &model.cfg;
-    let (ns, c) = (cfg.streams(), cfg.n_embd);
+fn post_sublayer(st: &mut Step, mhc: Option<&MhcParams>) -> Result<()> {
+    let cfg = &st.model.cfg;
+    let (ns, c, n) = (cfg.streams(), cfg.n_embd, st.n);
+    let ws = &mut *st.ws;
     if mhc.is_none() {
         let y = &ws.y[..n * c];
         ws.x[..n * c].iter_mut().zip(y).for_each(|(x, y)| *x += y);
@@ -913,7 +957,7 @@ fn post_sublayer(
     let x = SendPtr::new(&mut ws.x);
     let xn = SendPtr::new(&mut ws.xn);
     let (y, hres, hpost) = (&ws.y, &ws.hres, &ws.hpost);
-    rows_par(team, n, |r0, r1| {
+    rows_par(st.team, n, |r0, r1| {
         for r in r0..r1 {
             // SAFETY: disjoint rows per thread.
             let xr = unsafe { x.slice(r * nc, (r + 1) * nc) };
