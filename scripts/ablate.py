@@ -34,6 +34,10 @@ VARIANTS: dict[str, list[str]] = {
     "lr_x2": ["--lr", "2"],
     "lr_half": ["--lr", "0.5"],
     "batch_x2": ["--batch-size", "__2x__"],
+    "batch_x2_fp": ["--batch-size", "__2x__", "--quant", "fp"],
+    "batch_half": ["--batch-size", "__half__"],
+    "adamw": ["--optimizer", "adamw"],  # AdamW instead of Muon for the hidden matrices
+    "adamw_fp": ["--optimizer", "adamw", "--quant", "fp"],
 }
 
 
@@ -49,12 +53,13 @@ def run_variant(name: str, flags: list[str], args: argparse.Namespace, out: Path
     if args.data:
         cmd += ["--data", args.data]
     flags = list(flags)
-    if "__2x__" in flags:  # twice the batch: same tokens means half the steps
-        from nanochat.model import load_config
+    for mark, factor in (("__2x__", 2.0), ("__half__", 0.5)):  # another batch: same tokens, other step count
+        if mark in flags:
+            from nanochat.model import load_config
 
-        _, tr = load_config(args.config)
-        flags[flags.index("__2x__")] = str(2 * int(tr["batch_size"]))
-        cmd[cmd.index("--steps") + 1] = str(args.steps // 2)
+            _, tr = load_config(args.config)
+            flags[flags.index(mark)] = str(int(int(tr["batch_size"]) * factor))
+            cmd[cmd.index("--steps") + 1] = str(int(args.steps / factor))
     cmd += flags
     cmd += ["--eval-lines-problems", str(args.lines_problems)]
     t0 = time.perf_counter()

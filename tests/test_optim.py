@@ -352,3 +352,48 @@ def test_wsd_edge_cases() -> None:
         wsd(0, 0, 0, 0.1)
     with pytest.raises(ValueError):
         wsd(0, 10, 0, 1.5)
+
+
+# ------------------------------------------------------------------------------------------ AdamW (ablation)
+def test_adamw_hidden_matches_reference() -> None:
+    """``hidden="adamw"``: the Muon-rule matrices go to AdamW (same lr-scaled decoupled decay), the rest to Lion;
+    steps equal torch's own for-loop AdamW plus our Lion built by hand on the same split."""
+    steps = 4
+    mults = [wsd(s, steps, 2, 0.5, 0.1) for s in range(steps)]
+    ours, ref = make_model(), make_model()
+    opt = build_optimizers(ours, lion_lr=0.01, weight_decay=0.1, hidden="adamw", adamw_lr=0.02)
+    assert set(opt.optimizers) == {"adamw", "lion"}
+    hidden, rest = split_params(ours)
+    assert [id(p) for p in opt["adamw"].param_groups[0]["params"]] == [id(p) for p in hidden]
+    ref_hidden, ref_rest = split_params(ref)
+    ref_2d = [p for n, p in ref.named_parameters() if p.ndim >= 2 and "mhc" not in n and not is_muon_param(n, p)]
+    ref_other = [p for p in ref_rest if all(p is not q for q in ref_2d)]
+    ref_opts = [
+        torch.optim.AdamW(ref_hidden, lr=0.02, betas=(0.9, 0.95), weight_decay=0.1, foreach=False),
+        Lion([{"params": ref_2d, "weight_decay": 0.1}, {"params": ref_other, "weight_decay": 0.0}], lr=0.01),
+    ]
+    for o in ref_opts:
+        for g in o.param_groups:
+            g["initial_lr"] = g["lr"]
+    run_ours(ours, opt, range(steps), mults)
+    for step in range(steps):
+        for o in ref_opts:
+            o.zero_grad()
+        lm_loss(ref, step).backward()
+        for o in ref_opts:
+            for g in o.param_groups:
+                g["lr"] = g["initial_lr"] * mults[step]
+            o.step()
+    start = make_model()
+    for (name, p), q, p0 in zip(ours.named_parameters(), ref.parameters(), start.parameters(), strict=True):
+        assert not torch.equal(p, p0), f"{name} did not move"
+        torch.testing.assert_close(p, q, rtol=0, atol=1e-6, msg=lambda m, name=name: f"{name}: {m}")
+
+
+def test_adamw_and_muon_differ_and_bad_name_is_refused() -> None:
+    a, m = make_model(), make_model()
+    run_ours(a, build_optimizers(a, hidden="adamw"), range(2), [1.0, 1.0])
+    run_ours(m, build_optimizers(m), range(2), [1.0, 1.0])
+    assert not torch.equal(a.blocks[0].attn_q.weight, m.blocks[0].attn_q.weight)
+    with pytest.raises(ValueError, match="adamw"):
+        build_optimizers(make_model(), hidden="sgd")

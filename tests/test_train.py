@@ -78,17 +78,24 @@ def losses(run: Path) -> list[float]:
     return [r["loss"] for r in MetricsLog.read(run / "metrics.jsonl") if "loss" in r]
 
 
-@pytest.mark.parametrize("compile_", [False, pytest.param(True, marks=pytest.mark.slow)], ids=["eager", "compiled"])
-def test_exact_resume(tmp_path, corpus, data_dir, compile_):
-    """Under the default dtype (bf16 on this CPU), eager and torch.compile'd: N steps straight and N/2 + resume +
-    N/2 give bit-identical losses and weights."""
-    straight = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "a"), compile=compile_))
+@pytest.mark.parametrize(
+    "compile_,optimizer",
+    [(False, "muon"), pytest.param(True, "muon", marks=pytest.mark.slow), (False, "adamw")],
+    ids=["eager", "compiled", "adamw"],
+)
+def test_exact_resume(tmp_path, corpus, data_dir, compile_, optimizer):
+    """Under the default dtype (bf16 on this CPU), eager and torch.compile'd, with Muon or AdamW on the hidden
+    matrices: N steps straight and N/2 + resume + N/2 give bit-identical losses and weights."""
+    kw = {"compile": compile_, "optimizer": optimizer}
+    straight = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "a"), **kw))
     assert straight["finished"] and straight["steps"] == 6
     from nanochat.model.bitlinear import get_matmul_dtype
 
     assert get_matmul_dtype() == torch.float32  # the run's bf16 choice does not leak into the caller
-    first = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "b"), stop_after=3, compile=compile_))
+    first = train(make_cfg(tmp_path, corpus, data_dir, out=str(tmp_path / "b"), stop_after=3, **kw))
     assert first["steps"] == 3 and not first["finished"]
+    state = json.loads((CheckpointManager(tmp_path / "b").latest() / "state.json").read_text())
+    assert state["optimizers"][0]["param_groups"][0]["name"] == optimizer  # the hidden matrices' optimizer
     resumed = train(resolve_config({"resume": str(tmp_path / "b"), "threads": 1}))
     assert resumed["finished"]
     a, b = losses(tmp_path / "a"), losses(tmp_path / "b")

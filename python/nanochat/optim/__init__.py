@@ -1,5 +1,7 @@
 """Optimizers for nanochat: Muon for the hidden matrices, Lion for everything else, and the WSD schedule.
 
+``hidden="adamw"`` puts the hidden matrices on AdamW instead of Muon (the ablation baseline; Lion keeps the rest).
+
 THE rule (:func:`is_muon_param`, used by :func:`split_params`): a parameter goes to Muon iff it is 2-D,
 its name starts with ``blocks.`` and does not contain ``mhc``. Everything else — token embedding ``wte``,
 ``lm_head``, norms, mHC mixing parameters — goes to Lion. Wrapper prefixes (``module.`` from DDP,
@@ -116,8 +118,12 @@ def build_optimizers(
     muon_momentum: float = 0.95,
     lion_betas: tuple[float, float] = (0.9, 0.99),
     ns_dtype: torch.dtype | None = None,
+    hidden: str = "muon",
+    adamw_lr: float = 3e-3,
+    adamw_betas: tuple[float, float] = (0.9, 0.95),
 ) -> Optimizers:
-    """Muon over :func:`split_params`' first list, Lion over the second; empty optimizers are left out.
+    """Muon (or, with ``hidden="adamw"``, AdamW) over :func:`split_params`' first list, Lion over the second;
+    empty optimizers are left out.
 
     ``weight_decay`` is Muon's; ``lion_weight_decay`` (default: the same) applies to Lion's 2-D non-mHC
     tensors only. Groups are named (``muon``, ``lion_decay``, ``lion_no_decay``) for logs.
@@ -135,8 +141,19 @@ def build_optimizers(
             lion_decay.append(p)
         else:
             lion_no_decay.append(p)
+    if hidden not in ("muon", "adamw"):
+        raise ValueError(f"hidden-matrix optimizer must be 'muon' or 'adamw', got {hidden!r}")
     opts: dict[str, Optimizer] = {}
-    if muon_params:
+    if muon_params and hidden == "adamw":
+        # decoupled weight decay as Muon's (lr-scaled); foreach: one pass per op over all the matrices
+        opts["adamw"] = torch.optim.AdamW(
+            [{"params": muon_params, "name": "adamw"}],
+            lr=adamw_lr,
+            betas=adamw_betas,
+            weight_decay=weight_decay,
+            foreach=True,
+        )
+    elif muon_params:
         opts["muon"] = Muon(
             [{"params": muon_params, "name": "muon"}],
             lr=muon_lr,

@@ -96,10 +96,16 @@ def main(
         int | None, typer.Option(help="micro-batches per optimizer step", rich_help_panel=OPT)
     ] = None,
     lr: Annotated[
-        float | None, typer.Option(help="scale both learning rates by this factor", rich_help_panel=OPT)
+        float | None, typer.Option(help="scale every learning rate by this factor", rich_help_panel=OPT)
     ] = None,
     lr_muon: Annotated[float | None, typer.Option(help="Muon learning rate", rich_help_panel=OPT)] = None,
     lr_lion: Annotated[float | None, typer.Option(help="Lion learning rate", rich_help_panel=OPT)] = None,
+    optimizer: Annotated[
+        str | None, typer.Option(help="hidden matrices: muon or adamw (the ablation baseline)", rich_help_panel=OPT)
+    ] = None,
+    lr_adamw: Annotated[
+        float | None, typer.Option(help="AdamW learning rate (--optimizer adamw)", rich_help_panel=OPT)
+    ] = None,
     warmup_steps: Annotated[int | None, typer.Option(help="WSD warmup steps", rich_help_panel=OPT)] = None,
     decay_frac: Annotated[float | None, typer.Option(help="WSD decay fraction", rich_help_panel=OPT)] = None,
     grad_clip: Annotated[
@@ -328,6 +334,7 @@ def resolve_config(
             raise ValueError(f"--lr must be a positive, finite factor, got {lr_scale}")
         cfg.lr_muon *= lr_scale
         cfg.lr_lion *= lr_scale
+        cfg.lr_adamw *= lr_scale
     try:
         cfg.validate()
     except ValueError as e:

@@ -66,6 +66,8 @@ class TrainConfig:
     grad_accum: int = 1  # micro-batches per optimizer step
     lr_muon: float = 0.02  # Muon learning rate (2-D hidden matrices)
     lr_lion: float = 3e-4  # Lion learning rate (embeddings, norms, mHC parameters)
+    optimizer: str = "muon"  # hidden matrices: muon | adamw (the ablation baseline)
+    lr_adamw: float = 3e-3  # AdamW learning rate (hidden matrices, with optimizer = "adamw")
     weight_decay: float = 0.0  # decoupled weight decay (both optimizers)
     warmup_steps: int = 50  # WSD: linear warmup steps
     decay_frac: float = 0.2  # WSD: fraction of steps in the final linear decay
@@ -131,7 +133,9 @@ class TrainConfig:
                 raise ValueError(f"{k} must be ≥ {lo}, got {v}")
             if hi is not None and v > hi:
                 raise ValueError(f"{k} = {v} is beyond the sane limit {hi}")
-        for k in ["lr_muon", "lr_lion", "weight_decay", "grad_clip"]:
+        if self.optimizer not in ("muon", "adamw"):
+            raise ValueError(f"optimizer must be 'muon' or 'adamw', got {self.optimizer!r}")
+        for k in ["lr_muon", "lr_lion", "lr_adamw", "weight_decay", "grad_clip"]:
             if float(getattr(self, k)) < 0:
                 raise ValueError(f"{k} must be ≥ 0, got {getattr(self, k)}")
         if not self.distill_temp > 0:

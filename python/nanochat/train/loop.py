@@ -352,7 +352,14 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                 )
             model, model_cfg = GPT(saved_cfg), saved_cfg
     model.to(rt.device)
-    opt = build_optimizers(model, muon_lr=cfg.lr_muon, lion_lr=cfg.lr_lion, weight_decay=cfg.weight_decay)
+    opt = build_optimizers(
+        model,
+        muon_lr=cfg.lr_muon,
+        lion_lr=cfg.lr_lion,
+        weight_decay=cfg.weight_decay,
+        hidden=cfg.optimizer,
+        adamw_lr=cfg.lr_adamw,
+    )
     optimizers = list(opt)
     teacher = load_teacher(cfg.teacher, rt.device) if cfg.teacher else None
     if teacher is not None and teacher.config.vocab_size != model_cfg.vocab_size:
