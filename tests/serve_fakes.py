@@ -36,15 +36,19 @@ from nanochat.serve.backend import (
     GenerationParams,
     LogitAdjuster,
     TokenLogprob,
+    declares_chat_training,
     model_id_for,
+    model_kind,
     token_logprob,
 )
+from nanochat.serve.schemas import ModelKind
 
 
 class FakeTokenizer:
     """Byte-level tokenizer with nanochat's special-token layout: ids 0-6 special, then the 256 bytes."""
 
     SPECIALS = ("<|bos|>", "<|eos|>", "<|pad|>", "<|system|>", "<|user|>", "<|assistant|>", "<|end|>")
+    has_chat_tokens = True  # nanochat's chat tokens, rendered by nanochat's own template
 
     def __init__(self) -> None:
         self.special_ids = {t: i for i, t in enumerate(self.SPECIALS)}
@@ -100,6 +104,7 @@ class FakeBackend:
 
     reply: str = "Hello! Here is some code:\n```python\nprint(1 < 2)\n```\nDone."
     model_id: str = "fake"
+    kind: ModelKind = "base"  # like every model nanochat-train makes today; "chat" stands for a chat-trained one
     context_length: int = 256
     token_delay: float = 0.0
     gate: threading.Event | None = None
@@ -195,6 +200,7 @@ class ReferenceBackend:
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
         self.model_id = model_id_for(loaded.path)
+        self.kind = model_kind(loaded.tokenizer, declares_chat_training(loaded))
         self.context_length = int(loaded.config.seq_len)
         self.stop_token_ids = frozenset(
             int(loaded.tokenizer.special_ids[n])
@@ -257,9 +263,16 @@ TINY_CORPUS = (
 PRINTABLE = frozenset(range(32, 127)) | {9, 10}  # tab and newline
 
 
-def build_tiny_model(out: str | os.PathLike[str], seq_len: int = 256, seed: int = 0, vocab_size: int = 400) -> Path:
+def build_tiny_model(
+    out: str | os.PathLike[str],
+    seq_len: int = 256,
+    seed: int = 0,
+    vocab_size: int = 400,
+    state: Mapping[str, Any] | None = None,
+) -> Path:
     """Write a tiny random model to ``out``: a ``.gguf`` or ``.safetensors`` export, or else a run directory as
-    ``nanochat-train`` leaves it (``checkpoints/step_000001/`` and ``tokenizer.json``); returns the path."""
+    ``nanochat-train`` leaves it (``checkpoints/step_000001/`` and ``tokenizer.json``, with ``state`` added to the
+    checkpoint's ``state.json``); returns the path."""
     import torch
 
     from nanochat.data.tokenizer import SPECIAL_TOKENS, Tokenizer
@@ -298,7 +311,7 @@ def build_tiny_model(out: str | os.PathLike[str], seq_len: int = 256, seed: int 
 
     out.mkdir(parents=True, exist_ok=True)
     tok.save(out / "tokenizer.json")
-    CheckpointManager(out).save(1, model, [], {"model_config": cfg.to_dict()})
+    CheckpointManager(out).save(1, model, [], {"model_config": cfg.to_dict(), **(state or {})})
     return out
 
 

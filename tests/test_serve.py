@@ -7,6 +7,8 @@ Layout:
 - the real thing: ``python -m nanochat.serve`` in a subprocess serving a tiny GGUF model, driven by the official
   ``openai`` client (chat and completions, streamed and not, seeds, stop strings, concurrency, every malformed
   request), plus in-thread servers on the same model for the API key and the one-slot disconnect checks;
+- the model's kind (base or chat) in /v1/models and llama-server's /props: base for the tiny GGUF and a third-party
+  file without a chat template, chat for one with a template and for files that declare a chat stage;
 - the CLI's no-model exit and run discovery.
 
 Every polling loop is bounded by a deadline; nothing asserts on durations.
@@ -44,10 +46,13 @@ from serve_fakes import (
     iter_sse,
     parse_metrics,
 )
+from test_gguf_thirdparty import CHATML, EOT, TEXTS, make_model, write_converter_gguf
+from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
+from tokenizers import Tokenizer as HFTokenizer
 
 from nanochat.engine.sampling import SamplingParams, make_generator, sample
 from nanochat.serve import EngineBackend, GenerationParams, Settings, create_app
-from nanochat.serve.backend import Delta, model_id_for
+from nanochat.serve.backend import CHAT_TRAINED_KEY, Delta, model_id_for
 from nanochat.serve.cli import exposure_warning
 from nanochat.serve.generation import SlotPool
 from nanochat.serve.settings import find_latest_run, is_loopback_host
@@ -454,6 +459,25 @@ def test_models_and_page(server: ServerProcess, model_id: str) -> None:
     assert h["status"] == "ok" and h["model"] == model_id
 
 
+def test_models_and_props_say_the_tiny_model_is_a_base_model(server: ServerProcess, model_id: str) -> None:
+    """Our tiny GGUF has nanochat's chat tokens and template, like every trained model, but no chat training."""
+    card = httpx.get(server.url + "/v1/models", timeout=10).json()["data"][0]
+    assert card["kind"] == "base"
+    assert httpx.get(server.url + f"/v1/models/{model_id}", timeout=10).json()["kind"] == "base"
+    props = httpx.get(server.url + "/props", timeout=10).json()
+    assert props["model"] == model_id and props["model_kind"] == "base"
+    assert props["context_length"] == CTX == props["default_generation_settings"]["n_ctx"]
+    assert props["max_completion_tokens"] == TOKENS_LIMIT and props["total_slots"] == 2
+    assert props["has_chat_template"] is True and "<|assistant|>" in props["chat_template"]  # the format, untrained
+    assert props["fim"] is True
+    spec = httpx.get(server.url + "/openapi.json", timeout=10).json()
+    assert spec["paths"]["/props"]["get"]["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/Props"
+    }
+    assert "kind" in spec["components"]["schemas"]["ModelCard"]["required"]
+    assert spec["components"]["schemas"]["ModelCard"]["properties"]["kind"]["enum"] == ["base", "chat"]
+
+
 def test_chat_streamed_equals_unstreamed(client: openai.OpenAI, model_id: str) -> None:
     for kw in ({"temperature": 0.0}, {"temperature": 0.9, "seed": 1234}, {"temperature": 1.0, "top_p": 0.9, "seed": 5}):
         text, finish, usage = _chat(client, model_id, max_tokens=24, **kw)
@@ -732,6 +756,90 @@ def test_batched_requests_equal_solo_requests(real_backend: EngineBackend) -> No
     alone = [drain(real_backend.stream(prompts[i], params[i], threading.Event())) for i in range(4)]
     assert batcher.max_batch == 1  # one at a time: the twin really ran alone
     assert together == alone
+
+
+# ============================================================================ the model's kind
+
+
+def gpt2_like_tokenizer() -> HFTokenizer:
+    """A byte-level BPE with ``<|endoftext|>`` as its one special token, as a third-party base model has."""
+    raw = HFTokenizer(models.BPE())
+    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    raw.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=360, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
+    )
+    raw.train_from_iterator(TEXTS, trainer=trainer)
+    raw.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
+    return raw
+
+
+@pytest.mark.parametrize("template", [None, CHATML], ids=["no-template", "chatml"])
+def test_a_third_party_file_is_a_chat_model_when_it_ships_a_chat_template(tmp_path: Path, template: str | None) -> None:
+    """A converter copies ``tokenizer.chat_template`` from the model's repository: an instruction-tuned model has one,
+    a base model has none (and then chat is refused: the kind and the chat endpoint agree)."""
+    path = write_converter_gguf(tmp_path / "m.gguf", make_model(), gpt2_like_tokenizer(), chat_template=template)
+    expected = "base" if template is None else "chat"
+    backend = EngineBackend.from_path(path, threads=1)
+    assert backend.kind == expected
+    with ServerThread(create_app(backend)) as srv, httpx.Client(base_url=srv.url, timeout=60) as c:
+        assert c.get("/v1/models").json()["data"][0]["kind"] == expected
+        props = c.get("/props").json()
+        assert props["model_kind"] == expected and props["model"] == "m"
+        assert props["has_chat_template"] is (template is not None) and props["chat_template"] == (template or "")
+        assert props["context_length"] == 64 and props["fim"] is False
+        r = c.post(CHAT, json={"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2})
+        assert r.status_code == (400 if template is None else 200), r.text
+
+
+def test_a_file_that_declares_chat_training_is_a_chat_model(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint's ``state.json`` or a GGUF key declares a chat stage; without it our files are base models."""
+    import gguf
+
+    assert EngineBackend.from_path(build_tiny_model(tmp_path / "pre"), threads=1).kind == "base"
+    sft = build_tiny_model(tmp_path / "sft", state={"chat_trained": True})
+    assert EngineBackend.from_path(sft, threads=1).kind == "chat"
+    assert EngineBackend.from_path(
+        build_tiny_model(tmp_path / "no", state={"chat_trained": "yes"}), threads=1
+    ).kind == ("base")  # only a JSON true declares it
+
+    add_name = gguf.GGUFWriter.add_name
+
+    def add_name_and_declare(self: Any, name: str, value: bool = True) -> None:  # the key goes in before the seal
+        add_name(self, name)
+        self.add_bool(CHAT_TRAINED_KEY, value)
+
+    monkeypatch.setattr(gguf.GGUFWriter, "add_name", add_name_and_declare)
+    declared = build_tiny_model(tmp_path / "sft.gguf")
+    monkeypatch.setattr(gguf.GGUFWriter, "add_name", lambda self, name: add_name_and_declare(self, name, False))
+    denied = build_tiny_model(tmp_path / "denied.gguf")
+    monkeypatch.undo()
+    assert EngineBackend.from_path(declared, threads=1).kind == "chat"
+    assert EngineBackend.from_path(denied, threads=1).kind == "base"
+    with ServerThread(create_app(EngineBackend.from_path(declared, threads=1))) as srv:
+        assert httpx.get(srv.url + "/v1/models", timeout=30).json()["data"][0]["kind"] == "chat"
+        assert httpx.get(srv.url + "/props", timeout=30).json()["model_kind"] == "chat"
+
+
+def test_a_backend_without_a_kind_gets_the_rule() -> None:
+    """A backend that does not say its kind (an older or third-party one) is judged by its tokenizer alone."""
+
+    class Quiet:  # FakeBackend without its ``kind``
+        def __init__(self, tokenizer: Any) -> None:
+            self.inner = FakeBackend(tokenizer=tokenizer)
+
+        def __getattr__(self, name: str) -> Any:
+            if name == "kind":
+                raise AttributeError(name)
+            return getattr(self.inner, name)
+
+    class TemplatedTokenizer(FakeTokenizer):
+        has_chat_tokens = False
+        chat_template = CHATML
+
+    for tok, kind in ((FakeTokenizer(), "base"), (TemplatedTokenizer(), "chat")):
+        with ServerThread(create_app(Quiet(tok))) as srv:  # type: ignore[arg-type]
+            assert httpx.get(srv.url + "/props", timeout=10).json()["model_kind"] == kind
 
 
 # ============================================================================ CLI

@@ -1,8 +1,9 @@
 """Generation backends: the small protocol the HTTP server needs, and its implementation over ``nanochat.engine``.
 
-The server only needs :class:`Backend`: a model id, a context length, a tokenizer with a chat template, the token
-ids that end a reply, and ``stream(prompt_ids, params, cancel)``, a *blocking* iterator the server runs in a worker
-thread. Its contract, per choice (``params.n`` choices, told apart by ``Delta.index``, interleaved in any order):
+The server only needs :class:`Backend`: a model id, its kind (base or chat, :func:`model_kind`), a context length, a
+tokenizer with a chat template, the token ids that end a reply, and ``stream(prompt_ids, params, cancel)``, a
+*blocking* iterator the server runs in a worker thread. Its contract, per choice (``params.n`` choices, told apart
+by ``Delta.index``, interleaved in any order):
 
 - one :class:`Delta` per generated token, with ``token_id`` set (``text`` may be empty while bytes of a UTF-8
   character, or a possible start of a stop string, are held back),
@@ -37,6 +38,7 @@ import numpy as np
 
 from nanochat.engine.constrain import JsonChooser, TokenTable
 from nanochat.engine.sampling import SamplingParams, as_logits, new_seed, penalize
+from nanochat.serve.schemas import ModelKind
 
 if TYPE_CHECKING:
     from nanochat.export.load import LoadedModel
@@ -44,6 +46,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("nanochat.serve")
 
 FinishReason = Literal["stop", "length", "cancelled"]
+CHAT_TRAINED_KEY = "nanochat.chat_trained"  # GGUF bool (state.json: "chat_trained"): the weights saw chat training
 
 
 @dataclass(frozen=True)
@@ -204,6 +207,9 @@ class Backend(Protocol):
     def model_id(self) -> str: ...  # what /v1/models lists and requests may name
 
     @property
+    def kind(self) -> ModelKind: ...  # "base" or "chat" (:func:`model_kind`): the chat page opens in its mode
+
+    @property
     def context_length(self) -> int: ...  # prompt + max_tokens must fit
 
     @property
@@ -230,6 +236,53 @@ def model_id_for(path: Path) -> str:
     if path.name == "checkpoints":
         return path.parent.name
     return path.name
+
+
+def model_kind(tokenizer: Any, chat_trained: bool = False) -> ModelKind:
+    """``"chat"`` when the model was trained to answer chats, else ``"base"`` (it continues text).
+
+    One rule, for every file the server loads:
+    - a file that declares chat training (:func:`declares_chat_training`) is a chat model;
+    - a tokenizer with nanochat's own chat tokens (``<|user|>``...) is otherwise a base model: those tokens are in
+      every vocabulary ``nanochat-train`` makes, from the first step, and an export always writes the template that
+      renders them, so neither says the weights ever saw a conversation (no chat stage is trained yet);
+    - a third-party tokenizer is a chat model when the file ships ``tokenizer.chat_template``: converters copy it
+      from the model's HF repository, where only instruction-tuned models have one (llama-server reads it the
+      same way); without one, chat is refused anyway (``chat_unsupported``).
+    """
+    if chat_trained:
+        return "chat"
+    if getattr(tokenizer, "has_chat_tokens", False):
+        return "base"
+    return "chat" if getattr(tokenizer, "chat_template", None) else "base"
+
+
+def declares_chat_training(loaded: LoadedModel) -> bool:
+    """Whether the file says its weights saw chat training: the GGUF key :data:`CHAT_TRAINED_KEY`, or
+    ``"chat_trained": true`` in a checkpoint's ``state.json``. A safetensors export declares nothing (``False``)."""
+    if loaded.format == "gguf":
+        import gguf
+
+        field = gguf.GGUFReader(loaded.path).fields.get(CHAT_TRAINED_KEY)
+        return bool(field is not None and field.contents() is True)
+    if loaded.format == "checkpoint":
+        from nanochat.checkpoint_format import read_state
+
+        return read_state(loaded.path).get("chat_trained") is True
+    return False
+
+
+def chat_template_of(tokenizer: Any) -> str | None:
+    """The template ``/v1/chat/completions`` renders: the file's ``tokenizer.chat_template``, or nanochat's own
+    format for a tokenizer with nanochat's chat tokens; ``None`` when there is none."""
+    template = getattr(tokenizer, "chat_template", None)
+    if template:
+        return str(template)
+    if getattr(tokenizer, "has_chat_tokens", False):
+        from nanochat.export.gguf_io import CHAT_TEMPLATE
+
+        return CHAT_TEMPLATE
+    return None
 
 
 def _stop_ids_of(tokenizer: Any) -> frozenset[int]:
@@ -271,6 +324,7 @@ class EngineBackend:
         self.batcher = Batcher(self.engine, PromptCache(prompt_cache))
         self.mode = f"engine:{self.engine.backend_name}"
         self.constrained_decoding = True  # response_format json_object (the Batcher's JsonChooser)
+        self.kind: ModelKind = model_kind(loaded.tokenizer, declares_chat_training(loaded))
 
     @classmethod
     def from_path(cls, path: str | Path, **kw: Any) -> EngineBackend:

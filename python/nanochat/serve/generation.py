@@ -41,7 +41,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.types import Receive, Scope, Send
 
 from nanochat.engine.sampling import SamplingParams
-from nanochat.serve.backend import Backend, Delta, GenerationParams, TokenLogprob, TokenTexts
+from nanochat.serve.backend import Backend, Delta, GenerationParams, TokenLogprob, TokenTexts, model_kind
 from nanochat.serve.errors import (
     APIError,
     ClientDisconnected,
@@ -57,6 +57,7 @@ from nanochat.serve.schemas import (
     ChoiceLogprobs,
     CompletionLogprobs,
     CompletionRequest,
+    ModelKind,
     PromptTokensDetails,
     SamplingRequest,
     TokenLogprobEntry,
@@ -301,6 +302,8 @@ class Service:
         self.tokens_limit = min(settings.max_tokens_limit or ctx, ctx)  # the largest max_tokens accepted
         self.max_token_bytes = _max_token_bytes(backend.tokenizer)
         self.token_texts = TokenTexts(backend.tokenizer)
+        # base or chat: a backend says (EngineBackend reads the file's declaration), or its tokenizer tells
+        self.kind: ModelKind = getattr(backend, "kind", None) or model_kind(backend.tokenizer)
         self.stopping = False  # set once by begin_shutdown
 
     def close(self) -> None:

@@ -3,7 +3,7 @@ for the shared steps, and shapes the answer.
 
 ``GET /`` (the chat page), ``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``POST /v1/chat/completions`` and
 ``POST /v1/completions`` (OpenAI's shapes; ``n`` choices, ``stream: true`` = server-sent events with ``index`` on
-each chunk), llama-server's ``POST /infill``, ``POST /tokenize`` and ``POST /detokenize``.
+each chunk), llama-server's ``GET /props``, ``POST /infill``, ``POST /tokenize`` and ``POST /detokenize``.
 """
 
 from __future__ import annotations
@@ -19,8 +19,9 @@ from typing import Any, cast
 from fastapi import APIRouter, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 
+from nanochat import __version__
 from nanochat.data.tokenizer import ChatTemplateError
-from nanochat.serve.backend import TokenLogprob
+from nanochat.serve.backend import TokenLogprob, chat_template_of
 from nanochat.serve.errors import APIError, error_responses
 from nanochat.serve.generation import Service
 from nanochat.serve.schemas import (
@@ -33,10 +34,12 @@ from nanochat.serve.schemas import (
     CompletionRequest,
     DetokenizeRequest,
     DetokenizeResponse,
+    GenerationDefaults,
     InfillRequest,
     InfillResponse,
     ModelCard,
     ModelList,
+    Props,
     TokenizeRequest,
     TokenizeResponse,
     TokenPiece,
@@ -140,7 +143,29 @@ async def prometheus(request: Request) -> Response:
 def _card(svc: Service) -> ModelCard:
     b = svc.backend
     return ModelCard(id=b.model_id, created=svc.created, context_length=b.context_length,
-                     max_completion_tokens=svc.tokens_limit)  # fmt: skip
+                     max_completion_tokens=svc.tokens_limit, kind=svc.kind)  # fmt: skip
+
+
+@router.get("/props", response_model=Props)
+async def props(request: Request) -> Props:
+    """What is loaded, as llama-server's ``/props`` says it: the model's kind (base or chat), its chat template and
+    context length, the slots; the chat page opens in completion mode for a base model."""
+    svc = service(request)
+    b = svc.backend
+    template = chat_template_of(b.tokenizer) or ""
+    fim_ids = getattr(b.tokenizer, "fim_ids", None)
+    return Props(
+        model=b.model_id,
+        model_kind=svc.kind,
+        chat_template=template,
+        has_chat_template=bool(template),
+        context_length=b.context_length,
+        max_completion_tokens=svc.tokens_limit,
+        default_generation_settings=GenerationDefaults(n_ctx=b.context_length),
+        total_slots=svc.settings.max_concurrent,
+        fim=fim_ids is not None and fim_ids() is not None,
+        build_info=f"nanochat {__version__}",
+    )
 
 
 @router.get("/v1/models", response_model=ModelList)

@@ -437,6 +437,9 @@ class Completion(BaseModel):
     system_fingerprint: str | None = None
 
 
+ModelKind = Literal["base", "chat"]  # what the weights were trained for: continuing text, or answering a chat
+
+
 class ModelCard(BaseModel):
     id: str
     object: Literal["model"] = "model"
@@ -444,6 +447,27 @@ class ModelCard(BaseModel):
     owned_by: str = "nanochat"
     context_length: int  # extension: what max_tokens + prompt must fit in
     max_completion_tokens: int  # extension: the largest max_tokens this server accepts
+    kind: ModelKind  # extension: "base" continues text (use completions), "chat" was trained on conversations
+
+
+class GenerationDefaults(BaseModel):
+    n_ctx: int  # the context length, where llama-server's clients read it
+
+
+class Props(BaseModel):
+    """``GET /props``, as llama-server answers it (the fields a client reads to learn what is loaded), plus
+    ``model_kind``: whether chat replies mean anything (``nanochat.serve.backend.model_kind``)."""
+
+    model: str  # the model id of /v1/models
+    model_kind: ModelKind  # "base": completions only make sense; "chat": trained on conversations
+    chat_template: str  # what /v1/chat/completions renders ("" when the model has none: chat is refused)
+    has_chat_template: bool
+    context_length: int
+    max_completion_tokens: int  # the largest max_tokens this server accepts
+    default_generation_settings: GenerationDefaults
+    total_slots: int  # generations that run at once
+    fim: bool  # whether /infill can serve this model (it has fill-in-the-middle tokens)
+    build_info: str
 
 
 class ModelList(BaseModel):
