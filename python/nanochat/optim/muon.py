@@ -49,10 +49,13 @@ def newton_schulz(g: Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = 
     if tall:
         x = x.mT  # (..., cols, rows): iterate on the wide side so A is the smaller Gram matrix
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # all singular values now <= 1
+    lead = x.shape[:-2]
+    x = x.reshape(-1, *x.shape[-2:])  # (k, r, c): one batched GEMM per product
     for _ in range(steps):
-        A = x @ x.mT  # (..., r, r)
-        B = b * A + c * (A @ A)
-        x = a * x + B @ x
+        A = x @ x.mT  # (k, r, r)
+        B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²: the sum rides in the GEMM's epilogue
+        x = torch.baddbmm(x, B, x, beta=a, alpha=1.0)  # a·x + B·x, likewise (no separate elementwise passes)
+    x = x.reshape(*lead, *x.shape[-2:])
     return x.mT if tall else x
 
 
