@@ -21,6 +21,10 @@ What runs, for each thread count and round (llama.cpp first, then ours, so a bur
 - ``start``: wall time of a fresh process that loads the file and writes one token: ``llama-simple -n 1`` vs
   ``nanochat-sample --max-tokens 1`` (imports included; the median of ``--reps``). Once, at the default threads.
 
+A second table sets our decode against the read limit: the bytes one token must read (every weight once, the tied
+head included, plus the KV cache at the run's mean position) times tokens/s, against a plain read (numpy summing
+uint64) of a buffer of as many bytes, measured in the same run at the same thread count.
+
 Ratios are ours/llama.cpp in tokens per second (above 1: we are faster), and llama.cpp/ours for the start-up
 wall time. The load average is printed before and after; the machine is shared, so only ratios within one run mean
 anything. ``--json`` writes the records (keys: ``what, threads, round, llama, ours, unit, ratio``) and a summary
@@ -89,6 +93,14 @@ class Ours:
         self.engine = Engine(loaded, backend="rust", threads=threads, **kw)
         self.vocab = int(loaded.config.vocab_size)
         self.rng = np.random.default_rng(0)
+        cfg = loaded.config
+        kv_elem = 2 if self.engine.rust.kv == "f16" else 4
+        self.weight_bytes = int(self.engine.rust.weight_bytes)  # packed trits + the (tied) head + norms
+        self.kv_bytes_per_pos = cfg.n_layer * 2 * cfg.n_kv_head * (cfg.n_embd // cfg.n_head) * kv_elem
+
+    def bytes_per_token(self, tg: int) -> float:
+        """Bytes one decode step must read: every weight once, plus the KV cache at the mean position of a run."""
+        return self.weight_bytes + self.kv_bytes_per_pos * (1 + tg / 2)
 
     def pp(self, n: int, reps: int) -> float:
         best = float("inf")
@@ -110,6 +122,22 @@ class Ours:
                 tok = int(np.argmax(s.decode(tok)))
             rates.append(n / (time.perf_counter() - t))
         return statistics.median(rates)
+
+
+def plain_read_gbps(nbytes: int, threads: int, reps: int = 20) -> float:
+    """GB/s of a plain read (numpy summing uint64, split over ``threads``) of a buffer of ``nbytes``: the read
+    limit a decode step of that many bytes is held to (the same cache level: the buffer is as big as the model)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    buf = np.random.default_rng(0).integers(0, 2**63, size=max(1, nbytes // 8), dtype=np.uint64)
+    parts = np.array_split(buf, threads)
+    best = float("inf")
+    with ThreadPoolExecutor(threads) as pool:
+        for _ in range(reps):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))  # numpy releases the GIL inside the reduction
+            best = min(best, time.perf_counter() - t)
+    return buf.nbytes / best / 1e9
 
 
 def start_wall(cmd: list[str], reps: int) -> float:
@@ -199,11 +227,28 @@ def main(argv: list[str] | None = None) -> int:
         fmt = "{:.1f} " + s["unit"] if s["unit"] == "tok/s" else "{:.3f} s"
         table.add_row(s["what"], str(s["threads"] or "-"), fmt.format(la), fmt.format(ou), f"{ratio:.2f}x")
     console.print(table)
+    bw = Table(
+        title="our decode against the read limit: bytes a token must read × tok/s vs a plain read of as many bytes"
+    )
+    for col in ("threads", "MB / token", "decode tok/s", "achieved GB/s", "plain read GB/s", "of the limit"):
+        bw.add_column(col, justify="right")
+    bandwidth = []
+    for r in rows:
+        if r["what"] != "tg":
+            continue
+        t, eng = r["threads"], ours[r["threads"]]
+        nbytes = eng.bytes_per_token(args.tg)
+        read = plain_read_gbps(int(nbytes), t)
+        got = nbytes * r["ours"] / 1e9
+        bandwidth.append({"threads": t, "bytes_per_token": nbytes, "tok_s": r["ours"], "achieved_gbps": got,
+                          "plain_read_gbps": read, "fraction": got / read})  # fmt: skip
+        bw.add_row(str(t), f"{nbytes / 1e6:.1f}", f"{r['ours']:.1f}", f"{got:.1f}", f"{read:.1f}", f"{got / read:.0%}")
+    console.print(bw)
     console.print(f"load average after: {loadavg()}  (ratio > 1: ours faster)")
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         doc = {"model": str(args.model), "llama_bin": str(bin_dir), "records": records, "summary": rows,
-               "load_avg_after": os.getloadavg()}  # fmt: skip
+               "bandwidth": bandwidth, "load_avg_after": os.getloadavg()}  # fmt: skip
         args.json.write_text(json.dumps(doc, indent=1) + "\n")
     return 0
 
