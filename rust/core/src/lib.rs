@@ -5,6 +5,8 @@
 //! * [`kernels`]: ternary × int8 GEMV/GEMM — a scalar reference (the oracle) and SIMD variants
 //!   chosen at run time, multi-threaded over output rows.
 //! * [`mhc`]: Sinkhorn-Knopp and Birkhoff–von Neumann projections for mHC residual streams.
+//! * [`engine`]: the GPT forward step with a KV cache on the ternary kernels.
+//! * [`team`]: the one thread runtime (a process-wide work-stealing team) of all the above.
 //!
 //! Nothing here knows about Python or torch: inputs are slices, outputs are plain structs, and
 //! every failure a caller can trigger is an [`Error`], never a panic.
@@ -16,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod kernels;
 pub mod mhc;
+pub mod team;
 pub mod ternary;
 
 pub use error::{Error, Result};

@@ -1,4 +1,4 @@
-//! Bindings for the Rust inference engine: `EngineModel` (weights, thread team) and
+//! Bindings for the Rust inference engine: `EngineModel` (weights, thread count) and
 //! `EngineSession` (one sequence's KV cache).
 //!
 //! `EngineModel(config, weights, threads=0, kernel=None, head="f16", kv="f32", profile=False)`:
@@ -338,13 +338,14 @@ impl EngineModel {
         self.inner.config().vocab_size
     }
 
-    /// Threads of the engine's team.
+    /// Threads per forward step, borrowed from the crate's one thread team (a step that finds the
+    /// team busy with another caller runs on its own thread).
     #[getter]
     fn threads(&self) -> usize {
         self.inner.threads()
     }
 
-    /// Resize the engine's thread team (0 = NANOCHAT_THREADS or all cores; more than
+    /// Set the threads per forward step (0 = NANOCHAT_THREADS or all cores; more than
     /// `max_threads()` raises ValueError).
     fn set_threads(&self, py: Python<'_>, n: usize) -> PyResult<()> {
         let m = self.inner.clone();

@@ -19,11 +19,11 @@
 
 use super::attention::attend;
 use super::math;
-use super::team::{SendPtr, Team};
 use super::{
     Fused, Head, KvPrecision, Layer, Logits, MhcParams, MlpKind, Model, Residual, Session,
 };
 use crate::kernels::{self, Kernel, TernaryView};
+use crate::team::{self, Crew, SendPtr};
 use crate::{Error, Result};
 use half::f16;
 use std::sync::Mutex;
@@ -182,8 +182,10 @@ fn grow<T: Default + Clone>(v: &mut Vec<T>, n: usize) -> Result<()> {
     Ok(())
 }
 
+/// A model's mutable state: its thread count, workspace and profile.
 pub(crate) struct Runtime {
-    pub team: Team,
+    /// Threads asked of the crate's team per forward step (resolved, ≥ 1).
+    pub threads: usize,
     ws: Workspace,
     pub profile: Profile,
 }
@@ -191,7 +193,7 @@ pub(crate) struct Runtime {
 impl Runtime {
     pub fn new(threads: usize, profile: bool) -> Result<Self> {
         Ok(Self {
-            team: Team::new(threads)?,
+            threads: threads.max(1),
             ws: Workspace::default(),
             profile: Profile::new(profile),
         })
@@ -252,7 +254,7 @@ fn check(model: &Model, batch: &mut [(&mut Session, &[u32])]) -> Result<usize> {
 }
 
 /// Run `f(r0, r1)` over rows `0..n`: inline for small `n`, else split over the team.
-fn rows_par<F: Fn(usize, usize) + Sync>(team: &mut Team, n: usize, f: F) -> Result<()> {
+fn rows_par<F: Fn(usize, usize) + Sync>(team: &mut Crew, n: usize, f: F) -> Result<()> {
     if n < PAR_ROWS || team.threads() == 1 {
         f(0, n);
         return Ok(());
@@ -311,7 +313,7 @@ impl Workspace {
 /// One forward step in flight: the model, the team and workspace it borrows, the profile.
 struct Step<'a> {
     model: &'a Model,
-    team: &'a mut Team,
+    team: &'a mut Crew,
     ws: &'a mut Workspace,
     prof: &'a mut Profile,
     clock: Clock,
@@ -336,14 +338,16 @@ pub(crate) fn forward(
     let mut guard = model.lock();
     let rt = &mut *guard;
     let t_start = Instant::now();
-    rt.ws.reserve(model, batch, n, rt.team.threads())?;
+    // The crate's team for the whole step (or this thread alone, if it is lent elsewhere).
+    let mut crew = team::borrow(rt.threads)?;
+    rt.ws.reserve(model, batch, n, crew.threads())?;
     let clock = Clock {
         on: rt.profile.enabled,
         t: Instant::now(),
     };
     let mut st = Step {
         model,
-        team: &mut rt.team,
+        team: &mut crew,
         ws: &mut rt.ws,
         prof: &mut rt.profile,
         clock,

@@ -18,7 +18,7 @@
 //! * **Fused projections.** q/k/v are one packed matrix and gate/up another: one activation
 //!   quantization and one parallel section instead of three or two. Each keeps its own
 //!   per-tensor scale (applied per output row), so results equal the separate products.
-//! * **A spinning thread team** ([`team::Team`]) instead of rayon for the ~50 short parallel
+//! * **The crate's spinning thread team** ([`crate::team`]) instead of rayon for the ~50 short parallel
 //!   sections of a decode step, with work stealing and jobs that close behind late workers so a
 //!   busy machine degrades to one-thread speed instead of stalling; the kernels are called
 //!   single-threaded on row ranges. Prefill feeds the kernels 32 activation rows at a time over
@@ -45,7 +45,6 @@
 pub mod attention;
 mod forward;
 pub mod math;
-pub mod team;
 
 use crate::kernels::{Kernel, TernaryMatrix};
 use crate::{shape_err, Error, Result};
@@ -475,7 +474,7 @@ pub(crate) enum Head {
 
 static NEXT_MODEL_ID: AtomicU64 = AtomicU64::new(1);
 
-/// An immutable model plus the engine's (locked) thread team and workspace.
+/// An immutable model plus the engine's (locked) thread count and workspace.
 pub struct Model {
     pub(crate) cfg: Config,
     pub(crate) id: u64,
@@ -856,19 +855,16 @@ impl Model {
         }
     }
 
-    /// Threads of the engine's team.
+    /// Threads the engine asks of the crate's team ([`crate::team::borrow`]) per forward step.
     pub fn threads(&self) -> usize {
-        self.lock().team.threads()
+        self.lock().threads
     }
 
-    /// Resize the thread team (0 = [`crate::kernels::num_threads`]; more than
+    /// Set the threads per forward step (0 = [`crate::kernels::num_threads`]; more than
     /// [`crate::kernels::max_threads`] is refused).
     pub fn set_threads(&self, n: usize) -> Result<()> {
         let n = crate::kernels::resolve_threads(n, "engine set_threads")?;
-        let mut rt = self.lock();
-        if rt.team.threads() != n {
-            rt.team = team::Team::new(n)?;
-        }
+        self.lock().threads = n;
         Ok(())
     }
 

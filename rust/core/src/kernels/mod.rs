@@ -18,13 +18,12 @@
 //! a weight row tile in L1 while all activation rows pass over it, so the weights stream from
 //! memory once per call and a batch costs much less than `n` GEMVs (prefill, several sequences).
 //!
-//! Threading: output rows are split in whole 32-row tiles into ~4 work items per thread, taken
-//! from an atomic counter by the calling thread and `threads − 1` helpers from a rayon pool (one
-//! pool per thread count, built once). The caller starts at once; a helper that wakes late
-//! takes fewer items, or none, and is then not waited for. Calls whose estimated single-thread
-//! time is below [`PAR_MIN_US`] run on the calling thread alone. The mHC ops (Sinkhorn) use
-//! the same pool and protocol (`run_shared`), so a thread budget of `t` means the caller plus
-//! `t − 1` helpers for both. Thread counts above [`max_threads`] are refused.
+//! Threading: output rows are split in whole 32-row tiles into ~4 work items per thread, run by
+//! the crate's one thread team ([`crate::team`], shared with the mHC ops and the engine): the
+//! caller starts at once; a worker that wakes late takes fewer items, or none, and is then not
+//! waited for. Calls whose estimated single-thread time is below [`PAR_MIN_US`], and calls made
+//! while the team is lent elsewhere, run on the calling thread alone. Thread counts above
+//! [`max_threads`] are refused.
 
 pub mod scalar;
 #[cfg(target_arch = "x86_64")]
@@ -32,8 +31,7 @@ pub mod x86;
 
 use crate::ternary::{check_block_multiple, Ternary};
 use crate::{shape_err, Error, Result};
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::OnceLock;
 
 /// Borrowed ternary weights in the kernel layout (see module docs).
 #[derive(Clone, Copy, Debug)]
@@ -280,27 +278,6 @@ fn available_names() -> String {
 /// Rows per parallel work item: a multiple of 32 (the widest row tile any kernel uses).
 const ROW_TILE: usize = 32;
 
-/// The crate's rayon pool of `threads` helper workers, built once per size and used only through
-/// [`run_shared`] (by the kernels and the mHC ops, with the calling thread as the extra thread).
-fn thread_pool(threads: usize) -> Result<Arc<rayon::ThreadPool>> {
-    static POOLS: OnceLock<Mutex<HashMap<usize, Arc<rayon::ThreadPool>>>> = OnceLock::new();
-    let mut pools = POOLS
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|e| e.into_inner());
-    if let Some(p) = pools.get(&threads) {
-        return Ok(p.clone());
-    }
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .thread_name(|i| format!("nanochat-{i}"))
-        .build()
-        .map_err(|e| Error::Internal(format!("cannot start {threads} worker threads: {e}")))?;
-    let pool = Arc::new(pool);
-    pools.insert(threads, pool.clone());
-    Ok(pool)
-}
-
 /// Cores this process may use (`available_parallelism`, at least 1), read once: on Linux
 /// `available_parallelism` reads the cgroup quota files and the affinity mask on every call,
 /// tens of microseconds that a decode step (dozens of kernel calls) must not pay each time.
@@ -370,7 +347,7 @@ pub fn set_num_threads(n: usize) -> Result<()> {
 /// Calls estimated to take less than this many microseconds on one thread run on the calling
 /// thread alone (see [`Kernel::macs_per_us`]): below it, spawning the helper job (~1–2 µs)
 /// costs about what a second core could save. Above it the call is split, and since a helper
-/// that wakes late is simply not waited for (see `par_run`), splitting does not make a call
+/// that wakes late is simply not waited for (see [`crate::team`]), splitting does not make a call
 /// slower when the other core is busy or asleep (on this VM an idle worker takes ~80 µs to
 /// wake).
 pub const PAR_MIN_US: f64 = 8.0;
@@ -604,119 +581,9 @@ fn run_prepared(
         return Ok(());
     }
     // Work items: ~4 per thread, each a whole number of 32-row tiles (the widest row tile any
-    // kernel uses), handed out by an atomic counter to the calling thread and its helpers.
+    // kernel uses), run by the crate's team (the calling thread alone if the team is lent).
     let per_item = tiles.div_ceil(threads * 4).max(1) * ROW_TILE;
-    let items = rows.div_ceil(per_item);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let work = || loop {
-        let j = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if j >= items {
-            break;
-        }
-        range(j * per_item, rows.min((j + 1) * per_item));
-    };
-    run_shared(threads, &work)
-}
-
-/// Run `work` on the calling thread and `threads − 1` helpers of the crate's one shared pool
-/// (see [`par_run`]): the parallel protocol of the kernels and of the mHC ops alike, so one
-/// thread budget means one set of worker threads. `work` must take its items from a shared
-/// counter (every call of it returns once no items are left).
-pub(crate) fn run_shared(threads: usize, work: &(dyn Fn() + Sync)) -> Result<()> {
-    if threads <= 1 {
-        work();
-        return Ok(());
-    }
-    let pool = thread_pool(threads - 1)?;
-    par_run(&pool, threads - 1, work)
-}
-
-/// Run `work` on the calling thread and on `helpers` workers of `pool`, returning once the
-/// calling thread's `work` has returned and every helper that *joined* has finished.
-///
-/// Unlike a rayon scope, a helper that has not started by the time the calling thread is done
-/// is not waited for: it finds the job closed and returns without touching it. On this 2-vCPU
-/// VM, waking an idle worker took ~80 µs (median, measured); a scope would make every
-/// parallel call wait that long, while here the caller simply does all items itself and the
-/// only cost of a late helper is the spawn (~1–2 µs).
-fn par_run(pool: &rayon::ThreadPool, helpers: usize, work: &(dyn Fn() + Sync)) -> Result<()> {
-    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-    /// Set in `state` once the job is closed to newcomers; the other bits count the helpers
-    /// inside `work`.
-    const CLOSED: usize = 1 << (usize::BITS - 1);
-    struct Shared {
-        state: AtomicUsize,
-        panicked: AtomicBool,
-    }
-    struct Job(*const (dyn Fn() + Sync + 'static));
-    // SAFETY: the pointee is `Sync`; it is only dereferenced under the protocol below.
-    unsafe impl Send for Job {}
-    /// Closes the job and waits for the helpers inside it, also when `work` unwinds, so the
-    /// borrowed closure outlives every use.
-    struct Close<'a>(&'a Shared);
-    impl Drop for Close<'_> {
-        fn drop(&mut self) {
-            let mut s = self.0.state.fetch_or(CLOSED, Ordering::AcqRel) | CLOSED;
-            let mut spins = 0u32;
-            while s != CLOSED {
-                spins += 1;
-                if spins < 1 << 12 {
-                    std::hint::spin_loop();
-                } else {
-                    std::thread::yield_now();
-                }
-                s = self.0.state.load(Ordering::Acquire);
-            }
-        }
-    }
-
-    let shared = Arc::new(Shared {
-        state: AtomicUsize::new(0),
-        panicked: AtomicBool::new(false),
-    });
-    // SAFETY (lifetime erasure): helpers dereference the pointer only after registering in
-    // `state` while it is open, and `Close` (run before `work` goes out of scope, on return or
-    // unwind) closes the job and waits until every registered helper has deregistered.
-    let job: *const (dyn Fn() + Sync + '_) = work;
-    // SAFETY: lifetime erasure only; see the protocol note above.
-    let job: *const (dyn Fn() + Sync + 'static) = unsafe { std::mem::transmute(job) };
-    for _ in 0..helpers {
-        let shared = shared.clone();
-        let job = Job(job);
-        pool.spawn(move || {
-            let job = job;
-            let mut s = shared.state.load(Ordering::Acquire);
-            loop {
-                if s & CLOSED != 0 {
-                    return; // too late: the caller has finished (or is finishing) alone
-                }
-                match shared.state.compare_exchange_weak(
-                    s,
-                    s + 1,
-                    Ordering::AcqRel,
-                    Ordering::Acquire,
-                ) {
-                    Ok(_) => break,
-                    Err(now) => s = now,
-                }
-            }
-            // SAFETY: registered while open, so the closure is alive until we deregister.
-            let r =
-                std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| unsafe { (*job.0)() }));
-            if r.is_err() {
-                shared.panicked.store(true, Ordering::Release);
-            }
-            shared.state.fetch_sub(1, Ordering::AcqRel);
-        });
-    }
-    {
-        let _close = Close(&shared);
-        work();
-    }
-    if shared.panicked.load(Ordering::Acquire) {
-        return Err(Error::Internal("a kernel worker thread panicked".into()));
-    }
-    Ok(())
+    crate::team::borrow(threads)?.run(rows, per_item, |_, r0, r1| range(r0, r1))
 }
 
 /// `y = x · Wᵀ` for f32 activations `x` (`n × cols`): int8 per-row absmax quantization of `x`,

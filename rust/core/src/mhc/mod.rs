@@ -24,10 +24,8 @@ pub use diag::{hres_diagnostics, HresDiagnostics};
 pub use perm::{permutation_matrices, permutation_rank, permutations, MAX_BASIS_N};
 pub use sinkhorn::{sinkhorn_backward, sinkhorn_forward, Real, DEFAULT_ITERS};
 
-// The mHC ops run on the kernels' shared pool and protocol ([`crate::kernels::run_shared`]: the
-// caller plus `threads − 1` helpers), sized by the same thread budget
-// ([`crate::kernels::num_threads`]), so `set_num_threads` governs both.
-use crate::kernels::run_shared;
+// The mHC ops run on the crate's one thread team ([`crate::team`]), sized by the same thread
+// budget as the kernels ([`crate::kernels::num_threads`]), so `set_num_threads` governs both.
 
 /// Resolve a thread count (0 = the shared default; too many is an error).
 fn resolve_threads(threads: usize) -> crate::Result<usize> {

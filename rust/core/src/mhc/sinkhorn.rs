@@ -45,7 +45,7 @@
 //!   level, batch size or thread count.
 //! * Batches are split over the shared thread budget when there is enough work.
 
-use super::{resolve_threads, run_shared};
+use super::resolve_threads;
 use crate::{shape_err, Error, Result};
 
 /// The element types the Sinkhorn ops read and write; arithmetic is always f64.
@@ -685,24 +685,16 @@ fn for_each_chunk<T: Real>(
         f(0, out);
         return Ok(());
     }
-    // ~4 tasks per thread for balance, whole blocks of LANES matrices each, taken from a shared
-    // counter by the caller and the pool's helpers.
+    // ~4 tasks per thread for balance, whole blocks of LANES matrices each, run by the crate's
+    // team (the calling thread alone if the team is lent elsewhere).
     let per = b.div_ceil(threads * 4).next_multiple_of(LANES);
-    let tasks = b.div_ceil(per);
-    let next = std::sync::atomic::AtomicUsize::new(0);
-    let ptr = crate::engine::team::SendPtr::new(out);
-    let work = || loop {
-        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        if i >= tasks {
-            break;
-        }
-        let (first, last) = (i * per, b.min((i + 1) * per));
-        // SAFETY: task i alone owns matrices first..last of `out` (tasks are disjoint and each
-        // is taken once from the counter), and `out` outlives `run_shared`.
+    let ptr = crate::team::SendPtr::new(out);
+    crate::team::borrow(threads)?.run(b, per, |_, first, last| {
+        // SAFETY: the team runs each chunk first..last of matrices exactly once, so the chunks
+        // are disjoint, and `out` outlives the job.
         let chunk = unsafe { ptr.slice(first * nn, last * nn) };
         f(first, chunk);
-    };
-    run_shared(threads, &work)
+    })
 }
 
 fn forward_impl<T: Real>(

@@ -1,13 +1,24 @@
-//! A fixed team of worker threads for the decode loop: spin-synchronised, with work stealing and
-//! jobs that close behind late workers.
+//! The crate's one thread runtime: a process-wide team of worker threads, used by the kernels,
+//! the mHC ops and the engine alike, and sized by the one thread budget
+//! ([`crate::kernels::num_threads`], which `set_num_threads` shares with torch's intra-op
+//! threads). Spin-synchronised, with work stealing and jobs that close behind late workers.
+//!
+//! **Borrowing.** [`borrow`] lends the team for a while (an engine forward step, one kernel
+//! call): a caller that asks for one thread, or that finds the team lent to another caller (a
+//! second model's forward, a kernel call from another Python thread, a kernel called from inside
+//! a team job), gets an *inline* [`Crew`] and runs every job itself, with no synchronisation at
+//! all. Nobody ever blocks on the team, so nesting cannot deadlock, and the one-thread path costs
+//! nothing. The team is (re)built with the size the borrower asks for: one budget means one size
+//! in practice, and a different count (an engine built with `threads=3`) rebuilds it once.
 //!
 //! Why not rayon: one decode step of a 12-layer model runs ~50 parallel sections (matrix
 //! products, attention, the head) of 10–100 µs each. Handing each to a rayon pool from a
 //! non-worker thread parks the caller on a condition variable and wakes a worker through the
 //! kernel: several µs per section on this VM, a sizeable slice of a 4 ms token budget. Here the
 //! caller publishes a job by bumping an epoch counter and starts working at once; workers spin on
-//! the epoch between sections (as llama.cpp's threads do) and park on a condition variable after
-//! a few milliseconds idle, so an idle engine burns no CPU.
+//! the epoch between sections (as llama.cpp's threads do) for ~0.1 ms, then yield their core for
+//! a few milliseconds, then park on a condition variable, so an idle team burns no CPU and a team
+//! between torch ops gives way to torch's own threads.
 //!
 //! Robustness on a busy machine (the reason for the design below). With a static split, a
 //! section ends when the *slowest* thread ends, and a worker the OS has descheduled stalls the
@@ -24,11 +35,12 @@
 //! A job is a borrowed closure `f(thread, lo, hi)` run on item ranges `lo..hi`; `thread` is the
 //! index of the thread running it (for per-thread scratch; the caller is 0). [`Team::run`]
 //! returns only after every thread that entered has left, which is what makes lending stack
-//! references to workers sound. A panic in any thread is caught and reported by `run`.
+//! references to workers sound. A panic in any thread is caught and reported by `run` as
+//! [`crate::Error::Internal`].
 
 use std::cell::UnsafeCell;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, TryLockError};
 use std::thread::JoinHandle;
 
 /// Busy polls (`spin_loop` hints, ~10–40 ns each) before a waiting thread starts yielding its
@@ -81,7 +93,7 @@ pub struct Team {
 impl Team {
     /// A team of `n ≥ 1` threads (`n - 1` are spawned).
     pub fn new(n: usize) -> crate::Result<Self> {
-        let n = crate::kernels::check_threads(n, "engine thread team")?.max(1);
+        let n = crate::kernels::check_threads(n, "thread team")?.max(1);
         let shared = Arc::new(Shared {
             n,
             epoch: AtomicUsize::new(0),
@@ -104,9 +116,9 @@ impl Team {
         for t in 1..n {
             let s = shared.clone();
             let h = std::thread::Builder::new()
-                .name(format!("nanochat-engine-{t}"))
+                .name(format!("nanochat-{t}"))
                 .spawn(move || worker(s, t))
-                .map_err(|e| crate::Error::Internal(format!("cannot start engine thread: {e}")))?;
+                .map_err(|e| crate::Error::Internal(format!("cannot start worker thread: {e}")))?;
             workers.push(h);
         }
         Ok(Self { shared, workers })
@@ -136,11 +148,7 @@ impl Team {
             return catch(|| f(0, 0, n));
         }
         if s.n == 1 {
-            return catch(|| {
-                for lo in (0..n).step_by(chunk) {
-                    f(0, lo, (lo + chunk).min(n));
-                }
-            });
+            return run_inline(n, chunk, f);
         }
         let job: &Job<'_> = &f;
         // SAFETY: erase the lifetime; the pointer is only used by workers inside the job, and
@@ -177,11 +185,75 @@ impl Team {
         unsafe { *s.job.get() = None };
         mine?;
         if s.panicked.load(Ordering::Acquire) {
-            return Err(crate::Error::Internal(
-                "an engine worker thread panicked".into(),
-            ));
+            return Err(crate::Error::Internal("a worker thread panicked".into()));
         }
         Ok(())
+    }
+}
+
+/// A job on the calling thread alone: every chunk in order, panics caught as in [`Team::run`].
+fn run_inline<F: Fn(usize, usize, usize)>(n: usize, chunk: usize, f: F) -> crate::Result<()> {
+    catch(|| {
+        for lo in (0..n).step_by(chunk) {
+            f(0, lo, (lo + chunk).min(n));
+        }
+    })
+}
+
+/// The process-wide team (built on first use; rebuilt when a borrower asks for another size).
+static TEAM: Mutex<Option<Team>> = Mutex::new(None);
+
+/// The right to run jobs on `threads()` threads for as long as it is held: the process-wide
+/// team, or the calling thread alone (see the module docs).
+pub struct Crew {
+    team: Option<MutexGuard<'static, Option<Team>>>,
+}
+
+/// Borrow the process-wide team sized `threads` (already resolved: ≥ 1, at most
+/// [`crate::kernels::max_threads`]). One thread, or a team lent to someone else, gives an inline
+/// crew; never blocks. Errors only if the team must be (re)built and a thread cannot start.
+pub fn borrow(threads: usize) -> crate::Result<Crew> {
+    if threads <= 1 {
+        return Ok(Crew::inline());
+    }
+    let mut g = match TEAM.try_lock() {
+        Ok(g) => g,
+        // A panic while the team was lent is caught inside `run`; the team itself is intact.
+        Err(TryLockError::Poisoned(p)) => p.into_inner(),
+        Err(TryLockError::WouldBlock) => return Ok(Crew::inline()),
+    };
+    if g.as_ref().map(Team::threads) != Some(threads) {
+        *g = None; // join the old workers before starting new ones
+        *g = Some(Team::new(threads)?);
+    }
+    Ok(Crew { team: Some(g) })
+}
+
+impl Crew {
+    /// The calling thread alone.
+    pub const fn inline() -> Self {
+        Self { team: None }
+    }
+
+    /// Threads that run this crew's jobs, the caller included.
+    pub fn threads(&self) -> usize {
+        match &self.team {
+            Some(g) => g.as_ref().map_or(1, Team::threads),
+            None => 1,
+        }
+    }
+
+    /// As [`Team::run`]: `f(thread, lo, hi)` over items `0..n` in chunks of `chunk`.
+    pub fn run<F: Fn(usize, usize, usize) + Sync>(
+        &mut self,
+        n: usize,
+        chunk: usize,
+        f: F,
+    ) -> crate::Result<()> {
+        match self.team.as_mut().and_then(|g| g.as_mut()) {
+            Some(team) => team.run(n, chunk, f),
+            None => run_inline(n, chunk.max(1), f),
+        }
     }
 }
 
@@ -208,7 +280,7 @@ fn catch(f: impl FnOnce()) -> crate::Result<()> {
             .cloned()
             .or_else(|| p.downcast_ref::<&str>().map(|s| s.to_string()))
             .unwrap_or_else(|| "unknown panic".into());
-        crate::Error::Internal(format!("a panic in the engine: {msg}"))
+        crate::Error::Internal(format!("a panic in a parallel job: {msg}"))
     })
 }
 
@@ -380,6 +452,74 @@ mod tests {
             assert!(e.to_string().contains("threads requested"), "{e}");
         }
         assert_eq!(Team::new(0).unwrap().threads(), 1);
+    }
+
+    /// Runs `n` items on `crew` and checks each ran exactly once, on a thread index the crew has.
+    fn exactly_once(crew: &mut Crew, n: usize, chunk: usize) {
+        let threads = crew.threads();
+        let hits: Vec<AtomicUsize> = (0..n).map(|_| AtomicUsize::new(0)).collect();
+        crew.run(n, chunk, |t, lo, hi| {
+            assert!(t < threads && lo < hi && hi <= n && hi - lo <= chunk);
+            for h in &hits[lo..hi] {
+                h.fetch_add(1, Ordering::Relaxed);
+            }
+        })
+        .unwrap();
+        assert!(hits.iter().all(|h| h.load(Ordering::Relaxed) == 1));
+    }
+
+    #[test]
+    fn one_thread_is_inline_and_a_lent_team_gives_an_inline_crew() {
+        let mut one = borrow(1).unwrap();
+        assert_eq!(one.threads(), 1);
+        exactly_once(&mut one, 100, 7);
+        // Other tests (kernels, Sinkhorn, the engine) borrow the same team concurrently, so the
+        // first borrow may itself be inline; while it holds the team, a second borrow (here:
+        // nested, as a kernel called from inside a job would be) must be inline.
+        let mut outer = borrow(2).unwrap();
+        assert!([1, 2].contains(&outer.threads()));
+        if outer.threads() == 2 {
+            let mut inner = borrow(2).unwrap();
+            assert_eq!(inner.threads(), 1);
+            exactly_once(&mut inner, 50, 3);
+        }
+        exactly_once(&mut outer, 1000, 16);
+    }
+
+    #[test]
+    fn the_team_is_rebuilt_for_another_size() {
+        for n in [3, 2, 3, 4] {
+            let mut crew = borrow(n).unwrap();
+            assert!([1, n].contains(&crew.threads()));
+            exactly_once(&mut crew, 4096, 64);
+        }
+    }
+
+    #[test]
+    fn concurrent_borrowers_each_run_every_item_once() {
+        // Threads race for the team: the losers run inline; nobody blocks, nothing is lost.
+        std::thread::scope(|s| {
+            for k in 0..4 {
+                s.spawn(move || {
+                    for i in 0..200 {
+                        let mut crew = borrow(2).unwrap();
+                        exactly_once(&mut crew, 64 + k + i % 7, 1 + i % 5);
+                    }
+                });
+            }
+        });
+    }
+
+    #[test]
+    fn a_panic_in_a_borrowed_team_is_an_error_and_the_team_stays_usable() {
+        let mut crew = borrow(2).unwrap();
+        let e = crew
+            .run(64, 1, |_, lo, _| assert!(lo != 9, "boom"))
+            .unwrap_err();
+        assert!(matches!(e, crate::Error::Internal(_)), "{e:?}");
+        exactly_once(&mut crew, 64, 1);
+        drop(crew);
+        exactly_once(&mut borrow(2).unwrap(), 64, 1);
     }
 
     #[test]
