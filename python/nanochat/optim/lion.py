@@ -37,17 +37,19 @@ class Lion(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, (b1, b2), wd = group["lr"], group["betas"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if "exp_avg" not in state:
-                    state["exp_avg"] = torch.zeros_like(p)
-                m = state["exp_avg"]
-                c = m.mul(b1).add_(g, alpha=1.0 - b1)  # c = β1·m + (1−β1)·g
-                if wd:
-                    p.mul_(1.0 - lr * wd)
-                p.add_(torch.sign(c), alpha=-lr)
-                m.mul_(b2).add_(g, alpha=1.0 - b2)  # m = β2·m + (1−β2)·g
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "exp_avg" not in self.state[p]:
+                    self.state[p]["exp_avg"] = torch.zeros_like(p)
+            ms = [self.state[p]["exp_avg"] for p in params]
+            # one multi-tensor pass per op over the whole group (lerp(g, m, β1) = β1·m + (1−β1)·g)
+            cs = torch._foreach_lerp(grads, ms, b1)
+            torch._foreach_sign_(cs)
+            if wd:
+                torch._foreach_mul_(params, 1.0 - lr * wd)
+            torch._foreach_add_(params, cs, alpha=-lr)
+            torch._foreach_lerp_(ms, grads, 1.0 - b2)  # m = β2·m + (1−β2)·g
         return loss

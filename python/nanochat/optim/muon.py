@@ -90,21 +90,23 @@ class Muon(Optimizer):
                 loss = closure()
         for group in self.param_groups:
             lr, beta, wd = group["lr"], group["momentum"], group["weight_decay"]
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            grads = [p.grad for p in params]
+            for p in params:
+                if "momentum_buffer" not in self.state[p]:
+                    self.state[p]["momentum_buffer"] = torch.zeros_like(p.grad)
+            bufs = [self.state[p]["momentum_buffer"] for p in params]
+            torch._foreach_mul_(bufs, beta)  # m = β·m + g, one multi-tensor pass per op
+            torch._foreach_add_(bufs, grads)
+            us = torch._foreach_add(grads, bufs, alpha=beta) if group["nesterov"] else bufs  # g + β·m
             by_shape: dict[tuple[int, ...], list[tuple[Tensor, Tensor]]] = {}
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                g = p.grad
-                state = self.state[p]
-                if "momentum_buffer" not in state:
-                    state["momentum_buffer"] = torch.zeros_like(g)
-                buf = state["momentum_buffer"]
-                buf.mul_(beta).add_(g)  # m = β·m + g
-                u = g.add(buf, alpha=beta) if group["nesterov"] else buf  # g + β·m
+            for p, u in zip(params, us, strict=True):
                 by_shape.setdefault(tuple(p.shape), []).append((p, u))
             for (rows, cols), items in by_shape.items():
-                us = torch.stack([u for _, u in items])  # (k, rows, cols)
-                os_ = newton_schulz(us, steps=group["ns_steps"], dtype=self.ns_dtype)
+                stacked = torch.stack([u for _, u in items])  # (k, rows, cols)
+                os_ = newton_schulz(stacked, steps=group["ns_steps"], dtype=self.ns_dtype)
                 scale = max(1.0, rows / cols) ** 0.5
                 for (p, _), o in zip(items, os_, strict=True):
                     if wd:
