@@ -9,6 +9,10 @@
   ``artifacts/serve_chat_code.png``.
 
 - A 64-token model: the default max tokens ("auto") fits the reply into the context left by the prompt.
+- The page opens in the mode the model was trained for (``kind`` in /v1/models): Complete for a base model (the
+  tiny real model, as every model nanochat-train makes today), whose completion streams into the monospace box and
+  equals the API's own completion of the same text, and whose header says it is a base model; Chat for a chat model.
+  Both modes can be switched to. Screenshot: ``artifacts/serve_complete.png``.
 
 The page must make no request outside the server, raise no JavaScript error and trip no Content-Security-Policy
 rule (its script and style carry the server's nonce). Code is checked to be monospace by measuring glyphs. Skipped
@@ -138,6 +142,9 @@ def test_stream_and_stop_with_the_real_model(browser: Browser, tmp_path: Path) -
         page.goto(srv.url + "/")
         expect(page.locator("#model")).to_contain_text("tiny-chat")
         expect(page.locator("#model")).to_contain_text(f"context {LONG_CTX}")
+        expect(page.locator("#mode-complete")).to_have_attribute("aria-pressed", "true")  # a base model
+        page.click("#mode-chat")  # chat is still there, at the user's choice
+        expect(page.locator("#prompt")).to_be_visible()
         page.fill("#max-tokens", "8000")  # far more than the test will wait for
         page.fill("#prompt", "Write a function that adds two numbers")
         page.press("#prompt", "Enter")
@@ -181,7 +188,9 @@ def test_stream_and_stop_with_the_real_model(browser: Browser, tmp_path: Path) -
 
 
 def test_code_blocks_escaping_errors_new_chat_and_api_key(browser: Browser) -> None:
-    backend = FakeBackend(reply="Here you go:\n```python\nprint(1 < 2)  # <b>not bold</b>\n```\nUse `add` & enjoy.")
+    backend = FakeBackend(
+        reply="Here you go:\n```python\nprint(1 < 2)  # <b>not bold</b>\n```\nUse `add` & enjoy.", kind="chat"
+    )
     with ServerThread(create_app(backend, Settings(api_key="k3y", max_tokens_limit=100))) as srv:
         w = Watched(browser, srv.url, color_scheme="dark")
         page = w.page
@@ -245,7 +254,7 @@ def test_code_blocks_escaping_errors_new_chat_and_api_key(browser: Browser) -> N
 
 def test_the_default_max_tokens_fits_a_small_context(browser: Browser) -> None:
     """A 64-token model: the first message must not ask for more tokens than the context has room for."""
-    backend = FakeBackend(reply="x" * 500, context_length=64)  # would run past any context
+    backend = FakeBackend(reply="x" * 500, context_length=64, kind="chat")  # would run past any context
     with ServerThread(create_app(backend)) as srv:
         w = Watched(browser, srv.url)
         page = w.page
@@ -261,5 +270,143 @@ def test_the_default_max_tokens_fits_a_small_context(browser: Browser) -> None:
         prompt_tokens = len(backend.tokenizer.render_chat([{"role": "user", "content": "hello there"}]))
         assert len(reply.locator(".body").inner_text()) == 64 - prompt_tokens  # one byte per token: the rest
         expect(page.locator(".msg.error")).to_have_count(0)
+        w.check_clean()
+        w.close()
+
+
+def is_monospace(page: Page, selector: str) -> bool:
+    """Narrow and wide glyphs take the same width in the element's font (measured on a canvas in that font)."""
+    widths = page.evaluate(
+        """sel => { const c = document.createElement('canvas').getContext('2d');
+            c.font = getComputedStyle(document.querySelector(sel)).font;
+            return ['iiiiiiiiii', 'MMMMMMMMMM'].map(t => c.measureText(t).width); }""",
+        selector,
+    )
+    return bool(widths[0] > 0 and abs(widths[0] - widths[1]) < 0.5)
+
+
+def test_a_base_model_opens_in_complete_mode_and_streams_into_the_box(browser: Browser, tmp_path: Path) -> None:
+    """The tiny real model (a base model): the page opens in Complete mode, says what is loaded, continues the box's
+    text in place (at temperature 0 exactly what /v1/completions answers for the same text), and Stop aborts."""
+    real = EngineBackend.from_path(build_tiny_model(tmp_path / "tiny-base.gguf", seq_len=LONG_CTX), threads=1)
+    backend = HeldOpen(real)
+    with ServerThread(create_app(backend, Settings(max_concurrent=2))) as srv:  # type: ignore[arg-type]
+        w = Watched(browser, srv.url)
+        page = w.page
+        page.goto(srv.url + "/")
+        expect(page.locator("#kind")).to_have_text("base model — completes code; chat replies are untrained")
+        expect(page.locator("#mode-complete")).to_have_attribute("aria-pressed", "true")
+        expect(page.locator("#mode-chat")).to_have_attribute("aria-pressed", "false")
+        expect(page.locator("#complete-view")).to_be_visible()
+        expect(page.locator("#messages")).to_be_hidden()
+        expect(page.locator("#prompt")).to_be_hidden()
+        expect(page.locator("#send")).to_have_text("Complete")
+        expect(page.locator("#document")).to_be_focused()
+        assert is_monospace(page, "#document")
+
+        prompt = "def add(a, b):\n"
+        page.fill("#temperature", "0")
+        page.fill("#max-tokens", "24")
+        page.fill("#document", prompt)
+        page.keyboard.press("Enter")  # a newline in code, not a completion
+        expect(page.locator("#document")).to_have_value(prompt + "\n")
+        page.fill("#document", prompt)
+        page.keyboard.press("Control+Enter")
+        view = page.locator("#complete-view")
+        expect(view).to_have_attribute("data-state", "done")
+        got = page.locator("#document").input_value()
+        body = {"prompt": prompt, "max_tokens": 24, "temperature": 0}
+        want = httpx.post(srv.url + "/v1/completions", json=body, timeout=60).json()["choices"][0]["text"]
+        assert want and got == prompt + want  # continued in place: the prompt, then the model's own completion
+        expect(page.locator("#complete-note")).to_contain_text("24 tokens")
+        expect(page.locator("#complete-note")).to_contain_text("stopped at max tokens")
+
+        # "auto" max tokens, the stream held open by the test: it grows in the box, then Stop aborts it
+        backend.ended_early = None  # the runs above ended at their max tokens; this one must not end before Stop
+        page.fill("#max-tokens", "")
+        page.fill("#temperature", "0.8")
+        page.click("#send")
+        expect(view).to_have_attribute("data-state", "streaming")
+        expect(page.locator("#stop")).to_be_visible()
+        grown = f"() => document.querySelector('#document').value.length > {len(got) + 150}"
+        page.wait_for_function(grown)
+        first = len(page.locator("#document").input_value())
+        backend.more.set()
+        page.wait_for_function(f"() => document.querySelector('#document').value.length > {first}")
+        assert backend.held.wait(30)
+        expect(page.locator("#document")).not_to_be_editable()  # read-only while the reply streams into it
+        page.click("#stop")
+        expect(view).to_have_attribute("data-state", "stopped")
+        expect(page.locator("#complete-note")).to_have_text("stopped")
+        expect(page.locator("#document")).to_be_editable()
+        assert page.locator("#document").input_value().startswith(got)
+        assert wait_until(lambda: metric(srv.url, "nanochat_requests_cancelled_total") == 1)
+        assert wait_until(lambda: metric(srv.url, "nanochat_requests_in_flight") == 0)
+        assert backend.ended_early is None
+        ARTIFACTS.mkdir(exist_ok=True)
+        page.screenshot(path=str(ARTIFACTS / "serve_complete.png"))
+
+        page.click("#mode-chat")  # the user may still chat with it
+        expect(page.locator("#messages")).to_be_visible()
+        expect(page.locator("#complete-view")).to_be_hidden()
+        expect(page.locator("#status")).to_contain_text("base model")
+        page.click("#mode-complete")
+        assert page.locator("#document").input_value().startswith(got)  # the box kept its text
+        w.check_clean()
+        w.close()
+
+
+def test_auto_max_tokens_in_complete_mode_fits_the_context_and_errors_are_shown(browser: Browser) -> None:
+    """A 64-token base model: "auto" asks for exactly what the context leaves after the text (one token per byte,
+    plus <|bos|>); a text that fills the context is an error on the page, not a request the server refuses."""
+    backend = FakeBackend(reply="y" * 500, context_length=64)  # a base model, as FakeBackend is by default
+    with ServerThread(create_app(backend, Settings(api_key="k3y"))) as srv:
+        w = Watched(browser, srv.url)
+        page = w.page
+        page.goto(srv.url + "/")
+        page.fill("#api-key", "k3y")
+        page.click("#keybar button")
+        expect(page.locator("#mode-complete")).to_have_attribute("aria-pressed", "true")
+        page.fill("#temperature", "0")
+        text = "x = 1\n"
+        page.fill("#document", text)
+        page.click("#send")
+        expect(page.locator("#complete-view")).to_have_attribute("data-state", "done")
+        room = 64 - (1 + len(text.encode()))
+        assert page.locator("#document").input_value() == text + "y" * room
+        expect(page.locator("#complete-note")).to_contain_text(f"{room} tokens")
+
+        page.fill("#document", "z" * 70)
+        page.click("#send")
+        expect(page.locator("#complete-view")).to_have_attribute("data-state", "error")
+        expect(page.locator("#complete-error .msg.error")).to_contain_text("fills the model's context")
+        page.click("#new-chat")  # "Clear" in this mode
+        expect(page.locator("#document")).to_have_value("")
+        w.check_clean()
+        w.close()
+
+
+def test_a_chat_model_opens_in_chat_mode(browser: Browser) -> None:
+    backend = FakeBackend(reply="Sure:\n```python\nx = 1\n```", kind="chat")
+    with ServerThread(create_app(backend)) as srv:
+        w = Watched(browser, srv.url)
+        page = w.page
+        page.goto(srv.url + "/")
+        expect(page.locator("#kind")).to_have_text("chat model")
+        expect(page.locator("#mode-chat")).to_have_attribute("aria-pressed", "true")
+        expect(page.locator("#mode-complete")).to_have_attribute("aria-pressed", "false")
+        expect(page.locator("#prompt")).to_be_visible()
+        expect(page.locator("#prompt")).to_be_focused()
+        expect(page.locator("#complete-view")).to_be_hidden()
+        expect(page.locator("#status")).to_have_text("")
+        page.fill("#temperature", "0")
+        page.fill("#prompt", "write x = 1")
+        page.press("#prompt", "Enter")
+        reply = page.locator(".msg.assistant").last
+        expect(reply).to_have_attribute("data-state", "done")
+        expect(reply.locator("pre code")).to_have_text("x = 1")
+        page.click("#mode-complete")
+        expect(page.locator("#complete-view")).to_be_visible()
+        expect(page.locator("#send")).to_have_text("Complete")
         w.check_clean()
         w.close()
