@@ -854,6 +854,7 @@ def test_cli_serves_the_newest_run_by_default(tmp_path: Path) -> None:
     with ServerProcess(None, ["--threads", "1"], log_path=tmp_path / "server.log", env=env, cwd=tmp_path) as srv:
         card = httpx.get(srv.url + "/v1/models", timeout=30).json()["data"][0]
         assert card["id"] == "tiny-new" and card["context_length"] == CTX
+        assert "context 256, base model)" in srv.log_text()  # the start line says which kind is served
         r = httpx.post(srv.url + CHAT, json={"messages": MSG, "max_tokens": 3, "ignore_eos": True}, timeout=60)
         assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 3
 

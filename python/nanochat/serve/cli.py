@@ -170,8 +170,8 @@ def serve(
     if warning:
         typer.secho(warning, err=True, fg="yellow")
     typer.secho(
-        f"serving {backend.model_id} ({model}, {backend.mode}, context {backend.context_length}) on "
-        f"http://{settings.host}:{settings.port}/  (API: /v1, metrics: /metrics)",
+        f"serving {backend.model_id} ({model}, {backend.mode}, context {backend.context_length}, {backend.kind} model) "
+        f"on http://{settings.host}:{settings.port}/  (API: /v1, metrics: /metrics)",
         err=True,
     )
 
