@@ -261,10 +261,9 @@ def declares_chat_training(loaded: LoadedModel) -> bool:
     """Whether the file says its weights saw chat training: the GGUF key :data:`CHAT_TRAINED_KEY`, or
     ``"chat_trained": true`` in a checkpoint's ``state.json``. A safetensors export declares nothing (``False``)."""
     if loaded.format == "gguf":
-        import gguf
+        from nanochat.export.gguf_file import GGUFFile  # the fast header reader (gguf.GGUFReader: ~1 s at 16k vocab)
 
-        field = gguf.GGUFReader(loaded.path).fields.get(CHAT_TRAINED_KEY)
-        return bool(field is not None and field.contents() is True)
+        return GGUFFile(loaded.path).fields.get(CHAT_TRAINED_KEY) is True
     if loaded.format == "checkpoint":
         from nanochat.checkpoint_format import read_state
 
