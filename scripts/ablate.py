@@ -52,6 +52,8 @@ def run_variant(name: str, flags: list[str], args: argparse.Namespace, out: Path
     ]  # fmt: skip
     if args.data:
         cmd += ["--data", args.data]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
     flags = list(flags)
     for mark, factor in (("__2x__", 2.0), ("__half__", 0.5)):  # another batch: same tokens, other step count
         if mark in flags:
@@ -81,6 +83,9 @@ def main() -> None:
     ap.add_argument("--lines-problems", type=int, default=60, help="HumanEval problems for line completion")
     ap.add_argument("--data", default=None, help="data spec (default: the trainer's)")
     ap.add_argument("--only", default=None, help="comma-separated variant names")
+    ap.add_argument(
+        "--threads", type=int, default=0, help="threads per run (0: the trainer's default; 1 on a busy machine)"
+    )
     ap.add_argument("--out", default="runs/ablate")
     ap.add_argument("--force", action="store_true", help="rerun variants that already have a summary")
     args = ap.parse_args()
