@@ -18,6 +18,7 @@ import math
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import numpy as np
@@ -250,3 +251,70 @@ def test_every_kernel_equals_scalar_on_prefill_sized_batches(kernel: str, n: int
     want = _core.ternary_gemm_i32(packed, x, kernel="scalar", threads=1)
     for threads in (1, 2):
         np.testing.assert_array_equal(_core.ternary_gemm_i32(packed, x, kernel=kernel, threads=threads), want)
+
+
+# ----------------------------------------------------------------------------- inputs owned across a released GIL
+
+
+def _race(call, arr: np.ndarray, attack: str) -> tuple[np.ndarray, np.ndarray]:
+    """``call()`` on an untouched ``arr``, then again while another Python thread attacks ``arr`` from the moment
+    the call releases the GIL: ``"write"`` scribbles over it in GIL-holding slices of 256 elements, ``"free"``
+    resizes it to one element with ``refcheck=False`` (freeing its buffer) and fills fresh arrays of the same size.
+    The switch interval is raised so that the attacker cannot run before the call releases the GIL."""
+    want = call()
+    go, stop = threading.Event(), threading.Event()
+
+    def attacker() -> None:
+        go.wait()
+        if attack == "free":
+            size = arr.nbytes
+            arr.resize((1,), refcheck=False)
+            while not stop.is_set():
+                np.full(size, 0x7F, dtype=np.uint8)  # likely reuses the freed block
+                time.sleep(0)  # let the caller back in once its call returns
+            return
+        flat = arr.reshape(-1)
+        while not stop.is_set():
+            for i in range(0, flat.size, 256):
+                flat[i : i + 256] = 100 if flat.dtype == np.int8 else 50.0
+            time.sleep(0)
+
+    t = threading.Thread(target=attacker)
+    old = sys.getswitchinterval()
+    sys.setswitchinterval(10.0)
+    try:
+        t.start()
+        time.sleep(0.05)  # the attacker now waits on `go`, GIL released
+        go.set()
+        got = call()
+    finally:
+        stop.set()
+        sys.setswitchinterval(old)
+        t.join()
+    return got, want
+
+
+@pytest.mark.parametrize("attack", ["write", "free"])
+def test_activations_are_copied_before_the_gil_is_released(attack: str) -> None:
+    """A ternary product reads its activations through the whole call: a copy taken under the GIL keeps another
+    thread's writes (or a freed buffer) out of the result. The packed weights stay borrowed (documented contract).
+    The scalar kernel reads the activations row by row to the end (the SIMD ones prepare a copy of their own)."""
+    rng = np.random.default_rng(0)
+    rows, cols, n = 1024, 4096, 2
+    packed = _core.pack_trits(rng.integers(-1, 2, size=(rows, cols), dtype=np.int8))
+    x = rng.integers(-127, 128, size=(n, cols), dtype=np.int8)
+    arg = x.copy()
+    got, want = _race(lambda: _core.ternary_gemm_i32(packed, arg, kernel="scalar", threads=1), arg, attack)
+    np.testing.assert_array_equal(want, _core.ternary_gemm_i32(packed, x, kernel="scalar", threads=1))
+    np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("attack", ["write", "free"])
+def test_sinkhorn_logits_are_copied_before_the_gil_is_released(attack: str) -> None:
+    """Sinkhorn releases the GIL once per chunk of the batch, so a borrowed input would be read long after the call
+    began; the copy makes the result that of the input as passed."""
+    logits = np.random.default_rng(1).standard_normal((200_000, 4, 4)).astype(np.float32)
+    arg = logits.copy()
+    got, want = _race(lambda: _core.sinkhorn_forward(arg, iters=20, threads=1), arg, attack)
+    np.testing.assert_array_equal(want, _core.sinkhorn_forward(logits, iters=20, threads=1))
+    np.testing.assert_array_equal(got, want)

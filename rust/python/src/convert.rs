@@ -74,6 +74,23 @@ fn typed_array<'py, T: Element>(
     Ok(arr.readonly())
 }
 
+/// A copy of an array's elements, taken while the GIL is held. Work that runs after
+/// `py.detach` reads only owned inputs (STYLE): without the GIL another Python thread may write
+/// the array meanwhile (a data race, i.e. undefined behaviour for a `&[T]`), or free its buffer
+/// (`ndarray.resize(refcheck=False)`). Activations, token ids, Sinkhorn logits and load-time
+/// conversions are copied; only the packed weights of the two kernel entry points are borrowed
+/// (see `ternary_gemm_i32`). The borrow is consumed, so numpy's borrow flag is released before the
+/// GIL is (numpy-rs keys it by the data pointer, which a resize moves). An allocation failure is
+/// a MemoryError naming the argument.
+pub fn owned<T: Element + Copy>(arr: PyReadonlyArrayDyn<'_, T>, name: &str) -> PyResult<Vec<T>> {
+    let s = arr.as_slice()?;
+    let mut v = Vec::new();
+    v.try_reserve_exact(s.len())
+        .map_err(|_| PyMemoryError::new_err(format!("{name}: cannot copy {} elements", s.len())))?;
+    v.extend_from_slice(s);
+    Ok(v)
+}
+
 pub fn f32_array<'py>(
     obj: &Bound<'py, PyAny>,
     name: &str,

@@ -11,7 +11,7 @@ mod convert;
 mod engine;
 mod mhc;
 
-use convert::{array_i8, array_u8, f32_array, guarded, shape2, to_py_err};
+use convert::{array_i8, array_u8, f32_array, guarded, owned, shape2, to_py_err};
 use nanochat_core::error::{checked_len, try_zeroed};
 use nanochat_core::kernels::{self, Kernel, TernaryView};
 use nanochat_core::ternary::{self, tq1_0, tq2_0, QK_K};
@@ -54,8 +54,8 @@ fn quantize_absmean<'py>(
 ) -> PyResult<(Bound<'py, PyArrayDyn<i8>>, f32)> {
     let arr = f32_array(w, "w")?;
     let shape = arr.shape().to_vec();
-    let data = arr.as_slice()?;
-    let t = py.detach(|| guarded(|| ternary::quantize_absmean(data)))?;
+    let data = owned(arr, "w")?;
+    let t = py.detach(|| guarded(|| ternary::quantize_absmean(&data)))?;
     Ok((PyArray1::from_vec(py, t.trits).reshape(shape)?, t.scale))
 }
 
@@ -65,8 +65,8 @@ fn quantize_absmean<'py>(
 fn quantize_acts_i8<'py>(py: Python<'py>, x: &Bound<'py, PyAny>) -> PyResult<Int8WithScales<'py>> {
     let arr = f32_array(x, "x")?;
     let (n, k) = shape2(arr.shape(), "x")?;
-    let data = arr.as_slice()?;
-    let q = py.detach(|| guarded(|| ternary::quantize_acts_i8(data, k)))?;
+    let data = owned(arr, "x")?;
+    let q = py.detach(|| guarded(|| ternary::quantize_acts_i8(&data, k)))?;
     Ok((
         PyArray1::from_vec(py, q.values).reshape([n, k])?,
         q.scales.into_pyarray(py),
@@ -83,8 +83,8 @@ macro_rules! block_format {
             let arr = f32_array(x, "x")?;
             let (rows, cols) = shape2(arr.shape(), "x")?;
             ternary::check_block_multiple(cols, concat!($name, " quantize")).map_err(to_py_err)?;
-            let data = arr.as_slice()?;
-            let out = py.detach(|| guarded(|| $fmt::quantize(data)))?;
+            let data = owned(arr, "x")?;
+            let out = py.detach(|| guarded(|| $fmt::quantize(&data)))?;
             let bytes = cols / QK_K * $fmt::BLOCK_BYTES;
             PyArray1::from_vec(py, out).reshape([rows, bytes])
         }
@@ -100,8 +100,8 @@ macro_rules! block_format {
                     $fmt::BLOCK_BYTES, $name
                 )));
             }
-            let slice = arr.as_slice()?;
-            let out = py.detach(|| guarded(|| $fmt::dequantize(slice)))?;
+            let data = owned(arr, "data")?;
+            let out = py.detach(|| guarded(|| $fmt::dequantize(&data)))?;
             PyArray1::from_vec(py, out).reshape([rows, nbytes / $fmt::BLOCK_BYTES * QK_K])
         }
 
@@ -111,8 +111,8 @@ macro_rules! block_format {
             let arr = array_i8(trits, "trits")?;
             let (rows, cols) = shape2(arr.shape(), "trits")?;
             ternary::check_block_multiple(cols, concat!($name, " pack")).map_err(to_py_err)?;
-            let data = arr.as_slice()?;
-            let out = py.detach(|| guarded(|| $fmt::pack(data, scale)))?;
+            let data = owned(arr, "trits")?;
+            let out = py.detach(|| guarded(|| $fmt::pack(&data, scale)))?;
             PyArray1::from_vec(py, out).reshape([rows, cols / QK_K * $fmt::BLOCK_BYTES])
         }
 
@@ -130,8 +130,8 @@ macro_rules! block_format {
                     $fmt::BLOCK_BYTES, $name
                 )));
             }
-            let slice = arr.as_slice()?;
-            let (t, d) = py.detach(|| guarded(|| $fmt::unpack(slice)))?;
+            let data = owned(arr, "data")?;
+            let (t, d) = py.detach(|| guarded(|| $fmt::unpack(&data)))?;
             let nb = nbytes / $fmt::BLOCK_BYTES;
             Ok((
                 PyArray1::from_vec(py, t).reshape([rows, nb * QK_K])?,
@@ -167,8 +167,8 @@ fn pack_trits<'py>(
 ) -> PyResult<Bound<'py, PyArray2<u8>>> {
     let arr = array_i8(trits, "trits")?;
     let (rows, cols) = shape2(arr.shape(), "trits")?;
-    let data = arr.as_slice()?;
-    let m = py.detach(|| guarded(|| kernels::TernaryMatrix::from_trits(data, rows, cols, 1.0)))?;
+    let data = owned(arr, "trits")?;
+    let m = py.detach(|| guarded(|| kernels::TernaryMatrix::from_trits(&data, rows, cols, 1.0)))?;
     PyArray1::from_vec(py, m.qs).reshape([rows, cols / 4])
 }
 
@@ -187,8 +187,8 @@ fn tq2_0_to_kernel_layout<'py>(
         )));
     }
     let cols = nbytes / tq2_0::BLOCK_BYTES * QK_K;
-    let slice = arr.as_slice()?;
-    let m = py.detach(|| guarded(|| kernels::TernaryMatrix::from_tq2_0(slice, rows, cols)))?;
+    let data = owned(arr, "data")?;
+    let m = py.detach(|| guarded(|| kernels::TernaryMatrix::from_tq2_0(&data, rows, cols)))?;
     Ok((
         PyArray1::from_vec(py, m.qs).reshape([rows, cols / 4])?,
         m.scale,
@@ -197,6 +197,13 @@ fn tq2_0_to_kernel_layout<'py>(
 
 /// Exact integer products `out[i, r] = Σ_c trit[r, c] · x[i, c]` for packed weights
 /// (`rows × cols/4` uint8, kernel layout) and int8 activations (`n × cols`). Returns int32 `n × rows`.
+///
+/// The GIL is released during the product. `x` is copied first; `packed` is *borrowed* (copying
+/// the weights would cost as much as the product itself): the call holds a reference, so the
+/// array stays alive, and numpy's borrow tracking keeps other Rust code from writing it, but the
+/// caller must not write it from another Python thread (or `resize(refcheck=False)` it) until the
+/// call returns. `ops.ternary_linear` passes a module's packed buffer, which nothing writes
+/// during a forward (the custom op declares no mutated arguments).
 #[pyfunction]
 #[pyo3(signature = (packed, x, kernel=None, threads=0))]
 fn ternary_gemm_i32<'py>(
@@ -218,12 +225,13 @@ fn ternary_gemm_i32<'py>(
             rb * 4
         )));
     }
-    let (ws, xs) = (w.as_slice()?, xa.as_slice()?);
+    // The activations are copied (see `owned`); the weights are borrowed (see the docs above).
+    let (ws, xs) = (w.as_slice()?, owned(xa, "x")?);
     let out = py.detach(|| {
         guarded(|| {
             let view = TernaryView::new(ws, rows, cols, 1.0)?;
             let mut out = try_zeroed(checked_len(n, rows, "output")?, "output")?;
-            kernels::gemm_i32(k, &view, xs, n, &mut out, threads)?;
+            kernels::gemm_i32(k, &view, &xs, n, &mut out, threads)?;
             Ok(out)
         })
     })?;
@@ -231,7 +239,8 @@ fn ternary_gemm_i32<'py>(
 }
 
 /// `y = x · Wᵀ` with `W = trits · scale` packed (`rows × cols/4` uint8) and `x` f32 `n × cols`
-/// quantized to int8 per row inside. Returns f32 `n × rows`.
+/// quantized to int8 per row inside. Returns f32 `n × rows`. `x` is copied and `packed` borrowed
+/// while the GIL is released, as in `ternary_gemm_i32`.
 #[pyfunction]
 #[pyo3(signature = (x, packed, scale, kernel=None, threads=0))]
 fn ternary_linear<'py>(
@@ -254,12 +263,13 @@ fn ternary_linear<'py>(
             rb * 4
         )));
     }
-    let (ws, xs) = (w.as_slice()?, xa.as_slice()?);
+    // The activations are copied (see `owned`); the weights are borrowed (see the docs above).
+    let (ws, xs) = (w.as_slice()?, owned(xa, "x")?);
     let out = py.detach(|| {
         guarded(|| {
             let view = TernaryView::new(ws, rows, cols, scale)?;
             let mut out = try_zeroed(checked_len(n, rows, "output")?, "output")?;
-            kernels::ternary_linear(k, &view, xs, n, &mut out, threads)?;
+            kernels::ternary_linear(k, &view, &xs, n, &mut out, threads)?;
             Ok(out)
         })
     })?;

@@ -1,6 +1,6 @@
 //! Bindings for the mHC projections (Sinkhorn-Knopp, permutation basis, BvN, diagnostics).
 
-use crate::convert::{f32_array, f64_array, guarded, to_py_err};
+use crate::convert::{f32_array, f64_array, guarded, owned, to_py_err};
 use crate::ShapeError;
 use nanochat_core::error::try_zeroed;
 use nanochat_core::mhc;
@@ -69,7 +69,7 @@ fn forward_typed<'py, T: mhc::Real + Element + Default>(
     let shape = x.shape().to_vec();
     let (_, n) = square_batch(&shape, "logits")?;
     precheck(n, iters, threads)?;
-    let xs = x.as_slice()?;
+    let xs = owned(x, "logits")?;
     let mut out = try_zeroed(xs.len(), "sinkhorn output").map_err(to_py_err)?;
     let step = (mhc::sinkhorn::interrupt_chunk(n, iters) * n * n).max(1);
     for (xc, oc) in xs.chunks(step).zip(out.chunks_mut(step)) {
@@ -97,7 +97,7 @@ fn backward_typed<'py, T: mhc::Real + Element + Default>(
     }
     let n = shape[shape.len() - 1];
     precheck(n, iters, threads)?;
-    let (xs, gs) = (x.as_slice()?, g.as_slice()?);
+    let (xs, gs) = (owned(x, "logits")?, owned(g, "grad_out")?);
     let mut out = try_zeroed(xs.len(), "sinkhorn gradient").map_err(to_py_err)?;
     let step = (mhc::sinkhorn::interrupt_chunk(n, iters) * n * n).max(1);
     for ((xc, gc), oc) in xs
@@ -207,8 +207,8 @@ fn bvn_decompose<'py>(
     tol: f64,
 ) -> PyResult<(Bound<'py, PyAny>, Bound<'py, PyAny>)> {
     let (arr, n) = square_f64(m, "m")?;
-    let data = arr.as_slice()?;
-    let bvn = py.detach(|| guarded(|| mhc::bvn_decompose(data, n, tol)))?;
+    let data = owned(arr, "m")?;
+    let bvn = py.detach(|| guarded(|| mhc::bvn_decompose(&data, n, tol)))?;
     let k = bvn.weights.len();
     let perms: Vec<i64> = bvn.perms.iter().map(|&v| v as i64).collect();
     Ok((
@@ -228,8 +228,8 @@ fn bvn_basis_weights<'py>(
     tol: f64,
 ) -> PyResult<Bound<'py, PyAny>> {
     let (arr, n) = square_f64(m, "m")?;
-    let data = arr.as_slice()?;
-    let w = py.detach(|| guarded(|| mhc::bvn_decompose(data, n, tol)?.basis_weights()))?;
+    let data = owned(arr, "m")?;
+    let w = py.detach(|| guarded(|| mhc::bvn_decompose(&data, n, tol)?.basis_weights()))?;
     Ok(w.into_pyarray(py).into_any())
 }
 
@@ -253,8 +253,8 @@ fn hres_diagnostics<'py>(
             )))
         }
     };
-    let data = arr.as_slice()?;
-    let d = py.detach(|| guarded(|| mhc::hres_diagnostics(data, n)))?;
+    let data = owned(arr, "mats")?;
+    let d = py.detach(|| guarded(|| mhc::hres_diagnostics(&data, n)))?;
     let out = PyDict::new(py);
     out.set_item("max_row_sum_err", d.max_row_sum_err())?;
     out.set_item("max_col_sum_err", d.max_col_sum_err())?;
