@@ -9,10 +9,12 @@ tensor), and its validation by what ``EngineModel`` refuses before it looks at a
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import itertools
 import math
 import random
 import re
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -148,6 +150,49 @@ def rust_config_keys() -> set[str]:
 
 def test_rust_engine_accepts_exactly_the_python_config_keys():
     assert rust_config_keys() == set(CONFIG_KEYS)
+
+
+def _generator() -> Any:
+    """``scripts/gen_rust_schema.py``, imported from its path (scripts/ is not a package)."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / "gen_rust_schema.py"
+    spec = importlib.util.spec_from_file_location("gen_rust_schema", path)
+    assert spec and spec.loader
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_rust_schema_file_is_the_generators_output_byte_for_byte():
+    """The Rust engine's config keys and tensor names (``rust/core/src/engine/schema_gen.rs``) are generated from
+    this schema: a schema change without ``python scripts/gen_rust_schema.py`` (or a hand edit) fails here."""
+    gen = _generator()
+    assert gen.OUT.read_text() == gen.render(), "stale: run python scripts/gen_rust_schema.py"
+    assert gen.main(["--check"]) == 0
+
+
+def test_rust_schema_file_names_every_tensor_of_every_variant():
+    """Read independently of the generator: the string constants of the generated file, with the block template,
+    spell every tensor name the schema lists for every variant, and the config keys are GPTConfig's fields."""
+    text = (Path(__file__).resolve().parents[1] / "rust" / "core" / "src" / "engine" / "schema_gen.rs").read_text()
+    consts = dict(re.findall(r'pub const (\w+): &str = "([^"]*)";', text))
+    keys = re.search(r"pub const CONFIG_KEYS: \[&str; (\d+)\] = \[(.*?)\];", text, re.S)
+    assert keys, "CONFIG_KEYS missing"
+    listed = re.findall(r'"([^"]+)"', keys.group(2))
+    assert listed == [f.name for f in dataclasses.fields(GPTConfig)] and int(keys.group(1)) == len(listed)
+    template = re.search(r'format!\("([^"]*)\{i\}([^"]*)\{name\}"\)', text)
+    assert template, "block_tensor missing"
+    values = set(consts.values())
+    subs = {consts[k] for k in ("MHC_ATTN", "MHC_MLP")}
+    for kw in VARIANTS:
+        cfg = small(**kw)
+        for s in tensor_specs(cfg):
+            m = re.fullmatch(re.escape(template.group(1)) + r"(\d+)" + re.escape(template.group(2)) + "(.*)", s.name)
+            rel = m.group(2) if m else s.name
+            if rel.split(".")[0] in subs:
+                sub, param = rel.split(".", 1)
+                assert param in values, (s.name, param)
+            else:
+                assert rel in values, s.name
 
 
 def schema_weights(cfg: GPTConfig, seed: int = 0) -> tuple[dict[str, tuple[np.ndarray, float]], dict[str, np.ndarray]]:

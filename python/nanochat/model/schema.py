@@ -6,9 +6,10 @@ each is called in a GGUF file (``nanochat.export.names``) and in what float type
 the ``<arch>.*`` keys that carry the config (``write_hparams``/``_config_from_gguf`` in ``nanochat.export.gguf_io``).
 The config's keys are :class:`GPTConfig`'s fields (:data:`CONFIG_KEYS`).
 
-The Rust engine keeps its own copy (``CONFIG_KEYS`` in ``rust/python/src/engine.rs``, the names in
-``rust/core/src/engine/mod.rs``, ``Config::validate``); ``tests/test_schema.py`` builds the engine from weights made
-from this table alone, for every model variant, and holds the accepted keys and validation equal, so drift fails CI.
+The Rust engine's config keys and tensor names are generated from this table (``scripts/gen_rust_schema.py`` writes
+``rust/core/src/engine/schema_gen.rs``; ``tests/test_schema.py`` fails when the file is stale); its shapes and
+``Config::validate`` are checked against it there too: the engine is built from weights made from this table alone,
+for every model variant, and the accepted keys and validation are held equal, so drift fails CI.
 
 Plain Python (no torch): loaders use it before deciding to build a model.
 """

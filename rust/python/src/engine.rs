@@ -41,25 +41,8 @@ use pyo3::types::{PyDict, PyTuple};
 use std::collections::HashMap;
 use std::sync::Arc;
 
-const CONFIG_KEYS: [&str; 17] = [
-    "vocab_size",
-    "seq_len",
-    "n_layer",
-    "n_head",
-    "n_kv_head",
-    "n_embd",
-    "mlp",
-    "mlp_hidden",
-    "qk_norm",
-    "tie_embeddings",
-    "residual",
-    "n_streams",
-    "sinkhorn_iters",
-    "rope_theta",
-    "norm_eps",
-    "quant",
-    "init_std",
-];
+// The config keys the engine accepts: `GPTConfig`'s fields, generated from the schema.
+use nanochat_core::engine::schema_gen::CONFIG_KEYS;
 
 fn get<'py, T: FromPyObjectOwned<'py>>(d: &Bound<'py, PyDict>, key: &str) -> PyResult<T> {
     let v = d

@@ -45,9 +45,13 @@
 pub mod attention;
 mod forward;
 pub mod math;
+/// Config keys and tensor names, generated from `nanochat.model.schema`
+/// (`scripts/gen_rust_schema.py`).
+pub mod schema_gen;
 
 use crate::kernels::{Kernel, TernaryMatrix};
 use crate::{shape_err, Error, Result};
+use schema_gen as names;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Mutex;
@@ -628,7 +632,7 @@ fn take_f32(t: &mut HashMap<String, Tensor>, name: &str, shape: &[usize]) -> Res
 /// The embedding: kept as fp16 bits when given so and `keep_f16` (an fp16 head tied to it),
 /// else as f32 (checked as [`take_f32`] does).
 fn take_emb(t: &mut HashMap<String, Tensor>, shape: &[usize], keep_f16: bool) -> Result<Emb> {
-    let name = "wte.weight";
+    let name = names::WTE;
     match t.remove(name) {
         Some(Tensor::F16 { data, shape: s }) if keep_f16 => {
             if s != shape || data.len() != shape.iter().product::<usize>() {
@@ -680,13 +684,17 @@ fn take_ternary(
 fn take_mhc(t: &mut HashMap<String, Tensor>, p: &str, cfg: &Config) -> Result<MhcParams> {
     let n = cfg.n_streams;
     let nr = cfg.n_res();
-    let alpha = take_f32(t, &format!("{p}.alpha"), &[3])?;
+    let alpha = take_f32(t, &format!("{p}.{}", names::MHC_ALPHA), &[3])?;
     Ok(MhcParams {
-        pre_bias: take_f32(t, &format!("{p}.pre_bias"), &[n])?,
-        post_bias: take_f32(t, &format!("{p}.post_bias"), &[n])?,
-        res_logits: take_f32(t, &format!("{p}.res_logits"), &[nr])?,
+        pre_bias: take_f32(t, &format!("{p}.{}", names::MHC_PRE_BIAS), &[n])?,
+        post_bias: take_f32(t, &format!("{p}.{}", names::MHC_POST_BIAS), &[n])?,
+        res_logits: take_f32(t, &format!("{p}.{}", names::MHC_RES_LOGITS), &[nr])?,
         alpha: [alpha[0], alpha[1], alpha[2]],
-        proj: take_f32(t, &format!("{p}.proj"), &[2 * n + nr, n * cfg.n_embd])?,
+        proj: take_f32(
+            t,
+            &format!("{p}.{}", names::MHC_PROJ),
+            &[2 * n + nr, n * cfg.n_embd],
+        )?,
     })
 }
 
@@ -714,37 +722,38 @@ impl Model {
         let hid = cfg.mlp_hidden;
         let share_f16 = cfg.tie_embeddings && opts.head == HeadPrecision::F16;
         let tok_emb = take_emb(&mut t, &[v, c], share_f16)?;
-        let norm = take_f32(&mut t, "norm.weight", &[c])?;
+        let norm = take_f32(&mut t, names::NORM, &[c])?;
         let untied = if cfg.tie_embeddings {
-            if t.contains_key("lm_head.weight") {
-                return Err(Error::Value(
-                    "config says tie_embeddings = true but an 'lm_head.weight' was given".into(),
-                ));
+            if t.contains_key(names::LM_HEAD) {
+                return Err(Error::Value(format!(
+                    "config says tie_embeddings = true but an '{}' was given",
+                    names::LM_HEAD
+                )));
             }
             None
         } else {
-            Some(take_f32(&mut t, "lm_head.weight", &[v, c])?)
+            Some(take_f32(&mut t, names::LM_HEAD, &[v, c])?)
         };
         let mut layers = Vec::with_capacity(cfg.n_layer);
         for i in 0..cfg.n_layer {
-            let p = format!("blocks.{i}");
-            let q = take_ternary(&mut t, &format!("{p}.attn.q_proj.weight"), c, c)?;
-            let k = take_ternary(&mut t, &format!("{p}.attn.k_proj.weight"), kv, c)?;
-            let vv = take_ternary(&mut t, &format!("{p}.attn.v_proj.weight"), kv, c)?;
-            let o = take_ternary(&mut t, &format!("{p}.attn.o_proj.weight"), c, c)?;
-            let up = take_ternary(&mut t, &format!("{p}.mlp.up_proj.weight"), hid, c)?;
+            let p = |name: &str| names::block_tensor(i, name);
+            let q = take_ternary(&mut t, &p(names::ATTN_Q_PROJ), c, c)?;
+            let k = take_ternary(&mut t, &p(names::ATTN_K_PROJ), kv, c)?;
+            let vv = take_ternary(&mut t, &p(names::ATTN_V_PROJ), kv, c)?;
+            let o = take_ternary(&mut t, &p(names::ATTN_O_PROJ), c, c)?;
+            let up = take_ternary(&mut t, &p(names::MLP_UP_PROJ), hid, c)?;
             let gate_up = match cfg.mlp {
                 MlpKind::SwiGlu => {
-                    let g = take_ternary(&mut t, &format!("{p}.mlp.gate_proj.weight"), hid, c)?;
+                    let g = take_ternary(&mut t, &p(names::MLP_GATE_PROJ), hid, c)?;
                     Fused::new(&[&g, &up])?
                 }
                 MlpKind::Relu2 => Fused::new(&[&up])?,
             };
-            let down = take_ternary(&mut t, &format!("{p}.mlp.down_proj.weight"), c, hid)?;
+            let down = take_ternary(&mut t, &p(names::MLP_DOWN_PROJ), c, hid)?;
             let (q_norm, k_norm) = if cfg.qk_norm {
                 (
-                    Some(take_f32(&mut t, &format!("{p}.attn.q_norm.weight"), &[hd])?),
-                    Some(take_f32(&mut t, &format!("{p}.attn.k_norm.weight"), &[hd])?),
+                    Some(take_f32(&mut t, &p(names::ATTN_Q_NORM), &[hd])?),
+                    Some(take_f32(&mut t, &p(names::ATTN_K_NORM), &[hd])?),
                 )
             } else {
                 (None, None)
@@ -753,20 +762,20 @@ impl Model {
                 (None, None)
             } else {
                 (
-                    Some(take_mhc(&mut t, &format!("{p}.mhc_attn"), &cfg)?),
-                    Some(take_mhc(&mut t, &format!("{p}.mhc_mlp"), &cfg)?),
+                    Some(take_mhc(&mut t, &p(names::MHC_ATTN), &cfg)?),
+                    Some(take_mhc(&mut t, &p(names::MHC_MLP), &cfg)?),
                 )
             };
             layers.push(Layer {
-                attn_norm: take_f32(&mut t, &format!("{p}.attn_norm.weight"), &[c])?,
+                attn_norm: take_f32(&mut t, &p(names::ATTN_NORM), &[c])?,
                 qkv: Fused::new(&[&q, &k, &vv])?,
                 q_norm,
                 k_norm,
-                attn_sub_norm: take_f32(&mut t, &format!("{p}.attn.sub_norm.weight"), &[c])?,
+                attn_sub_norm: take_f32(&mut t, &p(names::ATTN_SUB_NORM), &[c])?,
                 o: Fused::new(&[&o])?,
-                mlp_norm: take_f32(&mut t, &format!("{p}.mlp_norm.weight"), &[c])?,
+                mlp_norm: take_f32(&mut t, &p(names::MLP_NORM), &[c])?,
                 gate_up,
-                mlp_sub_norm: take_f32(&mut t, &format!("{p}.mlp.sub_norm.weight"), &[hid])?,
+                mlp_sub_norm: take_f32(&mut t, &p(names::MLP_SUB_NORM), &[hid])?,
                 down: Fused::new(&[&down])?,
                 mhc_attn,
                 mhc_mlp,
