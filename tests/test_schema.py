@@ -1,5 +1,6 @@
 """One model schema (issue 11 §2): ``nanochat.model.schema`` against the torch model, the GGUF files, and the Rust
-engine's own copy (its accepted config keys, the tensor names it takes, ``Config::validate``), so drift fails here.
+engine (its accepted config keys, the tensor names it takes, ``Config::validate``), so drift fails here. The Rust
+names are generated from the schema (``scripts/gen_rust_schema.py``); the committed file must equal a fresh run.
 
 The Rust side is read through the binding: the keys from its "unknown key" error, the tensor names and shapes by
 building the engine from weights made from the schema alone (the engine refuses a missing, unexpected or misshapen
