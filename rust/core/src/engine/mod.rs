@@ -18,8 +18,8 @@
 //! * **Fused projections.** q/k/v are one packed matrix and gate/up another: one activation
 //!   quantization and one parallel section instead of three or two. Each keeps its own
 //!   per-tensor scale (applied per output row), so results equal the separate products.
-//! * **The crate's spinning thread team** ([`crate::team`]) instead of rayon for the ~50 short parallel
-//!   sections of a decode step, with work stealing and jobs that close behind late workers so a
+//! * **The crate's spinning thread team** ([`crate::team`], borrowed once per forward step) for
+//!   the ~50 short parallel sections of a decode step, with work stealing and jobs that close behind late workers so a
 //!   busy machine degrades to one-thread speed instead of stalling; the kernels are called
 //!   single-threaded on row ranges. Prefill feeds the kernels 32 activation rows at a time over
 //!   ~48 KiB weight chunks (cache blocking: ~2× on a 128-token prompt); the `amx` kernel up to
@@ -372,7 +372,7 @@ pub enum Tensor {
 /// Options that do not change the math (apart from the int8 head).
 #[derive(Clone, Debug)]
 pub struct Options {
-    /// Threads of the engine's team (0 = [`crate::kernels::num_threads`]).
+    /// Threads per forward step, borrowed from the crate's team (0 = [`crate::kernels::num_threads`]).
     pub threads: usize,
     /// Ternary kernel (None = the process default).
     pub kernel: Option<Kernel>,
