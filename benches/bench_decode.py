@@ -3,7 +3,7 @@
 For each config (``d20``, ``nano_125m``; random weights) and thread count, every engine prefills a 128-token prompt
 (``--prompt-len``) and then decodes ``--steps`` tokens greedily (argmax in Python, what a user of the engine pays):
 
-- ``rust``: ``nanochat.ops.RustEngine`` with an f32 LM head (exact to the torch model);
+- ``rust``: ``nanochat.engine.RustEngine`` with an f32 LM head (exact to the torch model);
 - ``rust-h16`` / ``rust-h8``: the same with an fp16 (the engine's default) / int8 copy of the LM head (the head is
   the largest single read of a decode step), and ``rust-h16-kv16`` with an fp16 head and an fp16 KV cache; their
   logit error vs ``rust`` is measured on the same tokens;
@@ -58,6 +58,7 @@ from rich.table import Table
 
 from nanochat import ops
 from nanochat.engine import TorchEngine
+from nanochat.engine.rust_engine import engine_weights, rust_engine_from_weights
 from nanochat.model import GPT, load_config
 
 ENGINES = ("rust", "rust-h16", "rust-h8", "rust-h16-kv16", "torch-fp32")
@@ -113,7 +114,7 @@ def run_rust(
     load = []
     for _ in range(repeat):
         t = time.perf_counter()
-        eng = ops.rust_engine_from_weights(m.config, ternary, dense, threads=threads, kernel=kernel, head=head, kv=kv)
+        eng = rust_engine_from_weights(m.config, ternary, dense, threads=threads, kernel=kernel, head=head, kv=kv)
         load.append(time.perf_counter() - t)
     prefill = []
     for _ in range(repeat):
@@ -169,7 +170,7 @@ def _record(load: list[float], prefill: list[float], times: list[float], n_promp
 
 def profile_rust(m: GPT, packed: tuple[dict, dict], threads: int, prompt: list[int], steps: int) -> dict[str, float]:
     """Per-token milliseconds by section for decode (Rust timers) plus the Python + binding remainder."""
-    eng = ops.rust_engine_from_weights(m.config, *packed, threads=threads, head="f32", profile=True)
+    eng = rust_engine_from_weights(m.config, *packed, threads=threads, head="f32", profile=True)
     s = eng.new_session()
     tok = int(np.argmax(s.prefill(prompt)))
     eng.profile(reset=True)
@@ -218,7 +219,7 @@ def main() -> None:
     profiles: dict[tuple[str, int], dict[str, float]] = {}
     for name in configs:
         tern = random_model(name, "ternary")
-        packed = ops.engine_weights(tern)
+        packed = engine_weights(tern)
         prompt = prompt_ids(tern.config.vocab_size, args.prompt_len)
         fp = random_model(name, "fp") if "torch-fp32" in engines else None
         for t in threads:

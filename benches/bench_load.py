@@ -37,16 +37,16 @@ from pathlib import Path
 CHILD = r"""
 import json, os, sys, time
 import numpy  # the baseline: the modules the load and the engine use (imports are timed by the CLI run below)
-import gguf, nanochat, nanochat.export.load, nanochat.ops.engine, nanochat.ops.native
+import gguf, nanochat, nanochat.export.load, nanochat.engine.rust_engine, nanochat.ops.native
 def rss():
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
 r0 = rss(); t0 = time.perf_counter()
 m = nanochat.load(sys.argv[1])
 t1 = time.perf_counter()
-from nanochat import ops
+from nanochat.engine.rust_engine import rust_engine_from_weights
 ternary, dense = m.packed_weights()
-eng = ops.rust_engine_from_weights(m.config, ternary, dense)
+eng = rust_engine_from_weights(m.config, ternary, dense)
 t2 = time.perf_counter()
 s = eng.new_session(64)
 s.prefill([m.tokenizer.bos_id])

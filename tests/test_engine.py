@@ -23,9 +23,9 @@ import numpy as np
 import pytest
 import torch
 
-from nanochat import ops
 from nanochat.data.tokenizer import Tokenizer
-from nanochat.engine import Engine, TextStream, TorchEngine, decode_fn, make_generator, sample
+from nanochat.engine import Engine, TextStream, TorchEngine, decode_fn, make_generator, rust_engine, sample
+from nanochat.engine.rust_engine import build_rust_engine, engine_weights, rust_engine_from_weights
 from nanochat.model import GPT, GPTConfig, torch_path_only
 
 VOCAB = 320
@@ -100,7 +100,7 @@ def test_rust_engine_matches_full_forward(kw) -> None:
     m = make_model(1, **kw)
     ids = torch.randint(0, VOCAB, (24,), generator=torch.Generator().manual_seed(2)).tolist()
     want = full_logits(m, ids)
-    eng = ops.build_rust_engine(m, threads=2)
+    eng = build_rust_engine(m, threads=2)
     s = eng.new_session()
     assert_logits_close(s.prefill(ids[:10]), want[9], "prefill")
     for t in range(10, 20):
@@ -141,13 +141,13 @@ def test_torch_engine_runs_fp_models() -> None:
     got = eng.forward(s, ids[5:], all_logits=True)
     torch.testing.assert_close(got, want[5:], rtol=1e-4, atol=1e-4)
     with pytest.raises(ValueError, match="ternary"):
-        ops.build_rust_engine(m)
+        build_rust_engine(m)
 
 
 def test_threads_and_batches_are_bit_identical() -> None:
     m = make_model(6)
-    e1 = ops.build_rust_engine(m, threads=1)
-    e2 = ops.build_rust_engine(m, threads=2)
+    e1 = build_rust_engine(m, threads=1)
+    e2 = build_rust_engine(m, threads=2)
     prompts = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
     singles = []
     for p in prompts:
@@ -169,7 +169,7 @@ def test_threads_and_batches_are_bit_identical() -> None:
 def test_concurrent_sessions_from_python_threads() -> None:
     """Compute runs without the GIL and the engine serialises on its own lock: threads give serial results."""
     m = make_model(7, residual="standard")
-    eng = ops.build_rust_engine(m, threads=2)
+    eng = build_rust_engine(m, threads=2)
     prompts = [[i, i + 1, i + 2] for i in range(4)]
     want = []
     for p in prompts:
@@ -200,7 +200,7 @@ def test_reduced_precision_head_and_cache(head: str, kv: str, bound: float) -> N
     m = make_model(8, residual="standard")
     ids = [5, 6, 7, 8, 9, 10, 11, 12]
     want = full_logits(m, ids)
-    eng = ops.build_rust_engine(m, head=head, kv=kv)
+    eng = build_rust_engine(m, head=head, kv=kv)
     assert (eng.head, eng.kv) == (head, kv)
     s = eng.new_session()
     got = torch.from_numpy(s.forward_all(ids[:4]))
@@ -374,7 +374,7 @@ def test_sampling_rules() -> None:
 
 def test_bad_inputs_raise_clear_errors(tokenizer) -> None:
     m = make_model(14, residual="standard")
-    eng = ops.build_rust_engine(m)
+    eng = build_rust_engine(m)
     s = eng.new_session(max_seq=8)
     with pytest.raises(ValueError, match="out of range"):
         s.prefill([1, VOCAB])
@@ -396,7 +396,7 @@ def test_bad_inputs_raise_clear_errors(tokenizer) -> None:
     with pytest.raises(ValueError, match="twice"):
         eng.decode_batch([s2, s2], [1, 2])
     with pytest.raises(ValueError, match="another"):
-        eng.decode_batch([ops.build_rust_engine(m).new_session()], [1])
+        eng.decode_batch([build_rust_engine(m).new_session()], [1])
     with pytest.raises(ValueError, match="2 sessions but 1 tokens"):
         eng.decode_batch([s2, eng.new_session()], [1])
     # the facade checks prompts before any work
@@ -411,26 +411,26 @@ def test_bad_inputs_raise_clear_errors(tokenizer) -> None:
 
 def test_weight_errors_name_the_tensor() -> None:
     m = make_model(15, residual="mhc")
-    ternary, dense = ops.engine_weights(m)
+    ternary, dense = engine_weights(m)
     cfg = m.config
     t2 = dict(ternary)
     del t2["blocks.1.mlp.gate_proj.weight"]
     with pytest.raises(ValueError, match=r"missing weight 'blocks\.1\.mlp\.gate_proj\.weight'"):
-        ops.rust_engine_from_weights(cfg, t2, dense)
+        rust_engine_from_weights(cfg, t2, dense)
     d2 = dict(dense, **{"norm.weight": np.ones(10, np.float32)})
     with pytest.raises(ValueError, match=r"norm\.weight"):
-        ops.rust_engine_from_weights(cfg, ternary, d2)
+        rust_engine_from_weights(cfg, ternary, d2)
     d3 = dict(dense, **{"blocks.0.attn.q_proj.weight": np.zeros((256, 256), np.float32)})
     with pytest.raises(ValueError, match="given both"):
-        ops.rust_engine_from_weights(cfg, ternary, d3)
+        rust_engine_from_weights(cfg, ternary, d3)
     t3 = dict(ternary, **{"blocks.0.attn.q_proj.weight": (np.zeros((256, 32), np.uint8), 1.0)})
     with pytest.raises(ValueError, match=r"q_proj.*256 × 128"):
-        ops.rust_engine_from_weights(cfg, t3, dense)
+        rust_engine_from_weights(cfg, t3, dense)
     d4 = dict(dense, **{"blocks.0.extra": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="unexpected"):
-        ops.rust_engine_from_weights(cfg, ternary, d4)
+        rust_engine_from_weights(cfg, ternary, d4)
     with pytest.raises(ValueError, match="unknown key"):
-        ops.rust_engine_from_weights({**cfg.to_dict(), "n_layers": 2}, ternary, dense)
+        rust_engine_from_weights({**cfg.to_dict(), "n_layers": 2}, ternary, dense)
     with pytest.raises(TypeError, match="uint8"):
         from nanochat import _core
 
@@ -501,7 +501,7 @@ def test_a_model_the_rust_engine_refuses_runs_on_the_cached_torch_forward_or_fai
     def refuse(*args: object, **kwargs: object) -> None:
         raise ValueError("config: head_dim 768 > 512 is not supported")
 
-    monkeypatch.setattr(ops, "build_rust_engine", refuse)
+    monkeypatch.setattr(rust_engine, "build_rust_engine", refuse)
     with pytest.raises(ValueError, match="head_dim 768 > 512"):
         Engine(m, tokenizer, backend="rust")
     with caplog.at_level(logging.WARNING, logger="nanochat.engine.generate"):
@@ -534,7 +534,7 @@ def test_bad_engine_settings_are_the_callers_error_not_a_reason_to_fall_back(tok
 def test_fork_then_decode_equals_a_fresh_prefill_then_decode() -> None:
     """``EngineSession.fork()`` (one prefill shared by n samples) gives exactly the logits of prefilling again."""
     m = make_model(12, residual="mhc")
-    eng = ops.build_rust_engine(m, threads=1)
+    eng = build_rust_engine(m, threads=1)
     prompt, conts = [3, 1, 4, 1, 5, 9, 2, 6], ([5, 3, 5], [8, 9], [7])
     parent = eng.new_session()
     parent.prefill(prompt)
@@ -552,7 +552,7 @@ def test_fork_then_decode_equals_a_fresh_prefill_then_decode() -> None:
             np.testing.assert_array_equal(row, fresh.decode(t))
     assert parent.position == len(prompt)
     # a fork of one engine is still refused by another
-    other = ops.build_rust_engine(m, threads=1)
+    other = build_rust_engine(m, threads=1)
     with pytest.raises(ValueError, match="another EngineModel"):
         other.decode_batch([forks[0]], [1])
 
@@ -562,7 +562,7 @@ def test_default_head_is_f16_and_no_second_copy(tokenizer) -> None:
     only its 2-byte copy beside the f32 embedding (an untied one replaces the f32 head, nothing kept beside it)."""
     for tied in (True, False):
         m = make_model(13, residual="standard", tie_embeddings=tied)
-        e16, e32 = ops.build_rust_engine(m, threads=1), ops.build_rust_engine(m, threads=1, head="f32")
+        e16, e32 = build_rust_engine(m, threads=1), build_rust_engine(m, threads=1, head="f32")
         assert (e16.head, e32.head) == ("f16", "f32")
         vc = VOCAB * m.config.n_embd
         assert e16.weight_bytes - e32.weight_bytes == (2 * vc if tied else -2 * vc)
@@ -575,13 +575,13 @@ def test_f16_embedding_is_one_copy_for_lookups_and_a_tied_f16_head() -> None:
     """A float16 ``wte.weight`` (what a GGUF's token_embd maps to) gives the logits of the same values in float32,
     bit for bit, and with the default f16 head no f32 embedding is held (4 bytes per value fewer)."""
     m = make_model(14, residual="standard")
-    ternary, dense = ops.engine_weights(m)
+    ternary, dense = engine_weights(m)
     wte16 = dense["wte.weight"].astype(np.float16)
     d16 = {**dense, "wte.weight": wte16}
     d32 = {**dense, "wte.weight": wte16.astype(np.float32)}
     ids = [7, 3, 9, 1, 4, 4, 2]
     for head, saved in (("f16", 4), ("f32", 0), ("int8", 0)):
-        e16 = ops.rust_engine_from_weights(m.config, ternary, d16, threads=1, head=head)
-        e32 = ops.rust_engine_from_weights(m.config, ternary, d32, threads=1, head=head)
+        e16 = rust_engine_from_weights(m.config, ternary, d16, threads=1, head=head)
+        e32 = rust_engine_from_weights(m.config, ternary, d32, threads=1, head=head)
         np.testing.assert_array_equal(e16.new_session().forward_all(ids), e32.new_session().forward_all(ids))
         assert e32.weight_bytes - e16.weight_bytes == saved * wte16.size, head

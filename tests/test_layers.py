@@ -5,6 +5,7 @@ under ``if TYPE_CHECKING:`` (annotations only, never executed).
 - ``export/``, ``eval/``, ``engine/`` and ``serve/`` never import ``nanochat.train``: what they need of a run's files
   lives below (``nanochat.checkpoint_format``, ``nanochat.runlog``);
 - ``ops/`` never imports ``model/``: ops sit below the model;
+- only ``ops/`` imports the extension ``nanochat._core`` (STYLE.md convention 2);
 - the low-level modules (the checkpoint format, the run files, the model schema and config) import none of the
   layers above them.
 """
@@ -21,13 +22,8 @@ import nanochat
 PACKAGE = Path(nanochat.__file__).parent
 
 # (importer prefix, forbidden prefix) -> {importer module: why it is allowed for now}
-KNOWN_EXCEPTIONS: dict[tuple[str, str], dict[str, str]] = {
-    ("nanochat.ops", "nanochat.model"): {
-        # engine_weights() walks the model's BitLinear modules to reuse their cached packing; issue 11 §4 moves it to
-        # engine/ (it is another change's file today)
-        "nanochat.ops.engine": "engine_weights() walks model.bitlinear modules; it belongs in nanochat.engine",
-    },
-}
+# (empty: issue 11 §4 moved the last one, the Rust engine wrapper, from ops/ to engine/rust_engine.py)
+KNOWN_EXCEPTIONS: dict[tuple[str, str], dict[str, str]] = {}
 RULES: list[tuple[str, str]] = [
     *((f"nanochat.{layer}", "nanochat.train") for layer in ("export", "eval", "engine", "serve")),
     ("nanochat.ops", "nanochat.model"),
@@ -108,6 +104,14 @@ def graph() -> dict[str, set[str]]:
     g = package_imports()
     assert len(g) > 50 and "nanochat.export.load" in g  # the walk found the package
     return g
+
+
+def test_only_ops_imports_the_extension(graph):
+    """``nanochat._core`` is imported by ``nanochat.ops`` and nothing else in the package (lazy imports included)."""
+    found = {m: sorted(i for i in imps if under(i, "nanochat._core")) for m, imps in graph.items()}
+    outside = {m: v for m, v in found.items() if v and not under(m, "nanochat.ops")}
+    assert not outside, f"only nanochat.ops may import nanochat._core: {outside}"
+    assert any(v for m, v in found.items() if under(m, "nanochat.ops")), "the walk should see ops import _core"
 
 
 @pytest.mark.parametrize(("importer", "forbidden"), RULES, ids=[f"{a}-not-{b}" for a, b in RULES])

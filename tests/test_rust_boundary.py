@@ -36,7 +36,7 @@ import torch
 from nanochat import _core, ops
 from nanochat.engine import Engine
 from nanochat.model import GPT, GPTConfig
-from nanochat.ops.engine import engine_weights, _config_dict
+from nanochat.engine.rust_engine import engine_weights, _config_dict
 
 torch.manual_seed(0)
 cfg = GPTConfig(vocab_size=320, seq_len=64, n_layer=1, n_head=4, n_kv_head=2, n_embd=256, mlp_hidden=512,

@@ -24,6 +24,7 @@ import torch
 
 from nanochat import _core, ops
 from nanochat.data.tokenizer import Tokenizer
+from nanochat.engine.rust_engine import rust_engine_from_weights
 from nanochat.export import export_gguf, read_gguf
 from nanochat.model import GPT, GPTConfig
 from nanochat.model.bitlinear import BitLinear
@@ -216,7 +217,7 @@ def test_rust_engine_takes_exactly_the_schemas_tensors(kw):
     shows both lists agree, for every variant; and it runs them."""
     cfg = small(**kw)
     ternary, dense = schema_weights(cfg)
-    eng = ops.rust_engine_from_weights(cfg, ternary, dense, threads=1)
+    eng = rust_engine_from_weights(cfg, ternary, dense, threads=1)
     logits = eng.new_session().prefill([1, 2, 3])
     assert logits.shape == (cfg.vocab_size,) and np.isfinite(logits).all()
 
@@ -231,9 +232,9 @@ def test_a_schema_without_a_tensor_or_with_an_extra_one_is_refused_by_rust():
         t = {k: v for k, v in ternary.items() if k != name}
         d = {k: v for k, v in dense.items() if k != name}
         with pytest.raises(ValueError, match=re.escape(name)):
-            ops.rust_engine_from_weights(cfg, t, d, threads=1)
+            rust_engine_from_weights(cfg, t, d, threads=1)
     with pytest.raises(ValueError, match="unexpected weights"):
-        ops.rust_engine_from_weights(cfg, ternary, {**dense, "blocks.0.attn.extra.weight": np.ones(4, np.float32)})
+        rust_engine_from_weights(cfg, ternary, {**dense, "blocks.0.attn.extra.weight": np.ones(4, np.float32)})
 
 
 # ----------------------------------------------------------------------------- one validation

@@ -158,10 +158,10 @@ def gguf(tmp_path_factory) -> tuple[Path, list[int]]:
 LOAD_AND_PREFILL = r"""
 import json, sys
 import nanochat
-from nanochat import ops
+from nanochat.engine.rust_engine import rust_engine_from_weights
 m = nanochat.load(sys.argv[1])
 ternary, dense = m.packed_weights()
-eng = ops.rust_engine_from_weights(m.config, ternary, dense, threads=1)
+eng = rust_engine_from_weights(m.config, ternary, dense, threads=1)
 logits = eng.new_session(0).forward_all(json.loads(sys.argv[2]))
 print(json.dumps({"torch": "torch" in sys.modules, "logits": logits.tolist()}))
 """

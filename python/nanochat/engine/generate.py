@@ -12,7 +12,7 @@ results = engine.generate_batch(["def a():", "class B:"], max_new_tokens=32, tem
 ```
 
 Notable choices:
-- **Backends.** ``backend="auto"`` runs the Rust engine (``nanochat.ops.RustEngine``: KV cache, ternary kernels,
+- **Backends.** ``backend="auto"`` runs the Rust engine (``nanochat.engine.RustEngine``: KV cache, ternary kernels,
   batched decode) for ternary models on CPU, and :class:`~nanochat.engine.torch_engine.TorchEngine` otherwise
   (CUDA, ``quant="fp"``). Both expose ``new_session / prefill / decode_batch``; sampling is shared and runs on CPU,
   in numpy (the torch backend converts its logits at the boundary), so the Rust path never imports torch.
@@ -148,7 +148,7 @@ class TextStream:
 
 
 class _RustBackend:
-    """``nanochat.ops.RustEngine``: its float32 numpy logits as they come (no torch on this path)."""
+    """``nanochat.engine.RustEngine``: its float32 numpy logits as they come (no torch on this path)."""
 
     kind = "rust"
 
@@ -323,8 +323,12 @@ class Engine:
         if backend == "rust":
             if device_type != "cpu":
                 raise ValueError(f"the Rust engine runs on CPU, not {device}")
-            from nanochat import ops
-            from nanochat.ops.engine import HEAD_PRECISIONS, KV_PRECISIONS
+            from nanochat.engine.rust_engine import (
+                HEAD_PRECISIONS,
+                KV_PRECISIONS,
+                build_rust_engine,
+                rust_engine_from_weights,
+            )
 
             # the caller's settings are checked before the build, so that only a model refusal can fall back below
             if head not in HEAD_PRECISIONS:
@@ -335,9 +339,9 @@ class Engine:
             try:
                 if loaded is not None:
                     ternary, dense = loaded.packed_weights()
-                    eng = ops.rust_engine_from_weights(config, ternary, dense, threads=n, head=head, kv=kv)
+                    eng = rust_engine_from_weights(config, ternary, dense, threads=n, head=head, kv=kv)
                 else:
-                    eng = ops.build_rust_engine(model, threads=n, head=head, kv=kv)
+                    eng = build_rust_engine(model, threads=n, head=head, kv=kv)
             except ValueError as e:  # the engine's validation refused the model (config, shapes or weight types)
                 if not auto:
                     raise

@@ -4,9 +4,10 @@ Each op is a ``torch.library.custom_op`` in the ``nanochat::`` namespace: its CP
 calls Rust, other devices (CUDA) run the same math in plain torch, and a fake implementation lets
 ``torch.compile`` trace it. Model, engine and training code call these functions, never ``_core``.
 
-Names are re-exported lazily (:func:`nanochat.lazy_exports`): the Rust engine (:mod:`.engine`) and the GGUF block
-helpers (:mod:`.native`) need numpy alone, and the custom ops (:mod:`.ternary`, :mod:`.mhc`) are registered with torch
-when first used.
+Names are re-exported lazily (:func:`nanochat.lazy_exports`): the GGUF block helpers and the engine's extension types
+(:mod:`.native`) need numpy alone, and the custom ops (:mod:`.ternary`, :mod:`.mhc`) are registered with torch when
+first used. The Rust engine's Python wrapper walks a model's modules, so it lives above ``model``, in
+:mod:`nanochat.engine.rust_engine`.
 """
 
 from __future__ import annotations
@@ -16,8 +17,10 @@ from nanochat import lazy_exports
 _EXPORTS = {
     **dict.fromkeys(
         [
+            "EngineSession",
             "available_kernels",
             "default_kernel",
+            "engine_model",
             "get_num_threads",
             "max_threads",
             "pack_gguf",
@@ -26,9 +29,6 @@ _EXPORTS = {
             "tq2_0_to_kernel_layout",
         ],
         "native",
-    ),
-    **dict.fromkeys(
-        ["EngineSession", "RustEngine", "build_rust_engine", "engine_weights", "rust_engine_from_weights"], "engine"
     ),
     **dict.fromkeys(
         [

@@ -1,14 +1,33 @@
-"""The numpy-only face of the Rust core: GGUF ternary block packing and repacking, thread and kernel information.
+"""The numpy-only face of the Rust core: GGUF ternary block packing and repacking, thread and kernel information, and
+the engine's extension types (wrapped by :mod:`nanochat.engine.rust_engine`).
 
-No torch here: loading a GGUF into the Rust engine (:mod:`nanochat.ops.engine`) and serving it needs only numpy, and
+No torch here: loading a GGUF into the Rust engine and serving it needs only numpy, and
 importing torch costs about a second of a command's start-up. The torch custom ops are in :mod:`nanochat.ops.ternary`.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from nanochat import _core
+
+EngineSession = _core.EngineSession  # one sequence's KV cache in the Rust engine
+
+
+def engine_model(
+    config: dict[str, Any],
+    weights: dict[str, Any],
+    threads: int,
+    kernel: str | None,
+    head: str,
+    kv: str,
+    profile: bool,
+) -> Any:
+    """``_core.EngineModel``: the Rust engine built from ``weights`` (see :func:`nanochat.engine.rust_engine_from_weights`
+    for the arguments); here so that ``ops`` stays the only package importing ``_core``."""
+    return _core.EngineModel(config, weights, threads, kernel, head, kv, profile)
 
 
 def available_kernels() -> list[str]:

@@ -1,5 +1,9 @@
 """The Rust inference engine (KV-cache forward step on the ternary kernels), wrapped for Python.
 
+It lives in ``engine/``, not ``ops/``: :func:`engine_weights` walks a torch model's BitLinear modules, and ``ops`` sits
+below ``model`` (issue 11 §4). The one call into the extension, ``_core.EngineModel``, goes through
+:func:`nanochat.ops.native.engine_model`, so ``ops`` stays the only package that imports ``_core``.
+
 Two ways to build one, both ending in :class:`RustEngine`:
 
 - :func:`build_rust_engine` from a torch ``GPT`` (packs every BitLinear with ``ops.pack_ternary``, the same
@@ -7,13 +11,13 @@ Two ways to build one, both ending in :class:`RustEngine`:
 - :func:`rust_engine_from_weights` from a config and the weights keyed by state-dict name, ternary ones as
   ``(packed uint8 (rows, cols/4), scale)`` in the kernel layout. This is what a GGUF file maps to without any float
   copy: ``nanochat.export.load`` reads TQ2_0 tensors memory-mapped and converts them with
-  ``_core.tq2_0_to_kernel_layout`` (``LoadedModel.packed_weights()``), then calls this.
+  ``ops.tq2_0_to_kernel_layout`` (``LoadedModel.packed_weights()``), then calls this.
 
 Weight names are the torch model's (``wte.weight``, ``blocks.0.attn.q_proj.weight``, ``blocks.0.mhc_attn.proj``,
 ...); the full list is in ``rust/python/src/engine.rs``. The engine refuses ``quant="fp"`` models (serve those with
 the torch engine, :class:`nanochat.engine.TorchEngine`).
 
-Sessions (``RustEngine.new_session()``) are ``_core.EngineSession`` objects: ``prefill(ids)`` and ``decode(id)``
+Sessions (``RustEngine.new_session()``) are :data:`EngineSession` objects: ``prefill(ids)`` and ``decode(id)``
 return float32 numpy logits ``(vocab,)`` of the last position; ``position``, ``reset()``, ``truncate(n)``, and
 ``fork()``: a new session holding a copy of the KV cache and position (prefill a prompt once, fork it per sample).
 ``RustEngine.decode_batch(sessions, ids)`` advances several sessions by one token each in one batched step.
@@ -27,12 +31,12 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from nanochat import _core
+from nanochat.ops import native
 
 if TYPE_CHECKING:
     from nanochat.model import GPT, GPTConfig
 
-EngineSession = _core.EngineSession
+EngineSession = native.EngineSession
 
 HEAD_PRECISIONS = ("f32", "f16", "int8")
 KV_PRECISIONS = ("f32", "f16")
@@ -118,7 +122,7 @@ def rust_engine_from_weights(
     """Build the engine from weights keyed by state-dict name.
 
     ``ternary``: BitLinear weights as ``(packed uint8 (rows, cols/4), scale)`` in the kernel layout (TQ2_0's ``qs``
-    bytes, ``ops.pack_ternary`` or ``_core.tq2_0_to_kernel_layout``); ``dense``: every other tensor (any float dtype,
+    bytes, ``ops.pack_ternary`` or ``ops.tq2_0_to_kernel_layout``); ``dense``: every other tensor (any float dtype,
     converted to float32). ``head`` is the LM head copy: ``"f16"`` (the default: half the bytes an f32 head reads
     per token, ~1e-4 relative logit error, greedy tokens kept: 100% top-1 agreement with f32 on a trained d20),
     ``"f32"`` (exact) or ``"int8"`` (a quarter, ~1e-2; 98.7% top-1 agreement). ``kv`` is the KV cache element type:
@@ -138,7 +142,7 @@ def rust_engine_from_weights(
         # float16 stays float16 (a GGUF's token_embd, memory-mapped): the engine widens it exactly, or keeps it as
         # the one copy a tied f16 head and the embedding lookups share (no f32 copy of the embedding)
         weights[name] = np.ascontiguousarray(arr, dtype=np.float16 if arr.dtype == np.float16 else np.float32)
-    core = _core.EngineModel(_config_dict(config), weights, int(threads), kernel, head, kv, bool(profile))
+    core = native.engine_model(_config_dict(config), weights, int(threads), kernel, head, kv, bool(profile))
     return RustEngine(core)
 
 
