@@ -120,7 +120,7 @@ def reseal(data: bytes, span: tuple[int, int]) -> bytes | None:
         digest = r.content_digest(CHECKSUM_EXCLUDED).encode()
         del r
     out = bytearray(data)
-    out[span[1] - 64 : span[1]] = digest
+    out[span[1] - len(digest) : span[1]] = digest  # the hex digest fills the value's last bytes
     return bytes(out)
 
 
@@ -182,7 +182,10 @@ def gguf_mutants(data: bytes, rng: random.Random) -> list[tuple[str, bytes]]:
         mutant("kv_type", lambda b, k=k: put(b, k["type_off"], "<I", rng.choice([*range(13), 99])))
 
     span_rec = next(k for k in kvs if k["key"] == CHECKSUM_KEY)
-    span = (span_rec["len_off"], span_rec["str_len_offs"][0] + 8 + 64)
+    span = (
+        span_rec["len_off"],
+        span_rec["str_len_offs"][0] + 8 + struct.unpack_from("<Q", data, span_rec["str_len_offs"][0])[0],
+    )
     structural = [(k, m) for k, m in out if k not in ("flip_data", "truncate")]
     resealed = []
     for kind, m in structural:  # those that still parse: the checks behind the checksum, on their own

@@ -30,6 +30,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import threading
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -105,10 +106,11 @@ class Tokenizer:
         for what, i in (("bos_id", bos_id), ("eos_id", eos_id), ("eot_id", eot_id), ("pad_id", pad_id)):
             if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < n):
                 raise ValueError(f"{what} = {i!r} is not a token id of this {n}-token vocabulary")
-        # `raw` parses special-token text (what exporters and llama.cpp see); `_plain` does not.
+        # `raw` parses special-token text (what exporters and llama.cpp see); a plain encode sets its
+        # encode_special_tokens flag (not serialised) for the one call, under a lock. A second tokenizer for it cost
+        # a to_str + from_str, ~40 ms of every model load.
         self.raw: HFTokenizer = raw
-        self._plain = HFTokenizer.from_str(raw.to_str())
-        self._plain.encode_special_tokens = True
+        self._encode_lock = threading.Lock()
         self.has_chat_tokens = not missing
         if self.has_chat_tokens:
             self.special_ids: dict[str, int] = {
@@ -232,10 +234,20 @@ class Tokenizer:
         return self.raw.token_to_id(token)
 
     # ----------------------------------------------------------------- encode / decode
+    def __getstate__(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if k != "_encode_lock"}  # a lock does not pickle
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, _encode_lock=threading.Lock())
+
     def encode(self, text: str, allow_special: bool = False) -> list[int]:
         """Token ids of ``text``; special-token text is plain text unless ``allow_special``."""
-        enc = self.raw if allow_special else self._plain
-        return enc.encode(text, add_special_tokens=False).ids
+        with self._encode_lock:
+            self.raw.encode_special_tokens = not allow_special
+            try:
+                return self.raw.encode(text, add_special_tokens=False).ids
+            finally:
+                self.raw.encode_special_tokens = False
 
     def encode_prompt(self, text: str) -> list[int]:
         """Ids of a prompt to complete: ``[bos] + encode(text)`` when the model's files ask for BOS (``add_bos``,
@@ -245,8 +257,12 @@ class Tokenizer:
 
     def encode_batch(self, texts: Sequence[str], allow_special: bool = False) -> list[list[int]]:
         """:meth:`encode` over many texts, in parallel in the Rust library."""
-        enc = self.raw if allow_special else self._plain
-        return [e.ids for e in enc.encode_batch(list(texts), add_special_tokens=False)]
+        with self._encode_lock:
+            self.raw.encode_special_tokens = not allow_special
+            try:
+                return [e.ids for e in self.raw.encode_batch(list(texts), add_special_tokens=False)]
+            finally:
+                self.raw.encode_special_tokens = False
 
     def decode(self, ids: Iterable[int], skip_special: bool = False) -> str:
         """Text of ``ids``; byte sequences that are not valid UTF-8 become U+FFFD."""

@@ -340,6 +340,8 @@ class Engine:
                 if loaded is not None:
                     ternary, dense = loaded.packed_weights()
                     eng = rust_engine_from_weights(config, ternary, dense, threads=n, head=head, kv=kv)
+                    del ternary, dense
+                    loaded.release_pages()  # the engine holds its own copy: the weights stay resident once
                 else:
                     eng = build_rust_engine(model, threads=n, head=head, kv=kv)
             except ValueError as e:  # the engine's validation refused the model (config, shapes or weight types)

@@ -10,9 +10,14 @@ for minutes; only regular files are opened (a FIFO named ``x.gguf`` would block 
 names must be unique, and tensor data must be laid out as llama.cpp's ``gguf.cpp`` requires: each tensor's offset is
 exactly where the previous one's (aligned) bytes end, so no offset can point into another tensor's data.
 
-:meth:`GGUFFile.content_digest` is the SHA-256 of what a file means rather than how it is laid out (metadata records
-as written, tensor names, types, shapes and data; not the padding or offsets): nanochat's exports store it under a
-key and the loader recomputes it (``nanochat.export.gguf_io``).
+:meth:`GGUFFile.content_digest` is the checksum of what a file means rather than how it is laid out (metadata records
+as written, tensor names, types, shapes and data; not the padding or offsets): XXH3-128 (:func:`hex_digest`, in Rust
+with the GIL released) or, for files exported before it, SHA-256. nanochat's exports store it under a key and the
+loader recomputes it (``nanochat.export.gguf_io``).
+
+Memory: tensors are views of one read-only shared mapping, so reading them costs page cache, not private memory; but
+every page touched counts in the process's RSS while mapped. :meth:`GGUFFile.drop_pages` hands them back once their
+contents live elsewhere (the Rust engine's copy); the views stay valid and fault the bytes back in if read again.
 
 :class:`LoadError` lives here, at the bottom of the loaders' imports: it is the one exception type that every
 model and checkpoint loader raises (``GGUFError``, ``GGUFFormatError`` and the checkpoint loader's error subclass
@@ -27,6 +32,7 @@ import mmap
 import os
 import stat
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -56,12 +62,72 @@ _MIN_TENSOR_INFO_BYTES = 8 + 4 + 4 + 8
 _MIN_ELEMENT_BYTES = {_STRING: 8, _ARRAY: 4 + 8}
 
 
+LAZY_STRING_ARRAY = 256  # string arrays at least this long are decoded on first access (a tokenizer's tokens, merges)
+
+
+class _LazyStrings:
+    """A string array's place in the map: ``count`` length-prefixed strings from ``offset`` (already bounds-checked)."""
+
+    __slots__ = ("count", "offset")
+
+    def __init__(self, offset: int, count: int) -> None:
+        self.offset, self.count = offset, count
+
+
+class Fields(dict[str, Any]):
+    """Metadata values by key. Long string arrays (a tokenizer's 16k tokens and merges: ~10 ms of decoding) are
+    decoded when first read, so a loader that builds its tokenizer from the cached JSON never pays for them;
+    :meth:`array_len` gives an array's length without decoding it."""
+
+    def __init__(self, decode: Any) -> None:
+        super().__init__()
+        self._decode = decode
+
+    def __getitem__(self, key: str) -> Any:
+        v = super().__getitem__(key)
+        if isinstance(v, _LazyStrings):
+            v = self._decode(v)
+            super().__setitem__(key, v)
+        return v
+
+    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+        return self[key] if key in self else default
+
+    def values(self) -> list[Any]:  # type: ignore[override]
+        return [self[k] for k in self]
+
+    def items(self) -> list[tuple[str, Any]]:  # type: ignore[override]
+        return [(k, self[k]) for k in self]
+
+    def array_len(self, key: str) -> int | None:
+        """Length of the array under ``key`` (None if absent or not an array), without decoding it."""
+        if key not in self:
+            return None
+        v = super().__getitem__(key)
+        return v.count if isinstance(v, _LazyStrings) else len(v) if isinstance(v, list) else None
+
+
 class LoadError(ValueError):
     """A model or checkpoint file we cannot use; the message names the file and what is wrong with it."""
 
 
 class GGUFFormatError(LoadError):
     """The GGUF container itself is malformed (truncated, a count or offset out of bounds, a bad value type)."""
+
+
+def hex_digest(algo: str, parts: Sequence[bytes | np.ndarray]) -> str:
+    """Hex checksum of the concatenation of ``parts`` (bytes or contiguous uint8 arrays): ``"xxh3_128"`` (32 hex
+    digits, Rust, GIL released) or ``"sha256"`` (64, hashlib; what exports wrote before XXH3)."""
+    if algo == "xxh3_128":
+        from nanochat.ops.native import xxh3_128_hex
+
+        return xxh3_128_hex(parts)
+    if algo == "sha256":
+        h = hashlib.sha256()
+        for part in parts:
+            h.update(part)
+        return h.hexdigest()
+    raise ValueError(f"unknown checksum algorithm {algo!r} (xxh3_128 or sha256)")
 
 
 def _kind(mode: int) -> str:
@@ -135,7 +201,7 @@ class GGUFFile:
             raise GGUFFormatError(
                 f"implausible counts: {n_tensors} tensors and {n_kv} keys in a {len(self._mm)}-byte file"
             )
-        self.fields: dict[str, Any] = {}
+        self.fields = Fields(self._decode_strings)
         self.kv_spans: dict[str, tuple[int, int]] = {}  # key -> its record's byte range (key, type and value)
         for _ in range(n_kv):
             start = self._off
@@ -173,21 +239,30 @@ class GGUFFile:
             self.tensors.append(info)
             expected += (info.data.nbytes + align - 1) // align * align
 
-    def content_digest(self, exclude: tuple[str, ...] = ()) -> str:
-        """SHA-256 (hex) of the metadata records except the keys in ``exclude`` (each record's bytes as written, in
-        file order) and of every tensor's name, type, shape and data: what a reader of the file gets, but not where
-        it lies (alignment and padding may change, e.g. when gguf's writer copies a file)."""
-        h = hashlib.sha256()
-        h.update(struct.pack("<IQ", self.version, len(self.tensors)))
-        with memoryview(self._mm) as mv:
-            for key, (a, b) in self.kv_spans.items():
-                if key not in exclude:
-                    h.update(mv[a:b])
+    def content_digest(self, exclude: tuple[str, ...] = (), algo: str = "xxh3_128") -> str:
+        """Checksum (hex, :func:`hex_digest`'s ``algo``) of the metadata records except the keys in ``exclude`` (each
+        record's bytes as written, in file order) and of every tensor's name, type, shape and data: what a reader of
+        the file gets, but not where it lies (alignment and padding may change, e.g. when gguf's writer copies a
+        file). Every part is a view of the map (no copy)."""
+        parts: list[bytes | np.ndarray] = [struct.pack("<IQ", self.version, len(self.tensors))]
+        whole = np.frombuffer(self._mm, dtype=np.uint8)
+        for key, (a, b) in self.kv_spans.items():
+            if key not in exclude:
+                parts.append(whole[a:b])
         for t in self.tensors:
             name = t.name.encode()
-            h.update(struct.pack(f"<Q{len(name)}sII{len(t.shape)}Q", len(name), name, t.type, len(t.shape), *t.shape))
-            h.update(t.data.data)  # the array's own buffer: a view of the map, contiguous
-        return h.hexdigest()
+            parts.append(
+                struct.pack(f"<Q{len(name)}sII{len(t.shape)}Q", len(name), name, t.type, len(t.shape), *t.shape)
+            )
+            parts.append(t.data.view(np.uint8))  # the array's own buffer: a view of the map, contiguous
+        return hex_digest(algo, parts)
+
+    def drop_pages(self) -> None:
+        """Release the file's pages from this process's resident set (``MADV_DONTNEED`` on the shared read-only map):
+        for after the data was copied elsewhere. Views stay valid: a later read faults the bytes back in from the page
+        cache or the file."""
+        if hasattr(mmap, "MADV_DONTNEED"):  # Linux and most Unix; elsewhere the pages simply stay
+            self._mm.madvise(mmap.MADV_DONTNEED)
 
     # -- primitive reads, all bounds-checked
     def _read(self, n: int) -> bytes:
@@ -230,21 +305,36 @@ class GGUFFile:
                 raw = self._read(count * dt.itemsize)
                 return np.frombuffer(raw, dtype=dt).tolist()
             if etype == _STRING:
-                out = []
-                mm, off, size = self._mm, self._off, len(self._mm)
-                for _ in range(count):  # the hot loop of a tokenizer: inline the length-prefixed reads
-                    if off + 8 > size:
-                        raise GGUFFormatError(f"truncated string array at offset {off}")
-                    (n,) = struct.unpack_from("<Q", mm, off)
-                    off += 8
-                    if off + n > size:
-                        raise GGUFFormatError(f"truncated string array at offset {off}")
-                    out.append(mm[off : off + n].decode("utf-8", errors="replace"))
-                    off += n
-                self._off = off
+                start = self._off
+                if count >= LAZY_STRING_ARRAY:  # walk the lengths now (bounds), decode on first access
+                    self._off = self._walk_strings(start, count, None)
+                    return _LazyStrings(start, count)
+                out: list[str] = []
+                self._off = self._walk_strings(start, count, out)
                 return out
             return [self._value(etype) for _ in range(count)]
         raise GGUFFormatError(f"unknown metadata value type {vtype} at offset {self._off}")
+
+    def _walk_strings(self, off: int, count: int, out: list[str] | None) -> int:
+        """The end of ``count`` length-prefixed strings from ``off``, each bounds-checked; decoded into ``out`` if
+        given. The hot loop of a tokenizer: the reads are inlined."""
+        mm, size, unpack = self._mm, len(self._mm), struct.unpack_from
+        for _ in range(count):
+            if off + 8 > size:
+                raise GGUFFormatError(f"truncated string array at offset {off}")
+            (n,) = unpack("<Q", mm, off)
+            off += 8
+            if off + n > size:
+                raise GGUFFormatError(f"truncated string array at offset {off}")
+            if out is not None:
+                out.append(mm[off : off + n].decode("utf-8", errors="replace"))
+            off += n
+        return off
+
+    def _decode_strings(self, lazy: _LazyStrings) -> list[str]:
+        out: list[str] = []
+        self._walk_strings(lazy.offset, lazy.count, out)
+        return out
 
     def _tensor(self, name: str, shape: tuple[int, ...], ttype: int, offset: int) -> TensorInfo:
         from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType

@@ -41,8 +41,7 @@ from __future__ import annotations
 import json
 import logging
 import os
-import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -50,11 +49,14 @@ import numpy as np
 
 from nanochat import ops
 from nanochat.data.tokenizer import Tokenizer
-from nanochat.export.gguf_file import LoadError
+from nanochat.export.gguf_file import GGUFFile, LoadError
 from nanochat.export.names import (
     ARCH_BITNET,
     ARCH_NANOCHAT,
+    CHECKSUM_ALGOS,
+    CHECKSUM_HEX_LEN,
     CHECKSUM_KEY,
+    TOKENIZER_JSON_KEY,
     from_gguf_name,
 )
 from nanochat.model.config import GPTConfig
@@ -80,8 +82,8 @@ REEXPORTED = (expected_shapes, layer_count_problem, state_dict_problem)
 _log = logging.getLogger("nanochat.export")
 QK_K = 256  # weights per TQ2_0/TQ1_0 block: a ternary row is whole blocks
 TQ2_0_BLOCK_BYTES, TQ1_0_BLOCK_BYTES = 66, 54  # qs[64] then fp16 d; qs[48] qh[4] then fp16 d
-# keys left out of the GGUF checksum: the checksum itself, and the alignment, which only moves bytes around
-CHECKSUM_EXCLUDED = (CHECKSUM_KEY, "general.alignment")
+# keys left out of the GGUF checksum: the checksum itself (either key), and the alignment, which only moves bytes around
+CHECKSUM_EXCLUDED = (*CHECKSUM_ALGOS, "general.alignment")
 MIN_WEIGHT_SCALE = 1e-5  # absmean's floor, as in nanochat.ops.ternary
 
 
@@ -213,7 +215,9 @@ def export_gguf(
         template = CHAT_TEMPLATE if tokenizer.has_chat_tokens else tokenizer.chat_template
         if template:
             w.add_chat_template(template)
-        w.add_string(CHECKSUM_KEY, "0" * 64)  # a placeholder of the digest's length, filled in by seal_gguf
+        w.add_string(TOKENIZER_JSON_KEY, tokenizer.to_json())  # what our loader builds the tokenizer from
+        # a placeholder of the digest's length, filled in by seal_gguf
+        w.add_string(CHECKSUM_KEY, "0" * CHECKSUM_HEX_LEN[CHECKSUM_ALGOS[CHECKSUM_KEY]])
 
         specs = {s.name: s for s in tensor_specs(cfg)}
         for pname, t in model.state_dict().items():
@@ -239,19 +243,21 @@ def export_gguf(
 
 
 def seal_gguf(path: str | os.PathLike[str]) -> str:
-    """Write the content checksum into a GGUF file's ``nanochat.checksum.sha256`` (already present, 64 characters
-    long), in place; returns it. The digest leaves out the key itself, so writing it changes nothing it covers."""
-    from nanochat.export.gguf_file import GGUFFile
-
+    """Write the content checksum into a GGUF file's checksum key, in place; returns it. The key must be present
+    with a value of the digest's length: ``nanochat.checksum.xxh3_128`` (32 characters, what exports write) or, in
+    an older file, ``nanochat.checksum.sha256`` (64). The digest leaves out the key itself, so writing it changes
+    nothing it covers."""
     reader = GGUFFile(Path(path))
-    old = reader.fields.get(CHECKSUM_KEY)
-    if not isinstance(old, str) or len(old.encode()) != 64:
-        raise GGUFError(f"{path}: no 64-character {CHECKSUM_KEY} to fill in")
-    digest = reader.content_digest(CHECKSUM_EXCLUDED)
-    end = reader.kv_spans[CHECKSUM_KEY][1]  # the record ends with the string's 64 bytes
+    key = next((k for k in CHECKSUM_ALGOS if k in reader.fields), CHECKSUM_KEY)
+    n = CHECKSUM_HEX_LEN[CHECKSUM_ALGOS[key]]
+    old = reader.fields.get(key)
+    if not isinstance(old, str) or len(old.encode()) != n:
+        raise GGUFError(f"{path}: no {n}-character {key} to fill in")
+    digest = reader.content_digest(CHECKSUM_EXCLUDED, CHECKSUM_ALGOS[key])
+    end = reader.kv_spans[key][1]  # the record ends with the digest's bytes
     del reader  # its mmap, before writing through another handle
     with open(path, "r+b") as f:
-        f.seek(end - 64)
+        f.seek(end - n)
         f.write(digest.encode())
     return digest
 
@@ -269,14 +275,59 @@ CHAT_TEMPLATE = (
 
 @dataclass
 class GGUFModel:
-    """What a GGUF file holds, in the model's terms; arrays are views of the memory-mapped file where possible."""
+    """What a GGUF file holds, in the model's terms; arrays are views of the memory-mapped file where possible.
+
+    ``ternary`` holds the one derived copy (the kernel layout, made at load so that a bad file fails there).
+    :meth:`release` drops it and the file's pages once the Rust engine holds its own copy, so that a served model
+    is resident once, not three times (issue 13); both come back from the file if asked for again.
+    """
 
     path: Path
     arch: str
     config: GPTConfig
     tokenizer: Tokenizer
-    ternary: dict[str, tuple[np.ndarray, float]]  # state-dict name -> (packed uint8 rows×cols/4, scale)
+    _ternary: dict[str, tuple[np.ndarray, float]] | None  # the kernel layout, until released
     dense: dict[str, np.ndarray]  # state-dict name -> float array (f16/f32 views of the file)
+    _reader: GGUFFile | None = field(default=None, repr=False)
+    _sources: dict[str, tuple[np.ndarray, int, float | None]] = field(default_factory=dict, repr=False)
+
+    @property
+    def ternary(self) -> dict[str, tuple[np.ndarray, float]]:
+        """State-dict name -> (packed uint8 rows×cols/4 in the kernel layout, scale)."""
+        if self._ternary is None:  # released: repack from the file's blocks (checked at load)
+            self._ternary = {name: _repack(data, ttype, mult) for name, (data, ttype, mult) in self._sources.items()}
+        return self._ternary
+
+    def release(self) -> None:
+        """Drop the packed copy and the file's resident pages (for after the Rust engine copied the weights)."""
+        if self._sources:  # only a copy that can be rebuilt is dropped
+            self._ternary = None
+            _trim_heap()
+        if self._reader is not None:
+            self._reader.drop_pages()
+
+
+def _trim_heap() -> None:
+    """Hand freed heap memory back to the OS (glibc's ``malloc_trim``): the packed arrays just dropped, and the
+    engine's intermediate copies, are mid-sized blocks that glibc otherwise keeps mapped (~26 MB of RSS for
+    nano_125m). A no-op where the C library has no ``malloc_trim``."""
+    import ctypes
+
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+def _repack(data: np.ndarray, ttype: int, extra: float | None) -> tuple[np.ndarray, float]:
+    """TQ2_0/TQ1_0 blocks (``rows × bytes``) -> (kernel layout, scale), the scale times an optional ``.scale``
+    tensor's ``extra`` (which stands alone when every block's ``d`` is 0)."""
+    from gguf.constants import GGMLQuantizationType as T
+
+    packed, scale = (ops.tq2_0_to_kernel_layout if ttype == T.TQ2_0 else ops.tq1_0_to_kernel_layout)(data)
+    if extra is not None:
+        scale = scale * extra if scale > 0 else extra
+    return packed, scale
 
 
 def _field(reader: Any, key: str, required: bool = True) -> Any:
@@ -338,7 +389,9 @@ def _token_id(reader: Any, key: str, n_tokens: int) -> int | None:
 GPT2_PRE_TOKENIZERS = ("gpt-2", "gpt2")
 
 
-def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
+def _tokenizer_from_arrays(reader: Any, tokens: list[str]) -> Any:
+    """The HF tokenizer rebuilt from the ``tokenizer.ggml.*`` arrays (llama.cpp's converter layout), every entry
+    checked: what third-party files (and ours without a verified checksum) load through."""
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as HFTokenizer
 
@@ -351,7 +404,6 @@ def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
             f"{reader.path}: tokenizer.ggml.pre {pre!r} is not supported (only GPT-2's pre-tokenizer, 'gpt-2'): "
             "its text would split differently"[:300]
         )
-    tokens = _string_list(reader, "tokenizer.ggml.tokens") or []
     types = _field(reader, "tokenizer.ggml.token_type", required=False)
     if types is None:
         types = [1] * len(tokens)
@@ -379,7 +431,26 @@ def _tokenizer_from_gguf(reader: Any) -> Tokenizer:
             raise GGUFError(
                 f"{reader.path}: special token {t!r} has id {i} in the file but {raw.token_to_id(t)} when rebuilt"
             )
-    ids = {k: _token_id(reader, f"tokenizer.ggml.{k}_token_id", len(tokens)) for k in ("bos", "eos", "eot", "padding")}
+    return raw
+
+
+def _tokenizer_from_gguf(reader: Any, cached_json: str | None = None) -> Tokenizer:
+    """The tokenizer: from ``cached_json`` (our exports' ``nanochat.tokenizer.json``, passed only when the file's
+    checksum holds: one parse) or rebuilt from the ``tokenizer.ggml.*`` arrays, each entry checked; the token ids
+    (BOS, EOS, ...), ``add_bos_token``, chat template and FIM keys come from the keys either way."""
+    from tokenizers import Tokenizer as HFTokenizer
+
+    if cached_json is not None:
+        n_tokens = reader.fields.array_len("tokenizer.ggml.tokens") or 0  # the arrays stay undecoded
+        try:
+            raw = HFTokenizer.from_str(cached_json)
+        except Exception as e:  # the library's bare Exception
+            raise GGUFError(f"{reader.path}: {TOKENIZER_JSON_KEY} is not a valid tokenizer ({e})") from None
+    else:
+        tokens = _string_list(reader, "tokenizer.ggml.tokens") or []
+        n_tokens = len(tokens)
+        raw = _tokenizer_from_arrays(reader, tokens)
+    ids = {k: _token_id(reader, f"tokenizer.ggml.{k}_token_id", n_tokens) for k in ("bos", "eos", "eot", "padding")}
     if ids["eos"] is None and raw.token_to_id("<|eos|>") is None:
         raise GGUFError(
             f"{reader.path}: the tokenizer has neither tokenizer.ggml.eos_token_id nor nanochat's special tokens, "
@@ -558,7 +629,7 @@ def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
 def _read_gguf(path: Path) -> GGUFModel:
     from gguf.constants import GGMLQuantizationType as T
 
-    from nanochat.export.gguf_file import GGUFFile, GGUFFormatError, check_regular_file, open_regular
+    from nanochat.export.gguf_file import GGUFFormatError, check_regular_file, open_regular
 
     path = Path(path)
     if not path.exists():
@@ -579,16 +650,19 @@ def _read_gguf(path: Path) -> GGUFModel:
     if arch not in (ARCH_BITNET, ARCH_NANOCHAT):
         raise GGUFError(f"{path}: architecture {arch!r} is not supported (bitnet or nanochat)")
     cfg = _config_from_gguf(reader, arch)  # block_count checked against the tensors first
-    tok = _tokenizer_from_gguf(reader)
-    stored_digest = reader.fields.get(CHECKSUM_KEY)
-    ours = stored_digest is not None or arch == ARCH_NANOCHAT  # only nanochat writes either
-    digest: list[str] = []  # hashed on a second thread while the tensors are checked and repacked (hashlib and
-    hasher = None  # numpy release the GIL): ~90 ms for nano_125m's 55 MB on this machine, mostly hidden
-    if stored_digest is not None:
-        hasher = threading.Thread(target=lambda: digest.append(reader.content_digest(CHECKSUM_EXCLUDED)), daemon=True)
-        hasher.start()
+    # The checksum first (XXH3: ~5 ms for nano_125m's 53 MB; an older file's SHA-256 ~45 ms), so that a verified file
+    # can be trusted for its cached tokenizer. A mismatch is raised last: the checks below name what is wrong, the
+    # checksum says only that something is.
+    checksum_key = next((k for k in CHECKSUM_ALGOS if k in reader.fields), None)
+    stored_digest = reader.fields.get(checksum_key) if checksum_key else None
+    digest = reader.content_digest(CHECKSUM_EXCLUDED, CHECKSUM_ALGOS[checksum_key]) if checksum_key else None
+    verified = digest is not None and digest == stored_digest
+    ours = checksum_key is not None or arch == ARCH_NANOCHAT  # only nanochat writes either
+    cached_tok = reader.fields.get(TOKENIZER_JSON_KEY) if verified else None
+    tok = _tokenizer_from_gguf(reader, cached_tok if isinstance(cached_tok, str) else None)
     specs = {s.gguf_name: s for s in tensor_specs(cfg)}  # the schema: what this config's file holds
     ternary: dict[str, tuple[np.ndarray, float]] = {}
+    sources: dict[str, tuple[np.ndarray, int, float | None]] = {}  # TQ blocks in the file, to repack after release
     dense: dict[str, np.ndarray] = {}
     scales: dict[str, float] = {}
     names = {t.name for t in reader.tensors}
@@ -646,6 +720,7 @@ def _read_gguf(path: Path) -> GGUFModel:
             if not (np.isfinite(scale) and scale > 0) and t.name[: -len(".weight")] + ".scale" not in names:
                 raise GGUFError(f"{path}: tensor {t.name!r}: every block scale is zero, so the weight would be all 0")
             ternary[name] = (packed, scale)
+            sources[name] = (data, ttype, None)
             continue
         arr = _float_tensor(path, t.name, ttype, t.data, want)
         if spec.ternary and cfg.quant == "ternary":
@@ -681,17 +756,18 @@ def _read_gguf(path: Path) -> GGUFModel:
         if name in ternary:
             packed, scale = ternary[name]
             ternary[name] = (packed, scale * s if scale > 0 else s)
+            if name in sources:
+                sources[name] = (*sources[name][:2], s)
     missing = [g for g, spec in specs.items() if spec.name not in ternary and spec.name not in dense]
     if missing:
         raise GGUFError(f"{path}: missing tensor(s) {sorted(missing)}")
-    if hasher is not None:  # last: the checks above name what is wrong, this says only that something is
-        hasher.join()
-        if stored_digest != digest[0]:
-            raise GGUFError(
-                f"{path}: checksum mismatch ({CHECKSUM_KEY} is {str(stored_digest)[:64]!r}, the content hashes to "
-                f"{digest[0]!r}): the file is corrupt or was modified after export"
-            )
-    return GGUFModel(path, arch, cfg, tok, ternary, dense)
+    if checksum_key is not None and not verified:  # last: the checks above name what is wrong
+        raise GGUFError(
+            f"{path}: checksum mismatch ({checksum_key} is {str(stored_digest)[:64]!r}, the content hashes to "
+            f"{digest!r}): the file is corrupt or was modified after export"
+        )
+    # float BitLinear weights packed here (third-party files) are not in `sources`: their copy is kept
+    return GGUFModel(path, arch, cfg, tok, ternary, dense, reader, sources if len(sources) == len(ternary) else {})
 
 
 def latent_from_ternary(packed: np.ndarray, scale: float) -> torch.Tensor:

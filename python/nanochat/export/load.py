@@ -65,6 +65,13 @@ class LoadedModel:
                 dense[name] = t.detach().float().cpu().numpy()
         return ternary, dense
 
+    def release_pages(self) -> None:
+        """Drop what the Rust engine, once built from :meth:`packed_weights`, holds its own copy of: the packed
+        ternary arrays and the GGUF file's resident pages. Nothing is lost: both come back from the file on demand
+        (:meth:`packed_weights`, :meth:`torch_model`). Without it a served GGUF is resident about three times."""
+        if self.gguf is not None:
+            self.gguf.release()
+
     def file_sha256(self) -> str:
         import hashlib
 

@@ -16,10 +16,14 @@ __all__ = [
     "ARCH_BITNET",
     "ARCH_NANOCHAT",
     "BLOCK_TENSORS",
+    "CHECKSUM_ALGOS",
+    "CHECKSUM_HEX_LEN",
     "CHECKSUM_KEY",
+    "CHECKSUM_KEY_SHA256",
     "GLOBAL_TENSORS",
     "MHC_PARAMS",
     "TERNARY_BLOCK_TENSORS",
+    "TOKENIZER_JSON_KEY",
     "from_gguf_name",
     "is_ternary",
     "to_gguf_name",
@@ -27,9 +31,18 @@ __all__ = [
 
 ARCH_BITNET = "bitnet"
 ARCH_NANOCHAT = "nanochat"
-# the content checksum our exports carry (hex SHA-256): in a GGUF's metadata (over metadata and tensors, see
-# ``GGUFFile.content_digest``) and in a safetensors file's ``__metadata__`` (over the other metadata and the tensors)
-CHECKSUM_KEY = "nanochat.checksum.sha256"
+# the content checksum our exports carry: in a GGUF's metadata (over metadata and tensors, see
+# ``GGUFFile.content_digest``) and in a safetensors file's ``__metadata__`` (over the other metadata and the tensors).
+# It guards against corruption, not against an attacker (anyone can recompute an unkeyed hash), so exports write a fast
+# XXH3-128 (Rust, GIL released: a few ms for a 50 MB model) under CHECKSUM_KEY; files written before carry SHA-256
+# (~45 ms) under CHECKSUM_KEY_SHA256 and are still verified with it.
+CHECKSUM_KEY = "nanochat.checksum.xxh3_128"
+CHECKSUM_KEY_SHA256 = "nanochat.checksum.sha256"
+CHECKSUM_ALGOS = {CHECKSUM_KEY: "xxh3_128", CHECKSUM_KEY_SHA256: "sha256"}  # key -> algorithm (hex digest)
+CHECKSUM_HEX_LEN = {"xxh3_128": 32, "sha256": 64}
+# the tokenizer as HF tokenizer.json in our GGUF exports, beside the tokenizer.ggml.* arrays other runtimes read: a
+# loader builds it with one parse instead of validating and assembling the arrays (used only when the checksum holds)
+TOKENIZER_JSON_KEY = "nanochat.tokenizer.json"
 
 # model state-dict suffix within blocks.N -> GGUF name within blk.N, and the same for the global tensors: from the
 # model schema (nanochat.model.schema), like the shapes and which tensors are BitLinear weights

@@ -8,27 +8,28 @@ Loading reads the header with :func:`safetensors_header` first (our own parser: 
 against the file's real size) and compares the tensor directory with the stored config *before* building a model,
 so a patched ``n_layer`` or shape fails at once with :class:`~nanochat.export.gguf_file.LoadError` naming the file.
 
-Exports carry ``nanochat.checksum.sha256`` in ``__metadata__``: the SHA-256 of the other metadata and of every
-tensor's name, dtype, shape and bytes (:func:`content_digest`), checked on load, so a flipped byte in the tensor data
-or in the stored config or tokenizer is an error. Exports written before the checksum load unverified.
+Exports carry ``nanochat.checksum.xxh3_128`` in ``__metadata__``: the XXH3-128 of the other metadata and of every
+tensor's name, dtype, shape and bytes (:func:`content_digest`; the same scheme as our GGUF files), checked on load,
+so a flipped byte in the tensor data or in the stored config or tokenizer is an error. Exports that carry the older
+``nanochat.checksum.sha256`` are verified with SHA-256; exports written before any checksum load unverified.
 """
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
 import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from nanochat.data.tokenizer import Tokenizer
-from nanochat.export.gguf_file import LoadError, open_regular
-from nanochat.export.names import CHECKSUM_KEY
+from nanochat.export.gguf_file import LoadError, hex_digest, open_regular
+from nanochat.export.names import CHECKSUM_ALGOS, CHECKSUM_KEY
 from nanochat.model import GPT, GPTConfig
 from nanochat.model.config import ConfigError
 from nanochat.model.schema import raw_layer_count_problem, state_dict_problem
@@ -91,21 +92,24 @@ def safetensors_header(path: str | os.PathLike[str]) -> tuple[dict[str, tuple[st
     return out, meta
 
 
-def content_digest(meta: dict[str, str], tensors: dict[str, tuple[str, tuple[int, ...], memoryview]]) -> str:
-    """SHA-256 (hex) of the metadata other than the checksum and of ``{name: (dtype, shape, little-endian bytes)}``,
-    both in sorted order: what the file means, independent of how the safetensors library orders its data."""
-    h = hashlib.sha256()
+def content_digest(
+    meta: dict[str, str], tensors: dict[str, tuple[str, tuple[int, ...], memoryview]], algo: str = "xxh3_128"
+) -> str:
+    """Checksum (hex; ``algo`` as :func:`~nanochat.export.gguf_file.hex_digest`) of the metadata other than the
+    checksum keys and of ``{name: (dtype, shape, little-endian bytes)}``, both in sorted order: what the file means,
+    independent of how the safetensors library orders its data."""
+    parts: list[bytes | np.ndarray] = []
     for k in sorted(meta):
-        if k != CHECKSUM_KEY:
+        if k not in CHECKSUM_ALGOS:
             for part in (k, meta[k]):
                 b = part.encode()
-                h.update(len(b).to_bytes(8, "little") + b)
+                parts.append(len(b).to_bytes(8, "little") + b)
     for name in sorted(tensors):
         dtype, shape, data = tensors[name]
         b = f"{name}\0{dtype}\0{','.join(map(str, shape))}".encode()
-        h.update(len(b).to_bytes(8, "little") + b + len(data).to_bytes(8, "little"))
-        h.update(data)
-    return h.hexdigest()
+        parts.append(len(b).to_bytes(8, "little") + b + len(data).to_bytes(8, "little"))
+        parts.append(np.frombuffer(data, dtype=np.uint8))
+    return hex_digest(algo, parts)
 
 
 def _tensor_entry(t: torch.Tensor) -> tuple[str, tuple[int, ...], memoryview]:
@@ -166,12 +170,13 @@ def read_safetensors(path: str | os.PathLike[str]) -> tuple[GPT, Tokenizer]:
             sd = {k: f.get_tensor(k) for k in f.keys()}
     except (OSError, RuntimeError, SafetensorError) as e:  # what the header check cannot see
         raise LoadError(f"{path}: corrupt or unreadable safetensors file ({e})") from None
-    stored = meta.get(CHECKSUM_KEY)
-    if stored is not None:
-        digest = content_digest(meta, {k: _tensor_entry(v) for k, v in sd.items()})
+    key = next((k for k in CHECKSUM_ALGOS if k in meta), None)
+    if key is not None:
+        stored = meta[key]
+        digest = content_digest(meta, {k: _tensor_entry(v) for k, v in sd.items()}, CHECKSUM_ALGOS[key])
         if stored != digest:
             raise LoadError(
-                f"{path}: checksum mismatch ({CHECKSUM_KEY} is {stored[:64]!r}, the content hashes to {digest!r}): "
+                f"{path}: checksum mismatch ({key} is {stored[:64]!r}, the content hashes to {digest!r}): "
                 "the file is corrupt or was modified after export"
             )
     with torch.device("meta"):

@@ -27,6 +27,7 @@ _EXPORTS = {
             "set_num_threads",
             "tq1_0_to_kernel_layout",
             "tq2_0_to_kernel_layout",
+            "xxh3_128_hex",
         ],
         "native",
     ),

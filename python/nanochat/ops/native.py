@@ -7,6 +7,7 @@ importing torch costs about a second of a command's start-up. The torch custom o
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -84,3 +85,9 @@ def tq1_0_to_kernel_layout(data: np.ndarray) -> tuple[np.ndarray, float]:
     if nz.size and not np.all(nz == scale):
         raise ValueError("TQ1_0 blocks carry different scales; the ternary kernels need one per-tensor scale")
     return _core.pack_trits(trits), scale
+
+
+def xxh3_128_hex(parts: Sequence[bytes | np.ndarray]) -> str:
+    """XXH3-128 of the concatenation of ``parts`` (bytes or C-contiguous uint8 arrays), 32 hex digits: the content
+    checksum of our exports (``nanochat.export.names.CHECKSUM_KEY``), hashed in Rust with the GIL released."""
+    return _core.xxh3_128_hex(list(parts))

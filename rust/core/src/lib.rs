@@ -4,6 +4,7 @@
 //!   quantization, and the GGUF block formats TQ2_0 and TQ1_0 (byte-identical with `gguf-py`).
 //! * [`kernels`]: ternary × int8 GEMV/GEMM — a scalar reference (the oracle) and SIMD variants
 //!   chosen at run time, multi-threaded over output rows.
+//! * [`checksum`]: XXH3-128 content checksums of model files.
 //! * [`mhc`]: Sinkhorn-Knopp and Birkhoff–von Neumann projections for mHC residual streams.
 //! * [`engine`]: the GPT forward step with a KV cache on the ternary kernels.
 //! * [`team`]: the one thread runtime (a process-wide work-stealing team) of all the above.
@@ -14,6 +15,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 #![deny(clippy::undocumented_unsafe_blocks)]
 
+pub mod checksum;
 pub mod engine;
 pub mod error;
 pub mod kernels;

@@ -7,6 +7,7 @@
 //! above `max_threads()` and iteration counts above the core's limits are refused at once, and
 //! buffers sized by the caller's numbers are allocated fallibly (`MemoryError`, never an abort).
 
+mod checksum;
 mod convert;
 mod engine;
 mod mhc;
@@ -344,5 +345,6 @@ fn _core(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(max_threads, m)?)?;
     mhc::register(m)?;
     engine::register(m)?;
+    checksum::register(m)?;
     Ok(())
 }
