@@ -190,6 +190,51 @@ def test_gguf_load_and_rust_engine_import_no_torch_and_compute_the_models_logits
     assert err <= 1e-3 * want.abs().max().item(), err
 
 
+RSS_AFTER_ENGINE = r"""
+import json, sys
+import nanochat
+from nanochat.engine import Engine
+def rss():  # (anonymous, file-backed) resident bytes
+    got = {}
+    for line in open("/proc/self/status"):
+        if line.startswith(("RssAnon:", "RssFile:")):
+            got[line.split(":")[0]] = int(line.split()[1]) * 1024
+    return got["RssAnon"], got["RssFile"]
+Engine(nanochat.load(sys.argv[2]), threads=1)  # a warm-up on another file: the lazy imports and the allocator
+anon0, file0 = rss()
+m = nanochat.load(sys.argv[1])
+eng = Engine(m, threads=1)  # builds the Rust engine, then m.release_pages()
+anon1, file1 = rss()
+print(json.dumps({"anon": anon1 - anon0, "file": file1 - file0, "weights": eng.rust.weight_bytes}))
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_a_loaded_gguf_is_resident_once_after_the_engine_is_built(gguf, tmp_path: Path) -> None:
+    """Issue 13: RSS growth over load + engine build ≤ 1.2× the file. The engine holds the one copy of the weights;
+    the file's pages, the packed arrays and the heap they were freed to are handed back (old code: ~2.7×)."""
+    import torch
+
+    from nanochat.data.tokenizer import Tokenizer
+    from nanochat.export import export_gguf
+    from nanochat.model import GPT, GPTConfig
+
+    tok = Tokenizer.train(["def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)\n"] * 20, vocab_size=320)
+    cfg = GPTConfig(vocab_size=8192, seq_len=64, n_layer=4, n_head=8, n_kv_head=8, n_embd=512, mlp_hidden=1536)
+    torch.manual_seed(0)
+    model = GPT(cfg.replace(residual="standard", qk_norm=False)).eval()
+    path = export_gguf(model, tok, tmp_path / "big.gguf")
+    size = path.stat().st_size
+    r = subprocess.run(
+        [sys.executable, "-c", RSS_AFTER_ENGINE, str(path), str(gguf[0])], capture_output=True, text=True, timeout=300
+    )
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = json.loads(r.stdout.strip().splitlines()[-1])
+    assert got["weights"] <= size  # the engine's copy: the embedding in f16 and the ternary blocks without their d
+    assert got["file"] <= 0.1 * size, got  # the mapping's pages were dropped
+    assert got["anon"] + got["file"] <= 1.2 * size, (got, size)
+
+
 def test_sample_on_a_gguf_imports_no_torch(gguf) -> None:
     path, _ = gguf
     report, out, err = run_entry(
