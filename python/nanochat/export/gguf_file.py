@@ -12,7 +12,7 @@ exactly where the previous one's (aligned) bytes end, so no offset can point int
 
 :meth:`GGUFFile.content_digest` is the checksum of what a file means rather than how it is laid out (metadata records
 as written, tensor names, types, shapes and data; not the padding or offsets): XXH3-128 (:func:`hex_digest`, in Rust
-with the GIL released) or, for files exported before it, SHA-256. nanochat's exports store it under a key and the
+with the GIL held) or, for files exported before it, SHA-256. nanochat's exports store it under a key and the
 loader recomputes it (``nanochat.export.gguf_io``).
 
 Memory: tensors are views of one read-only shared mapping, so reading them costs page cache, not private memory; but
@@ -117,7 +117,7 @@ class GGUFFormatError(LoadError):
 
 def hex_digest(algo: str, parts: Sequence[bytes | np.ndarray]) -> str:
     """Hex checksum of the concatenation of ``parts`` (bytes or contiguous uint8 arrays): ``"xxh3_128"`` (32 hex
-    digits, Rust, GIL released) or ``"sha256"`` (64, hashlib; what exports wrote before XXH3)."""
+    digits, Rust) or ``"sha256"`` (64, hashlib; what exports wrote before XXH3)."""
     if algo == "xxh3_128":
         from nanochat.ops.native import xxh3_128_hex
 

@@ -34,7 +34,7 @@ ARCH_NANOCHAT = "nanochat"
 # the content checksum our exports carry: in a GGUF's metadata (over metadata and tensors, see
 # ``GGUFFile.content_digest``) and in a safetensors file's ``__metadata__`` (over the other metadata and the tensors).
 # It guards against corruption, not against an attacker (anyone can recompute an unkeyed hash), so exports write a fast
-# XXH3-128 (Rust, GIL released: a few ms for a 50 MB model) under CHECKSUM_KEY; files written before carry SHA-256
+# XXH3-128 (Rust: a few ms for a 50 MB model) under CHECKSUM_KEY; files written before carry SHA-256
 # (~45 ms) under CHECKSUM_KEY_SHA256 and are still verified with it.
 CHECKSUM_KEY = "nanochat.checksum.xxh3_128"
 CHECKSUM_KEY_SHA256 = "nanochat.checksum.sha256"

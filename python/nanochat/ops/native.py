@@ -89,5 +89,5 @@ def tq1_0_to_kernel_layout(data: np.ndarray) -> tuple[np.ndarray, float]:
 
 def xxh3_128_hex(parts: Sequence[bytes | np.ndarray]) -> str:
     """XXH3-128 of the concatenation of ``parts`` (bytes or C-contiguous uint8 arrays), 32 hex digits: the content
-    checksum of our exports (``nanochat.export.names.CHECKSUM_KEY``), hashed in Rust with the GIL released."""
+    checksum of our exports (``nanochat.export.names.CHECKSUM_KEY``), hashed in Rust (GIL held: the parts are borrowed)."""
     return _core.xxh3_128_hex(list(parts))
