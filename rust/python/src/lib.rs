@@ -188,8 +188,10 @@ fn tq2_0_to_kernel_layout<'py>(
         )));
     }
     let cols = nbytes / tq2_0::BLOCK_BYTES * QK_K;
-    let data = owned(arr, "data")?;
-    let m = py.detach(|| guarded(|| kernels::TernaryMatrix::from_tq2_0(&data, rows, cols)))?;
+    // A load's blocks (tens of MB of a memory-mapped file) are borrowed and repacked with the GIL
+    // held: copying them first, to release it, cost as much again (issue 13: load time).
+    let blocks = arr.as_slice()?;
+    let m = guarded(|| kernels::TernaryMatrix::from_tq2_0(blocks, rows, cols))?;
     Ok((
         PyArray1::from_vec(py, m.qs).reshape([rows, cols / 4])?,
         m.scale,
