@@ -305,3 +305,25 @@ def test_plain_and_special_encodes_share_one_tokenizer_across_threads_and_pickli
     assert tok.raw.encode(text, add_special_tokens=False).ids == special
     clone = pickle.loads(pickle.dumps(tok))
     assert clone.encode(text) == plain and clone.encode(text, allow_special=True) == special
+
+
+def test_a_load_leaves_the_garbage_collector_as_it_found_it(exported: Path, tmp_path: Path) -> None:
+    """``read_gguf`` pauses the collector during a load (its allocations trigger collections that find nothing), and
+    restores it after a good load and after a refused one, also when it was off to begin with."""
+    import gc
+
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(exported.read_bytes()[:5000])
+    assert gc.isenabled()
+    load(exported)
+    assert gc.isenabled()
+    with pytest.raises(GGUFError):
+        load(bad)
+    assert gc.isenabled()
+    gc.disable()
+    try:
+        load(exported)
+        assert not gc.isenabled()
+    finally:
+        gc.enable()
+

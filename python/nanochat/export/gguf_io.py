@@ -629,12 +629,19 @@ def _ours_expected_type(spec: TensorSpec, cfg: GPTConfig) -> tuple[Any, ...]:
 def read_gguf(path: str | os.PathLike[str]) -> GGUFModel:
     """Open a GGUF file (memory-mapped) and map it onto our model; raises GGUFError naming the file on any
     problem."""
+    import gc
+
+    was_enabled = gc.isenabled()
+    gc.disable()  # a load allocates many containers and frees few: ~13 collections (~2 ms) for nothing to collect
     try:
         return _read_gguf(Path(path))
     except GGUFError as e:
         if str(e).startswith(f"{path}:"):
             raise
         raise GGUFError(f"{path}: {e}") from None
+    finally:
+        if was_enabled:
+            gc.enable()
 
 
 def _read_gguf(path: Path) -> GGUFModel:
