@@ -326,4 +326,3 @@ def test_a_load_leaves_the_garbage_collector_as_it_found_it(exported: Path, tmp_
         assert not gc.isenabled()
     finally:
         gc.enable()
-
