@@ -90,7 +90,7 @@ class Fields(dict[str, Any]):
             super().__setitem__(key, v)
         return v
 
-    def get(self, key: str, default: Any = None) -> Any:  # type: ignore[override]
+    def get(self, key: str, default: Any = None) -> Any:
         return self[key] if key in self else default
 
     def values(self) -> list[Any]:  # type: ignore[override]
@@ -125,7 +125,7 @@ def hex_digest(algo: str, parts: Sequence[bytes | np.ndarray]) -> str:
     if algo == "sha256":
         h = hashlib.sha256()
         for part in parts:
-            h.update(part)
+            h.update(part if isinstance(part, bytes) else part.data)
         return h.hexdigest()
     raise ValueError(f"unknown checksum algorithm {algo!r} (xxh3_128 or sha256)")
 
