@@ -10,7 +10,8 @@ For each config (``d20``, ``nano_125m``; random weights) and thread count, every
 - ``torch-fp32``: ``nanochat.engine.TorchEngine`` (the model's own modules with a KV cache) on the same config with
   ``quant="fp"``: dense ``F.linear`` in fp32, ``torch.set_num_threads`` set to the same count.
 
-A second table profiles one Rust decode step by section (Rust-side timers; ``python+binding`` is the rest of the
+A second table profiles one Rust decode step by section for the first Rust engine asked for (Rust-side timers;
+``python+binding`` is the rest of the
 wall time: the Python loop, argument conversion, numpy output, argmax).
 
     python benches/bench_decode.py
@@ -168,9 +169,12 @@ def _record(load: list[float], prefill: list[float], times: list[float], n_promp
     }
 
 
-def profile_rust(m: GPT, packed: tuple[dict, dict], threads: int, prompt: list[int], steps: int) -> dict[str, float]:
+def profile_rust(
+    m: GPT, packed: tuple[dict, dict], threads: int, prompt: list[int], steps: int, engine: str = "rust"
+) -> dict[str, float]:
     """Per-token milliseconds by section for decode (Rust timers) plus the Python + binding remainder."""
-    eng = rust_engine_from_weights(m.config, *packed, threads=threads, head="f32", profile=True)
+    head, kv = PRECISION[engine]
+    eng = rust_engine_from_weights(m.config, *packed, threads=threads, head=head, kv=kv, profile=True)
     s = eng.new_session()
     tok = int(np.argmax(s.prefill(prompt)))
     eng.profile(reset=True)
@@ -215,6 +219,8 @@ def main() -> None:
         if k not in ops.available_kernels():
             raise SystemExit(f"kernel {k!r} is not available here; choose from {ops.available_kernels()}")
     console.print(f"load average before: {loadavg()}; kernels: {', '.join(kernels)}")
+    # The profile runs the first Rust engine asked for (its head and KV precision).
+    prof_engine = next((e for e in engines if e in PRECISION), None)
     records: list[dict[str, Any]] = []
     profiles: dict[tuple[str, int], dict[str, float]] = {}
     for name in configs:
@@ -251,8 +257,8 @@ def main() -> None:
                     f"  {name} threads={t} {e}{f' ({k})' if k else ''}: {rec['ms_per_token']:.2f} ms/token, "
                     f"prefill {rec['prefill_tok_s']:.0f} tok/s, load {rec['load_ms']:.0f} ms"
                 )
-            if not args.no_profile and "rust" in engines:
-                profiles[(name, t)] = profile_rust(tern, packed, t, prompt, args.steps)
+            if not args.no_profile and prof_engine is not None:
+                profiles[(name, t)] = profile_rust(tern, packed, t, prompt, args.steps, prof_engine)
     console.print(f"load average after: {loadavg()}")
 
     table = Table(title=f"decode and prefill (median ms/token; prefill of a {args.prompt_len}-token prompt)")
@@ -303,7 +309,8 @@ def main() -> None:
 
     if profiles:
         keys = list(next(iter(profiles.values())).keys())
-        pt = Table(title="Rust decode step by section (ms/token, engine `rust`: f32 head, f32 KV)")
+        head, kv = PRECISION[prof_engine or "rust"]
+        pt = Table(title=f"Rust decode step by section (ms/token, engine `{prof_engine}`: {head} head, {kv} KV)")
         pt.add_column("section")
         for name, t in profiles:
             pt.add_column(f"{name} t={t}", justify="right")

@@ -687,14 +687,8 @@ fn head(st: &mut Step, nout: usize) -> Result<Vec<f32>> {
                 }
             };
             team.run(v, HEAD_CHUNK, |_, lo, hi| {
-                for r in lo..hi {
-                    let wr = &w[r * c..(r + 1) * c];
-                    for i in 0..nout {
-                        let y = math::dot_f16(wr, &h[i * c..(i + 1) * c]);
-                        // SAFETY: this thread writes only columns lo..hi.
-                        unsafe { *out.ptr().add(i * v + r) = y };
-                    }
-                }
+                // SAFETY: this thread writes only columns lo..hi of the nout × v output.
+                unsafe { math::matvec_rows_f16(w, c, lo, hi, h, nout, out.ptr(), v) };
             })?;
         }
         Head::Int8 { q, scale } => {
@@ -757,7 +751,9 @@ fn gemm(st: &mut Step, w: &Fused, which: Out) -> Result<()> {
     // thread (stealing granularity vs per-call overhead; the weights stream from memory once
     // anyway). Several rows (prefill, batches): chunks of ~48 KiB of weights, which stay in L1/L2
     // while every block of ACT_BLOCK activation rows passes over them.
-    let chunk = if n == 1 {
+    let chunk = if n == 1 && team.threads() == 1 {
+        rows // one call: the kernel's prefetch runs on across what would be item boundaries
+    } else if n == 1 {
         rows.div_ceil(4 * team.threads()).div_ceil(32).max(1) * 32
     } else {
         (GEMM_CHUNK_BYTES / rb / 32).max(1) * 32

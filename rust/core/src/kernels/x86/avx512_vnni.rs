@@ -98,6 +98,7 @@ unsafe fn rows_impl<const GFNI: bool>(
                 _ if left >= 4 => 4,
                 _ => 1,
             };
+            prefetch_ahead(ctx.w.add(r * ctx.rb), rt * ctx.rb);
             for (i0, ni) in super::act_tiles(n, 4) {
                 let o = &mut out[..];
                 match (rt, ni) {
@@ -115,6 +116,30 @@ unsafe fn rows_impl<const GFNI: bool>(
             }
             r += rt;
         }
+    }
+}
+
+/// How far ahead of the tile being multiplied its weights are prefetched, in bytes.
+///
+/// A decode GEMV streams every weight byte once and does little work per byte, so it runs at the
+/// speed the core can pull lines from L3/DRAM. The hardware streamers stop at each 4 KiB page
+/// and restart cold, and the 16-row tile reads its rows in an order they follow poorly (stride
+/// of a row, then back); software prefetches a fixed distance ahead keep more lines in flight.
+/// Measured on this machine's Sapphire-Rapids-class core (the 48 matrices of a nano_125m decode
+/// step, 1 thread): 15–25% faster for any distance from 1 to 4 KiB, less at 8 KiB.
+pub const PREFETCH_BYTES: usize = 2048;
+
+/// Prefetch (into L1) the `len` bytes that start [`PREFETCH_BYTES`] after `p`. Addresses past
+/// the matrix are harmless: a prefetch never faults, and `wrapping_add` keeps the pointer
+/// arithmetic defined.
+#[inline(always)]
+unsafe fn prefetch_ahead(p: *const u8, len: usize) {
+    let base = p.wrapping_add(PREFETCH_BYTES) as *const i8;
+    let mut off = 0;
+    while off < len {
+        // SAFETY: `_mm_prefetch` is a hint: it reads nothing architecturally and cannot fault.
+        unsafe { _mm_prefetch::<_MM_HINT_T0>(base.wrapping_add(off)) };
+        off += 64;
     }
 }
 
