@@ -10,9 +10,9 @@ For each config (``d20``, ``nano_125m``; random weights) and thread count, every
 - ``torch-fp32``: ``nanochat.engine.TorchEngine`` (the model's own modules with a KV cache) on the same config with
   ``quant="fp"``: dense ``F.linear`` in fp32, ``torch.set_num_threads`` set to the same count.
 
-A second table profiles one Rust decode step by section for the first Rust engine asked for (Rust-side timers;
-``python+binding`` is the rest of the
-wall time: the Python loop, argument conversion, numpy output, argmax).
+A second table profiles one Rust decode step by section for the first Rust engine asked for, with its head and KV
+precision (Rust-side timers; ``python+binding`` is the rest of the wall time: the Python loop, argument conversion,
+numpy output, argmax).
 
     python benches/bench_decode.py
     python benches/bench_decode.py --quick
