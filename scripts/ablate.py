@@ -36,6 +36,10 @@ VARIANTS: dict[str, list[str]] = {
     "batch_x2": ["--batch-size", "__2x__"],
     "batch_x2_fp": ["--batch-size", "__2x__", "--quant", "fp"],
     "batch_half": ["--batch-size", "__half__"],
+    "relu2_fp": ["--mlp", "relu2", "--quant", "fp"],
+    "fim0_fp": ["--fim-rate", "0", "--quant", "fp"],
+    "vocab8k_fp": ["--vocab-size", "8192", "--quant", "fp"],
+    "lr_x2_fp": ["--lr", "2", "--quant", "fp"],
     "adamw": ["--optimizer", "adamw"],  # AdamW instead of Muon for the hidden matrices
     "adamw_fp": ["--optimizer", "adamw", "--quant", "fp"],
 }
