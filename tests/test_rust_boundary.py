@@ -152,9 +152,12 @@ def test_sinkhorn_iteration_limit_is_exact():
 # ----------------------------------------------------------------------------- Ctrl-C in a long Rust loop
 
 _LONG = r"""
-import sys, time
+import signal, sys, time
 import numpy as np
 from nanochat import _core
+# Python installs its KeyboardInterrupt handler only if SIGINT was not ignored at start-up, and a shell starts
+# background jobs (`cmd &`) with SIGINT ignored: install it here so the test does not depend on how it was launched.
+signal.signal(signal.SIGINT, signal.default_int_handler)
 which = sys.argv[1]
 x = np.random.default_rng(0).standard_normal((100_000, 8, 8))  # 6.4e10 entry-iterations: minutes of work
 print("ready", flush=True)
