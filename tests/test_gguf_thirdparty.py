@@ -63,6 +63,10 @@ CHATML = (
 
 @pytest.fixture(scope="module")
 def hf_tok() -> HFTokenizer:
+    return gpt2_like_tokenizer()
+
+
+def gpt2_like_tokenizer() -> HFTokenizer:
     """A GPT-2 style byte-level BPE with ``<|endoftext|>`` as its one special token, last (GPT-2 has it at 50256)."""
     raw = HFTokenizer(models.BPE())
     raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)

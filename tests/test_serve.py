@@ -46,9 +46,7 @@ from serve_fakes import (
     iter_sse,
     parse_metrics,
 )
-from test_gguf_thirdparty import CHATML, EOT, TEXTS, make_model, write_converter_gguf
-from tokenizers import AddedToken, decoders, models, pre_tokenizers, trainers
-from tokenizers import Tokenizer as HFTokenizer
+from test_gguf_thirdparty import CHATML, gpt2_like_tokenizer, make_model, write_converter_gguf
 
 from nanochat.engine.sampling import SamplingParams, make_generator, sample
 from nanochat.serve import EngineBackend, GenerationParams, Settings, create_app
@@ -759,19 +757,6 @@ def test_batched_requests_equal_solo_requests(real_backend: EngineBackend) -> No
 
 
 # ============================================================================ the model's kind
-
-
-def gpt2_like_tokenizer() -> HFTokenizer:
-    """A byte-level BPE with ``<|endoftext|>`` as its one special token, as a third-party base model has."""
-    raw = HFTokenizer(models.BPE())
-    raw.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
-    raw.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=360, min_frequency=2, initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False
-    )
-    raw.train_from_iterator(TEXTS, trainer=trainer)
-    raw.add_special_tokens([AddedToken(EOT, special=True, normalized=False)])
-    return raw
 
 
 @pytest.mark.parametrize("template", [None, CHATML], ids=["no-template", "chatml"])
