@@ -22,6 +22,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from test_faults import tiny_gpt
 
 from nanochat import ops
 from nanochat.data.tokenizer import Tokenizer
@@ -31,7 +32,6 @@ from nanochat.export.gguf_file import LAZY_STRING_ARRAY, GGUFFile, GGUFFormatErr
 from nanochat.export.gguf_io import CHECKSUM_EXCLUDED, GGUFError, _tokenizer_from_gguf, seal_gguf
 from nanochat.export.names import CHECKSUM_KEY, CHECKSUM_KEY_SHA256, TOKENIZER_JSON_KEY
 from nanochat.export.safetensors_io import content_digest, safetensors_header
-from nanochat.model import GPT, GPTConfig
 
 TEXTS = [
     "def add(a, b):\n    return a + b\n",
@@ -42,17 +42,6 @@ TEXTS = [
 @pytest.fixture(scope="module")
 def tok() -> Tokenizer:
     return Tokenizer.train(TEXTS, 400)
-
-
-def tiny_gpt(seed: int = 0) -> GPT:
-    cfg = GPTConfig(vocab_size=512, seq_len=32, n_layer=2, n_embd=256, n_head=4, n_kv_head=2, mlp_hidden=256)
-    cfg = cfg.replace(residual="standard", qk_norm=False)
-    torch.manual_seed(seed)
-    m = GPT(cfg)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0.0, 0.05)
-    return m.eval()
 
 
 @pytest.fixture(scope="module")
