@@ -40,6 +40,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Callable
 
@@ -51,6 +52,12 @@ from nanochat import ops
 
 HRES_INIT_IDENTITY = 0.95  # weight of the identity in H_res at init
 ALPHA_INIT = 0.01  # mHC gate on the dynamic part (its projection starts at zero)
+
+
+@functools.cache
+def _cpu_basis(n: int) -> Tensor:
+    """The ``(n!, n·n)`` float32 permutation basis on the CPU, shared by every connection with ``n`` streams."""
+    return ops.permutation_basis(n, device="cpu").reshape(-1, n * n)
 
 
 def _logit(p: float) -> float:
@@ -81,7 +88,10 @@ class StreamResidual(nn.Module):
         self.res_logits = nn.Parameter(torch.empty(self.n_res))  # static H_res: perm logits (lite) or n×n (mhc)
         self.alpha = nn.Parameter(torch.empty(3))  # gates of the dynamic parts (pre, post, res)
         self.proj = nn.Parameter(torch.empty(2 * n + self.n_res, n * n_embd))  # φ: (2n + n_res, n·C)
-        self._basis: Tensor | None = None  # (n!, n·n) permutation basis, built lazily on the input's device
+        # (n!, n·n) permutation basis, built here on the CPU (explicitly: also under `with torch.device("meta")`) so
+        # that no forward calls into the Rust core: under torch.compile that call broke the graph at every connection
+        self._basis_cpu = _cpu_basis(n) if kind == "mhc_lite" else None
+        self._basis: Tensor | None = None  # the basis on the input's device and dtype
 
     def reset_parameters(self) -> None:
         n = self.n
@@ -104,8 +114,8 @@ class StreamResidual(nn.Module):
     def basis(self, like: Tensor) -> Tensor:
         b = self._basis
         if b is None or b.device != like.device or b.dtype != like.dtype:
-            with torch.device(like.device):  # honour like's device even inside a `with torch.device(...)` block
-                b = ops.permutation_basis(self.n, dtype=like.dtype, device=like.device).reshape(-1, self.n * self.n)
+            assert self._basis_cpu is not None  # only mhc_lite asks for it
+            b = self._basis_cpu.to(device=like.device, dtype=like.dtype)
             self._basis = b
         return b
 
@@ -139,7 +149,10 @@ class StreamResidual(nn.Module):
         h_pre, h_post, h_res = self.mappings(x)
         if record is not None:
             record.append(h_res.detach().flatten(0, -3).mean(0))  # (n, n) batch mean
-        u = (h_pre.to(x.dtype).unsqueeze(-2) @ x).squeeze(-2)  # (B, T, C)
+        if torch.compiler.is_compiling():  # elementwise: fused into the kernels around it (see `update`)
+            u = (h_pre.to(x.dtype).unsqueeze(-1) * x).sum(-2)  # (B, T, C)
+        else:
+            u = (h_pre.to(x.dtype).unsqueeze(-2) @ x).squeeze(-2)  # (B, T, C)
         y = f(u)  # (B, T, C)
         dev = x.device.type
         if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
@@ -150,6 +163,12 @@ class StreamResidual(nn.Module):
 
     @staticmethod
     def update(x: Tensor, y: Tensor, h_res: Tensor, h_post: Tensor) -> Tensor:
-        """``H_res·x + H_postᵀ·y`` as one batched matmul: ``[H_res | H_post] (B,T,n,n+1) @ [x; y] (B,T,n+1,C)``."""
+        """``H_res·x + H_postᵀ·y``. Eager: one batched matmul ``[H_res | H_post] (B,T,n,n+1) @ [x; y] (B,T,n+1,C)``.
+        Under torch.compile: the same sums written elementwise, which inductor fuses with the ops around them, forward
+        and backward (B·T tiny (n, n+1) matmuls and their concatenations were ~10% of a compiled d20 step on the CPU;
+        the elementwise form, materialised by eager torch, would be slower there)."""
+        if torch.compiler.is_compiling():
+            mixed = (h_res.to(x.dtype).unsqueeze(-1) * x.unsqueeze(-3)).sum(-2)  # (B, T, n, C)
+            return mixed + h_post.to(x.dtype).unsqueeze(-1) * y.to(x.dtype).unsqueeze(-2)
         mix = torch.cat((h_res, h_post.unsqueeze(-1)), dim=-1).to(x.dtype)  # (B, T, n, n+1)
         return mix @ torch.cat((x, y.to(x.dtype).unsqueeze(-2)), dim=-2)  # (B, T, n, C)
