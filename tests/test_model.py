@@ -209,6 +209,27 @@ def test_stream_update_matches_per_token_formula(kind: str) -> None:
     _check_stream_update(m, kind, x, f, out)
 
 
+@pytest.mark.parametrize("kind", ["mhc_lite", "mhc"])
+def test_stream_update_compiled_matches_formula_and_eager_gradients(kind: str) -> None:
+    """Under torch.compile the read-in and the update are written elementwise (so inductor fuses them): the same
+    per-token formula, the same gradients as the eager batched-matmul form, and one graph (``fullgraph``: no call
+    into the Rust core or other graph break at any connection)."""
+    n, C = 4, 32
+    m = random_residual(kind, n=n, C=C, scale=0.3, seed=3)
+    x = torch.randn(2, 3, n, C, requires_grad=True)
+    lin = torch.randn(C, C) / math.sqrt(C)
+    f = lambda u: torch.tanh(u @ lin)  # noqa: E731
+    torch._dynamo.reset()
+    out_c = torch.compile(m, fullgraph=True)(x, f)
+    _check_stream_update(m, kind, x.detach(), f, out_c.detach())
+    g = torch.randn_like(out_c)
+    wrt = [x, *m.parameters()]
+    grads_c = torch.autograd.grad(out_c, wrt, g)
+    grads_e = torch.autograd.grad(m(x, f), wrt, g)
+    for gc, ge in zip(grads_c, grads_e, strict=True):
+        torch.testing.assert_close(gc, ge, rtol=1e-4, atol=1e-5)
+
+
 @torch.no_grad()
 def _check_stream_update(
     m: StreamResidual, kind: str, x: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor], out: torch.Tensor
@@ -389,6 +410,29 @@ def test_loss_ignores_minus_one_targets() -> None:
     keep = targets != -1
     ref = F.cross_entropy(logits[keep], targets[keep])
     torch.testing.assert_close(loss, ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cross_entropy_matches_torch(dtype: torch.dtype) -> None:
+    """The model's loss function: value and gradient of F.cross_entropy on the float32 logits (-1 ignored), the
+    gradient returned in the logits' dtype; every target ignored gives nan, as torch does."""
+    from nanochat.model.gpt import cross_entropy
+
+    torch.manual_seed(11)
+    logits = (torch.randn(40, 300) * 4).to(dtype).requires_grad_()
+    targets = torch.randint(0, 300, (40,))
+    targets[::6] = -1
+    loss = cross_entropy(logits, targets)
+    (grad,) = torch.autograd.grad(loss * 2.5, logits)
+    ref_in = logits.detach().float().requires_grad_()
+    ref = F.cross_entropy(ref_in, targets, ignore_index=-1)
+    (ref_grad,) = torch.autograd.grad(ref * 2.5, ref_in)
+    assert loss.dtype == torch.float32 and grad.dtype == dtype
+    torch.testing.assert_close(loss, ref, rtol=1e-6, atol=1e-6)
+    tol = 1e-6 if dtype == torch.float32 else 4e-3  # bf16: the gradient's own rounding
+    torch.testing.assert_close(grad.float(), ref_grad.to(dtype).float(), rtol=tol, atol=tol * 0.1)
+    assert grad[::6].abs().max() == 0  # ignored rows get no gradient
+    assert torch.isnan(cross_entropy(logits, torch.full((40,), -1)))
 
 
 @pytest.mark.slow
