@@ -10,9 +10,11 @@ Notable choices:
   ‖u‖_F) is mapped by the scalar quintic p applied 5 times, which sends every σ ≥ 0.01 into about
   [0.68, 1.13] (and σ ≥ 0.003 into [0.68, 1.21]) — "roughly orthogonal" is all the method needs, and the
   tests check that band against the scalar map.
-- The iteration works on the wide orientation (transposing when rows > cols) so ``A`` is the smaller Gram
-  matrix. It runs in bfloat16 on CUDA (the iteration is stable in bf16 and tensor cores make it cheap) and
-  float32 elsewhere; ``ns_dtype`` overrides.
+- ``A`` is always the smaller Gram matrix: ``XᵀX`` with ``X ← aX + X·B`` when rows > cols (the same map as on the
+  transpose, since ``B`` is a polynomial in the symmetric ``A``), so no transposed copy is made. It runs in
+  bfloat16 on CUDA and on CPUs with AMX-BF16 (the iteration is stable in bf16 and the matrix units make it cheap)
+  and float32 elsewhere; ``ns_dtype`` overrides. The updates of one shape are stacked straight into one tensor of
+  that dtype (one pass) and iterated as one batched GEMM per product.
 - Weight decay is decoupled and scaled by lr (AdamW style).
 - A plain ``torch.optim.Optimizer``: under DDP the gradients are already all-reduced when ``step`` runs, so
   every rank computes the same update; there is no sharded variant.
@@ -45,18 +47,16 @@ def newton_schulz(g: Tensor, steps: int = NS_STEPS, dtype: torch.dtype | None = 
         raise ValueError(f"newton_schulz needs a matrix, got shape {tuple(g.shape)}")
     a, b, c = NS_COEFFS
     x = g.to(dtype or default_ns_dtype(g.device))
-    tall = g.size(-2) > g.size(-1)
-    if tall:
-        x = x.mT  # (..., cols, rows): iterate on the wide side so A is the smaller Gram matrix
+    tall = g.size(-2) > g.size(-1)  # then A = XᵀX and X ← aX + X·B: the smaller Gram matrix, with no transposed copy
     x = x / (x.norm(dim=(-2, -1), keepdim=True) + eps)  # all singular values now <= 1
     lead = x.shape[:-2]
     x = x.reshape(-1, *x.shape[-2:])  # (k, r, c): one batched GEMM per product
     for _ in range(steps):
-        A = x @ x.mT  # (k, r, r)
+        A = x.mT @ x if tall else x @ x.mT  # (k, m, m), m = min(r, c)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b·A + c·A²: the sum rides in the GEMM's epilogue
-        x = torch.baddbmm(x, B, x, beta=a, alpha=1.0)  # a·x + B·x, likewise (no separate elementwise passes)
-    x = x.reshape(*lead, *x.shape[-2:])
-    return x.mT if tall else x
+        # a·X + X·B (tall) or a·X + B·X, likewise (B is symmetric, so both are the same map as on the transpose)
+        x = torch.baddbmm(x, x, B, beta=a, alpha=1.0) if tall else torch.baddbmm(x, B, x, beta=a, alpha=1.0)
+    return x.reshape(*lead, *x.shape[-2:])
 
 
 class Muon(Optimizer):
@@ -101,15 +101,20 @@ class Muon(Optimizer):
             torch._foreach_mul_(bufs, beta)  # m = β·m + g, one multi-tensor pass per op
             torch._foreach_add_(bufs, grads)
             us = torch._foreach_add(grads, bufs, alpha=beta) if group["nesterov"] else bufs  # g + β·m
+            # one batched iteration per shape, stacked straight in the iteration's dtype (one pass: no separate
+            # stack and cast copies); the update is added to the float32 weight from that dtype
             by_shape: dict[tuple[int, ...], list[tuple[Tensor, Tensor]]] = {}
             for p, u in zip(params, us, strict=True):
                 by_shape.setdefault(tuple(p.shape), []).append((p, u))
+            ns_dtype = self.ns_dtype or default_ns_dtype(params[0].device)
             for (rows, cols), items in by_shape.items():
-                stacked = torch.stack([u for _, u in items])  # (k, rows, cols)
-                os_ = newton_schulz(stacked, steps=group["ns_steps"], dtype=self.ns_dtype)
+                stacked = torch.empty((len(items), rows, cols), dtype=ns_dtype, device=items[0][1].device)
+                for slot, (_, u) in zip(stacked, items, strict=True):
+                    slot.copy_(u)
+                os_ = newton_schulz(stacked, steps=group["ns_steps"], dtype=ns_dtype)
                 scale = max(1.0, rows / cols) ** 0.5
                 for (p, _), o in zip(items, os_, strict=True):
                     if wd:
                         p.mul_(1.0 - lr * wd)
-                    p.add_(o.to(p.dtype), alpha=-lr * scale)
+                    p.add_(o, alpha=-lr * scale)
         return loss
