@@ -412,12 +412,20 @@ def test_loss_ignores_minus_one_targets() -> None:
     torch.testing.assert_close(loss, ref)
 
 
+@pytest.mark.parametrize("compiled", [False, True], ids=["function", "compiled"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_cross_entropy_matches_torch(dtype: torch.dtype) -> None:
-    """The model's loss function: value and gradient of F.cross_entropy on the float32 logits (-1 ignored), the
-    gradient returned in the logits' dtype; every target ignored gives nan, as torch does."""
-    from nanochat.model.gpt import cross_entropy
+def test_cross_entropy_matches_torch(dtype: torch.dtype, compiled: bool) -> None:
+    """The model's loss under torch.compile (its autograd Function, run as is and compiled): value and gradient of
+    F.cross_entropy on the float32 logits (-1 ignored), the gradient in the logits' dtype; every target ignored
+    gives nan, as torch does."""
+    from nanochat.model.gpt import _CrossEntropy
 
+    def cross_entropy(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return _CrossEntropy.apply(x, t)  # type: ignore[no-any-return]
+
+    if compiled:
+        torch._dynamo.reset()
+        cross_entropy = torch.compile(cross_entropy, fullgraph=True)
     torch.manual_seed(11)
     logits = (torch.randn(40, 300) * 4).to(dtype).requires_grad_()
     targets = torch.randint(0, 300, (40,))

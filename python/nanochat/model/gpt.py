@@ -326,9 +326,13 @@ class _CrossEntropy(torch.autograd.Function):
 
 
 def cross_entropy(logits: Tensor, targets: Tensor) -> Tensor:
-    """Mean cross-entropy of ``logits (N, V)`` against ``targets (N,)`` (``-1`` ignored), in float32 (see
-    :class:`_CrossEntropy`)."""
-    return cast(Tensor, _CrossEntropy.apply(logits, targets))
+    """Mean cross-entropy of ``logits (N, V)`` against ``targets (N,)`` (``-1`` ignored), in float32.
+
+    Under torch.compile it is :class:`_CrossEntropy`, whose backward inductor turns into one kernel; in eager mode
+    torch's own fused log-softmax kernels are faster than that Function's separate elementwise ops."""
+    if torch.compiler.is_compiling():
+        return cast(Tensor, _CrossEntropy.apply(logits, targets))
+    return F.cross_entropy(logits.float(), targets, ignore_index=-1)
 
 
 # ----------------------------------------------------------------------------- model
