@@ -348,6 +348,39 @@ def test_rope_matches_complex_rotation_neox_pairs() -> None:
     np.testing.assert_allclose(got, np.concatenate([zr.real, zr.imag], -1), atol=1e-5)
 
 
+def test_model_rope_table_equals_direct_computation() -> None:
+    """GPT.rope slices a table: bit-identical to rope_cos_sin at any offset, past the table's end (it grows), and
+    on a model built on the meta device and materialised (the table is built at the first eager use)."""
+    cfg = small_cfg()
+    cpu = torch.device("cpu")
+    with torch.device("meta"):
+        lazy = GPT(cfg)
+    lazy.to_empty(device=cpu)
+    for model in (GPT(cfg), lazy):
+        for T, offset in [(64, 0), (10, 5), (1, 63), (8, 100), (300, 0), (3, 299)]:
+            cos, sin = model.rope(T, cpu, offset)
+            ref_cos, ref_sin = rope_cos_sin(T, cfg.head_dim, cfg.rope_theta, cpu, offset)
+            assert torch.equal(cos, ref_cos) and torch.equal(sin, ref_sin), (T, offset)
+
+
+def test_compiled_forward_has_no_trig() -> None:
+    """Under torch.compile the RoPE angles come from the table, not from cos/sin in the graph (which inductor would
+    recompute for every element of q and k in the fused kernels)."""
+    seen: list[str] = []
+
+    def capture(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]) -> Callable[..., object]:
+        seen.extend(str(n.target) for n in gm.graph.nodes)
+        return gm.forward
+
+    torch.manual_seed(0)
+    model = GPT(small_cfg())
+    torch._dynamo.reset()
+    idx = torch.randint(0, 64, (2, 16))
+    torch.compile(model, backend=capture, fullgraph=True)(idx, idx)
+    assert seen and any("linear" in t for t in seen)
+    assert not [t for t in seen if t.split(".")[-1] in ("cos", "sin")]
+
+
 def test_attention_is_causal() -> None:
     torch.manual_seed(7)
     model = GPT(small_cfg(residual="mhc_lite"))
