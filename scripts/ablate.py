@@ -42,6 +42,13 @@ VARIANTS: dict[str, list[str]] = {
     "lr_x2_fp": ["--lr", "2", "--quant", "fp"],
     "adamw": ["--optimizer", "adamw"],  # AdamW instead of Muon for the hidden matrices
     "adamw_fp": ["--optimizer", "adamw", "--quant", "fp"],
+    "adamw_lr3e-4": ["--optimizer", "adamw", "--lr-adamw", "0.0003"],  # AdamW's rate, around its default 3e-3
+    "adamw_lr1e-3": ["--optimizer", "adamw", "--lr-adamw", "0.001"],
+    "adamw_lr1e-2": ["--optimizer", "adamw", "--lr-adamw", "0.01"],
+    # batch 8 at the wall clock of 300 batch-4 steps (with --steps 300): a compiled batch-8 d20 step took 1.82x a
+    # batch-4 step here (1,155 vs 635 ms, same minute), so 165 steps (1.10x the tokens)
+    "batch_x2_wall": ["--batch-size", "8", "--steps", "165"],
+    "batch_x2_wall_fp": ["--batch-size", "8", "--steps", "165", "--quant", "fp"],
 }
 
 
