@@ -416,9 +416,12 @@ class GPT(nn.Module):
             x = x.mean(dim=-2)  # (B, T, C)
         return self.norm(x)
 
-    def head(self, h: Tensor) -> Tensor:  # (B, T, C) -> (B, T, V) float32
+    def head(self, h: Tensor, float32: bool = True) -> Tensor:
+        """Logits ``(B, T, V)`` of hidden states ``(B, T, C)``: float32, or the matmul's own dtype (bf16 under
+        autocast) for the loss, which upcasts inside its fused kernels."""
         w = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        return F.linear(h, w.to(h.dtype)).float()
+        logits = F.linear(h, w.to(h.dtype))
+        return logits.float() if float32 else logits
 
     @overload
     def forward(
@@ -447,8 +450,7 @@ class GPT(nn.Module):
         h = self.hidden(idx, kv_cache=kv_cache)
         if targets is None:
             return self.head(h)  # (B, T, V)
-        w = self.wte.weight if self.lm_head is None else self.lm_head.weight
-        logits = F.linear(h, w.to(h.dtype))  # (B, T, V) in the matmul dtype (bf16 under autocast)
+        logits = self.head(h, float32=False)  # (B, T, V) in the matmul dtype (bf16 under autocast)
         loss = cross_entropy(logits.flatten(0, 1), targets.flatten())
         return (logits.float(), loss) if return_logits else loss
 
