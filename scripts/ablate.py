@@ -75,12 +75,12 @@ def derived_config(base: str, sets: list[str], path: Path) -> Path:
     doc = tomllib.loads(config_path(base).read_text())
     for kv in sets:
         key, _, value = kv.partition("=")
-        doc["model"][key] = json.loads(value) if value not in ("true", "false") else value == "true"
+        doc["model"][key] = json.loads(value)  # JSON scalars are TOML scalars: 1024, 0.5, true, "relu2"
     out = []
     for table in ("model", "train"):
         out.append(f"[{table}]")
         for k, v in doc.get(table, {}).items():
-            out.append(f"{k} = {json.dumps(v) if not isinstance(v, bool) else str(v).lower()}")
+            out.append(f"{k} = {json.dumps(v)}")
     path.write_text("\n".join(out) + "\n")
     return path
 
@@ -99,7 +99,7 @@ def run_variant(name: str, flags: list[str], args: argparse.Namespace, out: Path
     if args.threads:
         cmd += ["--threads", str(args.threads)]
     flags = list(flags)
-    sets = []
+    sets: list[str] = []
     while MODEL_SET in flags:
         i = flags.index(MODEL_SET)
         sets.append(flags[i + 1])
