@@ -74,7 +74,8 @@ def test_parse_spec(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert f.roots == (tmp_path / "d.jsonl",) and f.text_field == "content" and f.weight is None
     (g,) = parse_spec(f"{tmp_path}/d.jsonl:content:2")
     assert g.text_field == "content" and g.weight == 2.0
-    assert [s.kind for s in parse_spec(None)] == ["stdlib", "site-packages"] and DEFAULT_SPEC == "stdlib,site-packages"
+    assert [(s.kind, s.weight) for s in parse_spec(None)] == [("stdlib", 1), ("site-packages", 14), ("functions", 5)]
+    assert DEFAULT_SPEC == "stdlib:1,site-packages:14,functions:5"
     (p,) = parse_spec(repo)  # a PathLike is one path
     assert p.roots == (repo,)
     with pytest.raises(FileNotFoundError, match="does not exist"):
@@ -94,6 +95,81 @@ def test_real_site_packages_listing() -> None:
     assert any(n.startswith("site-packages/numpy/") for n in names)
     assert not any("/tests/" in n or "/test/" in n or n.rsplit("/", 1)[-1].startswith("test_") for n in names)
     assert all(n.endswith(".py") and f.size <= 1_000_000 for n, f in zip(names, listing.files))
+
+
+# ------------------------------------------------------------------------------------------ functions
+MODULE = (
+    '"""A module."""\nimport os\n\nCONST = 3\n\n\n'
+    '@cache\ndef add_one(a: int) -> int:\n    """Add one."""\n    return a + 1\n\n\n'
+    'def split_sig(\n    x: int,\n) -> int:\n    """A signature over three lines, a comment at column 0."""\n'
+    "    y = x * 2\n# column-0 comment inside the body\n    return y\n\n\n"
+    "def no_doc(x):\n    return x\n\n\n"
+    'def doc_only():\n    """Nothing else."""\n\n\n'
+    'def too_long(x):\n    """Fifteen lines of code are the limit."""\n' + "    x += 1\n" * 15 + "    return x\n\n\n"
+    'class Box:\n    def method(self):\n        """Methods are not standalone."""\n        return 1\n\n\n'
+    "async def fetch(url):\n    '''Single-quoted docstring.'''\n    return await get(url)\n"
+    "TEXT = \"\"\"\ndef inside_a_string():\n    '''x'''\n    return 1\n\"\"\"\n"
+)
+
+
+def brute_force_functions(text: str, max_body_lines: int) -> list[tuple[str, str]]:
+    """The same selection by ``ast`` over the whole module: (name, source without decorators or column-0 comments)
+    of each top-level function with a docstring and 1 to ``max_body_lines`` lines of code after it."""
+    import ast
+
+    lines = text.splitlines(keepends=True)
+    out = []
+    for fn in ast.parse(text).body:
+        if isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) and len(fn.body) >= 2 and ast.get_docstring(fn):
+            if 1 <= (fn.end_lineno or 0) - fn.body[1].lineno + 1 <= max_body_lines:
+                body = [ln for ln in lines[fn.lineno - 1 : fn.end_lineno] if not ln.startswith("#")]
+                out.append((fn.name, "".join(body)))
+    return out
+
+
+def test_function_documents_match_an_ast_walk() -> None:
+    from nanochat.data.sources import FUNCTION_MAX_BODY_LINES, function_documents
+
+    docs = list(function_documents(MODULE, "stdlib/mod.py"))
+    got = [(d.source.rsplit(":", 1)[1], d.text.replace("# column-0 comment inside the body\n", "")) for d in docs]
+    assert got == brute_force_functions(MODULE, FUNCTION_MAX_BODY_LINES)
+    assert [n for n, _ in got] == ["add_one", "split_sig", "fetch"]  # too_long has 16 lines of code
+    assert all(
+        d.source == f"functions/stdlib/mod.py:{n}" and d.group == "stdlib/mod.py" for d, (n, _) in zip(docs, got)
+    )
+    assert [d.split_key for d in docs] == ["stdlib/mod.py"] * 3
+    assert len(list(function_documents(MODULE, "m", max_body_lines=16))) == 4  # now too_long too
+    assert "# column-0 comment" in docs[1].text and docs[0].text.startswith("def add_one")
+    assert list(function_documents("def broken(:\n    '''x'''\n    return 1\n", "m")) == []
+
+
+def test_functions_source_splits_with_its_files_and_trains_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    std, sp = tmp_path / "lib", tmp_path / "site-packages"
+    for i in range(30):
+        write(std / f"s{i:02d}.py", code(600 + i))
+        write(sp / "pkg" / f"p{i:02d}.py", code(700 + i))
+    write(sp / "pkg" / "_gen.py", "# This file is auto-generated. Do not edit.\n" + code(5))
+    monkeypatch.setattr(sources_mod, "stdlib_root", lambda: std)
+    monkeypatch.setattr(sources_mod, "site_packages_roots", lambda: [sp])
+    (fsrc,) = parse_spec("functions")
+    assert fsrc.roots == (std, sp) and fsrc.is_env
+    names = sorted(f.name for f in list_files(fsrc).files)
+    assert names == sorted(f.name for s in parse_spec("stdlib,site-packages") for f in list_files(s).files)
+    corpus = load_corpus("stdlib:1,site-packages:1,functions:1", val_fraction=0.2, synthetic_ratio=0.0)
+    plain = load_corpus("stdlib,site-packages", val_fraction=0.2, synthetic_ratio=0.0)
+    assert corpus.splits["val"] == plain.splits["val"]  # held-out text is the files, as without functions
+    val_files = {d.source for d in plain.splits["val"]}
+    funcs = [d for d in corpus.splits["train"] if d.source.startswith("functions/")]
+    assert val_files and funcs and {d.group for d in funcs}.isdisjoint(val_files)  # no held-out file's code trained on
+    train_files = {d.source for d in plain.splits["train"]}
+    assert {d.group for d in funcs} == train_files  # every training file gives its functions; generated ones none
+    assert "site-packages/pkg/_gen.py" not in train_files | val_files
+    stats = {s["label"]: s for s in corpus.stats["sources"]}
+    assert stats["functions"]["val"]["docs"] == 0 and stats["functions"]["docs"] == 6 * 60
+    total = sum(s["train"]["chars"] for s in stats.values())
+    assert abs(stats["functions"]["train"]["chars"] / total - 1 / 3) < 0.05
 
 
 # ------------------------------------------------------------------------------------------ sources

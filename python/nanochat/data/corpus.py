@@ -1,8 +1,9 @@
 """Training corpora: sources named by a data spec, cleaned, split, mixed by weight, plus synthetic code tasks.
 
-The default corpus is ``stdlib,site-packages`` (:data:`~nanochat.data.sources.DEFAULT_SPEC`): the running
-interpreter's standard library and the running environment's installed packages, ~150 MB of Python that every
-machine with nanochat already has. See :mod:`nanochat.data.sources` for the spec syntax and what each source reads.
+The default corpus is ``stdlib:1,site-packages:14,functions:5`` (:data:`~nanochat.data.sources.DEFAULT_SPEC`): the
+running interpreter's standard library and the running environment's installed packages, ~150 MB of Python that
+every machine with nanochat already has, with a quarter of the training text their short documented functions cut
+out as documents of their own. See :mod:`nanochat.data.sources` for the spec syntax and what each source reads.
 
 Pipeline (:func:`build_corpus`), each step counted per source in ``Corpus.stats``:
 
@@ -17,7 +18,8 @@ Pipeline (:func:`build_corpus`), each step counted per source in ``Corpus.stats`
 4. **Decontamination** (:mod:`nanochat.data.decontam`): a document sharing a 13-word run with a HumanEval prompt or
    canonical solution is dropped, synthetic documents included; every drop is listed with its task and n-gram.
 5. **Split**: train/val by a stable hash of each document's ``source`` (sha1 → [0, 1); val below
-   ``val_fraction``), so adding or removing a file never moves another across the split.
+   ``val_fraction``), so adding or removing a file never moves another across the split. A function cut from a file
+   (the ``functions`` source) takes its file's split, and the ``functions`` source keeps only its training part.
 6. **Weights** (train split only; val stays natural so it measures the same thing whatever the mix): a source with
    a weight gets that relative share of the weighted sources' training characters, whose total stays the sum of
    their natural sizes. ``stdlib:1,site-packages:3`` on 12 + 138 MB thus trains on 37.5 MB of stdlib (each file
@@ -216,15 +218,15 @@ def split_of(source: str, val_fraction: float) -> str:
 
 
 def split_documents(docs: Sequence[Document], val_fraction: float) -> dict[str, list[Document]]:
-    """Split by :func:`split_of`, keeping order. If that leaves val empty (tiny corpora) while
+    """Split by :func:`split_of` of each document's :attr:`~Document.split_key`, keeping order. If that leaves val empty (tiny corpora) while
     ``val_fraction > 0`` and there are at least two documents, the document with the smallest hash goes to val."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out: dict[str, list[Document]] = {s: [] for s in SPLITS}
     for d in docs:
-        out[split_of(d.source, val_fraction)].append(d)
+        out[split_of(d.split_key, val_fraction)].append(d)
     if val_fraction > 0 and not out["val"] and len(out["train"]) >= 2:
-        first = min(out["train"], key=lambda d: source_hash01(d.source))
+        first = min(out["train"], key=lambda d: source_hash01(d.split_key))
         out["train"].remove(first)
         out["val"].append(first)
     return out
@@ -342,6 +344,8 @@ def _describe(plan: CorpusPlan) -> str:
             what = f"Python {sysconfig.get_python_version()} standard library at {s.roots[0]}"
         elif s.kind == "site-packages":
             what = f"site-packages at {', '.join(map(str, s.roots))}"
+        elif s.kind == "functions":
+            what = "their documented functions"
         else:
             what = f"data at {s.label}"
         parts.append(what if s.weight is None else f"{what} (weight {s.weight:g})")
@@ -480,6 +484,9 @@ def build_corpus(plan: CorpusPlan, progress: bool = False) -> Corpus:
         for d, o in zip(docs, owner):
             by_src[o].append(d)
         split_src = [split_documents(ds, st["val_fraction"]) for ds in by_src]
+        for i, s in enumerate(plan.sources):
+            if s.kind == "functions":  # training emphasis only: held-out text stays the files themselves
+                split_src[i]["val"] = []
         natural = [sum(len(d.text) for d in s["train"]) for s in split_src]
         weighted = [i for i, s in enumerate(plan.sources) if s.weight is not None]
         factors = [1.0] * len(per_src)

@@ -4,11 +4,16 @@ A *spec* is a comma-separated list of sources, each with an optional weight::
 
     stdlib                                   the running interpreter's standard library (.py)
     site-packages                            the running environment's installed packages (.py)
+    functions                                their short documented top-level functions, one document each
     ~/my-repo                                a directory (source/text files, .jsonl[.gz] and .parquet shards)
     notes.txt   train.jsonl   data.parquet   one file
     shards/:content   data.jsonl.gz:content  shards whose text lives in field "content" (default "text",
                                              else "content")
     stdlib:1,site-packages:3,~/my-repo:1     a weighted mix (see :mod:`nanochat.data.corpus` for the weights)
+
+The default, :data:`DEFAULT_SPEC`, is ``stdlib:1,site-packages:14,functions:5``: the environment's code at its
+natural proportions (the standard library is ~7% of it), with a quarter of the training text cut from it as
+``functions``.
 
 Notable choices:
 - ``site-packages`` is every distinct directory among ``sysconfig.get_paths()["purelib"]``, ``["platlib"]`` and
@@ -16,6 +21,13 @@ Notable choices:
   ``site-packages/<relative path>``, the standard library's ``stdlib/<relative path>``; a user source's documents
   are named by their path relative to the source (``a.py``, ``set.jsonl:3`` for line 3, ``x.parquet:7`` for row 7),
   as before this module existed, so a user corpus keeps its train/val split.
+- ``functions`` reads the same files as ``stdlib`` and ``site-packages`` and keeps, from each, every top-level
+  ``def`` with a docstring and at most :data:`FUNCTION_MAX_BODY_LINES` lines of code after it (decorators
+  dropped), each as its own document named ``functions/<file's document name>:<function>``: the shape of a
+  HumanEval problem (signature, docstring, a short body) that whole files bury among classes and imports. A
+  function document goes to the split of its file (:attr:`Document.group`), so no held-out file's code is trained
+  on; the corpus keeps the source for training only (validation text stays the files themselves). At weight 5
+  of 20 it raised HumanEval bits-per-byte 0.049 at equal tokens (README, recipe ablations).
 - Tests are left out of every walk unless asked for: directories ``test``, ``tests``, ``idle_test`` and files
   ``test_*.py``, ``*_test.py``, ``conftest.py``. Hidden directories, ``__pycache__``, ``node_modules`` and
   (inside a walk) nested ``site-packages`` are never entered.
@@ -31,6 +43,7 @@ Notable choices:
 
 from __future__ import annotations
 
+import ast
 import gzip
 import hashlib
 import json
@@ -44,8 +57,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-DEFAULT_SPEC = "stdlib,site-packages"
-ENV_SOURCES: tuple[str, ...] = ("stdlib", "site-packages")
+DEFAULT_SPEC = "stdlib:1,site-packages:14,functions:5"
+ENV_SOURCES: tuple[str, ...] = ("stdlib", "site-packages", "functions")
+FUNCTION_MAX_BODY_LINES = 15  # lines from the first statement after the docstring to the function's end
 MAX_FILE_BYTES = 1_000_000  # environment files above this are skipped (generated tables, test fixtures)
 
 # extensions read as source/text documents when walking a user directory
@@ -75,14 +89,22 @@ _ALNUM = b"0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
 
 @dataclass(frozen=True)
 class Document:
-    """One training document: where it came from (``source``, a relative path or a tag) and its text."""
+    """One training document: where it came from (``source``, a relative path or a tag) and its text.
+
+    ``group`` names the document whose train/val split this one shares (a function cut from a file splits with the
+    file); empty means ``source`` itself."""
 
     source: str
     text: str
+    group: str = ""
 
     @property
     def path(self) -> str:
         return self.source
+
+    @property
+    def split_key(self) -> str:
+        return self.group or self.source
 
     @property
     def content_hash(self) -> str:
@@ -93,7 +115,7 @@ class Document:
 class Source:
     """One entry of a data spec."""
 
-    kind: str  # "stdlib" | "site-packages" | "path"
+    kind: str  # "stdlib" | "site-packages" | "functions" | "path"
     label: str  # as written in the spec (weight removed): names the source in stats
     roots: tuple[Path, ...]  # directories walked (or the one file of a file source)
     weight: float | None = None  # relative share of training characters; None = natural size
@@ -186,8 +208,9 @@ def parse_spec(spec: str | os.PathLike[str] | None) -> list[Source]:
             if not weight > 0:
                 raise ValueError(f"data spec entry {item!r}: the weight must be > 0")
         if body in ENV_SOURCES:
-            roots = (stdlib_root(),) if body == "stdlib" else tuple(site_packages_roots())
-            if not roots:
+            sites = tuple(site_packages_roots())
+            roots = {"stdlib": (stdlib_root(),), "site-packages": sites, "functions": (stdlib_root(), *sites)}[body]
+            if not roots or (body == "functions" and not sites):
                 raise ValueError(f"data source {body!r}: this environment has no {body} directory")
             out.append(Source(body, body, roots, weight))
             continue
@@ -245,13 +268,21 @@ def _walk(
     return out
 
 
+def _env_prefixes(source: Source) -> list[str]:
+    """The document-name prefix of each root of an environment source. ``functions`` names its files as
+    ``stdlib`` and ``site-packages`` do, so a function's ``group`` is its file's document name."""
+    if source.kind == "functions":
+        stdlib, *sites = source.roots
+        return ["stdlib"] + _env_prefixes(Source("site-packages", "site-packages", tuple(sites)))
+    return [source.kind] if len(source.roots) == 1 else [f"{source.kind}/{i}" for i in range(len(source.roots))]
+
+
 def list_files(source: Source, include_tests: bool = False, max_file_bytes: int = MAX_FILE_BYTES) -> SourceListing:
     """The files ``source`` reads, in a fixed order, with sizes and mtimes; no file is opened."""
     skip = SKIP_DIR_NAMES if include_tests else SKIP_DIR_NAMES | TEST_DIR_NAMES
     listing = SourceListing(source, [])
     if source.is_env:
-        for i, root in enumerate(source.roots):
-            prefix = source.kind if len(source.roots) == 1 else f"{source.kind}/{i}"
+        for root, prefix in zip(source.roots, _env_prefixes(source)):
             for rel, st, p in _walk(root, (".py",), skip, not include_tests):
                 if st.st_size > max_file_bytes:
                     listing.skipped["too_large"] += 1
@@ -425,10 +456,74 @@ def read_listing(listing: SourceListing, counts: Counter[str], on_file: Any = No
                 issue = quality_issue(data) if src.is_env else None  # type: ignore[arg-type]
                 if issue:
                     counts[issue] += 1
+                elif src.kind == "functions":
+                    yield from function_documents(text, f.name)
                 else:
                     yield Document(f.name, text)
         if on_file is not None:
             on_file(f.size)
+
+
+def _triple_quote_after(line: str, quote: str | None) -> str | None:
+    """The triple quote left open after ``line`` when ``quote`` was open before it (None: none): enough to tell a
+    ``def`` at column 0 from one inside a module-level string, ignoring triple quotes in comments and short strings."""
+    if '"""' not in line and "'''" not in line:
+        return quote
+    k = 0
+    while True:
+        if quote is None:
+            hits = [(p, q) for q in ('"""', "'''") if (p := line.find(q, k)) >= 0]
+            if not hits:
+                return None
+            k, quote = min(hits)
+            k += 3
+        else:
+            p = line.find(quote, k)
+            if p < 0:
+                return quote
+            k, quote = p + 3, None
+
+
+def function_documents(text: str, name: str, max_body_lines: int = FUNCTION_MAX_BODY_LINES) -> Iterator[Document]:
+    """The short documented top-level functions of a module's source ``text`` (named ``name``), each as a
+    document: a ``def`` at column 0 whose first statement is a docstring, followed by 1 to ``max_body_lines`` lines
+    of code, without its decorators. Found without parsing the module (a line scan cuts candidates at the next line
+    of code at column 0), each candidate checked by parsing it alone, so a module that does not parse still gives its
+    functions, and one cut wrong (a string literal at column 0) is skipped."""
+    lines = text.splitlines(keepends=True)
+    n, i = len(lines), 0
+    quote: str | None = None  # the triple quote of a string open at the start of line i
+    while i < n:
+        line = lines[i]
+        if quote is not None or not (line.startswith("def ") or line.startswith("async def ")):
+            quote = _triple_quote_after(line, quote)
+            i += 1
+            continue
+        j = i + 1
+        # the body: indented, blank and column-0 comment lines, and a signature's closing ``):`` at column 0
+        while j < n and (lines[j][:1] in (" ", "\t", "#", ")") or not lines[j].strip()):
+            j += 1
+        k = j
+        while k > i + 1 and (not lines[k - 1].strip() or lines[k - 1].startswith("#")):
+            k -= 1
+        seg = "".join(lines[i:k])
+        for line in lines[i:j]:
+            quote = _triple_quote_after(line, quote)
+        i = j
+        if '"' not in seg and "'" not in seg:  # no string, so no docstring
+            continue
+        try:
+            tree = ast.parse(seg)
+        except (SyntaxError, ValueError):
+            continue
+        fn = tree.body[0] if len(tree.body) == 1 else None
+        if not isinstance(fn, ast.FunctionDef | ast.AsyncFunctionDef) or len(fn.body) < 2:
+            continue
+        if ast.get_docstring(fn, clean=False) is None:
+            continue
+        code_lines = (fn.end_lineno or 0) - fn.body[1].lineno + 1
+        if 1 <= code_lines <= max_body_lines:
+            yield Document(f"functions/{name}:{fn.name}", seg if seg.endswith("\n") else seg + "\n", group=name)
 
 
 def iter_documents(path: str | Path) -> Iterator[Document]:
