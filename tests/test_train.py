@@ -294,7 +294,11 @@ def test_time_budget_fixes_the_step_count_from_the_measured_pace(tmp_path, corpu
     recs = [r for r in MetricsLog.read(out / "metrics.jsonl") if "loss" in r]
     assert s["finished"] and s["planned_steps"] == saved["steps"] == s["steps"] == len(recs)
     assert 6 < s["steps"] < 100000
-    # the pace of steps 2..6 times the steps left fills the budget: the run ends near it, not at 100,000 steps
+    # planned at step 6 from the pace of steps 2..6, then again at a quarter of that plan from the pace since;
+    # the second plan is the run's length, and the run ends near the budget, not at 100,000 steps
+    first, second = s["budget_plans"]
+    assert first["at_step"] == 6 and second["at_step"] == max(7, int(0.25 * first["steps"]))
+    assert second["steps"] == s["steps"]
     assert recs[-1]["time"] < 4.0 * 3
     # d20 trains on a time budget by default; an explicit --steps replaces it
     d20 = json.loads(CliRunner().invoke(app, ["--config", "d20", "--dry-run"]).output)["train"]

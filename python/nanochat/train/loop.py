@@ -446,6 +446,9 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     meter = Throughput()
     val: dict[str, Any] = {}
     budget_pending = bool(cfg.time_budget) and resume_dir is None
+    replan_at: int | None = None  # the step at which the budget is planned again (then None: done)
+    planned_from = (0, 0.0)  # (step, time) of the first plan
+    budget_plans: list[dict[str, float]] = []  # each plan's step, total and pace, for the summary
     step_ends: list[float] = []
     with StopFlag() as stop, make_progress(rt.is_main) as progress:
         task = progress.add_task("train", total=cfg.steps, completed=start_step, loss="-", lr="-", tok_s="-")
@@ -480,14 +483,24 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             last_loss = loss_acc.item()
             tok_s = meter.tick(tokens_per_step)
             step_ends.append(time.perf_counter())
-            if budget_pending and len(step_ends) == BUDGET_CALIBRATION_STEPS:
+            if (budget_pending and len(step_ends) == BUDGET_CALIBRATION_STEPS) or step == replan_at:
+                assert cfg.time_budget is not None  # set only with a budget
+                first = budget_pending
+                if first:  # from the pace of steps 2..6, so that the schedule has its length early
+                    pace = (step_ends[-1] - step_ends[1]) / max(len(step_ends) - 2, 1)
+                    planned_from = (step, step_ends[-1])
+                else:  # from the pace since then: warmed caches, periodic evaluations and saves included
+                    pace = (step_ends[-1] - planned_from[1]) / (step - planned_from[0])
                 budget_pending = False
-                assert cfg.time_budget is not None  # budget_pending is set only with a budget
-                total = budget_steps(cfg.time_budget, step, step_ends, time.perf_counter() - t_start)
-                if rt.ddp:  # every rank must take the same number of steps
+                total = budget_steps(cfg.time_budget, step, time.perf_counter() - t_start, pace)
+                # the WSD decay must still lie ahead: never end so soon that it should have started already
+                total = max(total, math.ceil(step / max(1.0 - cfg.decay_frac, 1e-9)) + 1)
+                if rt.ddp:  # every rank must take the same number of steps (and plan again at the same step)
                     t = torch.tensor([total], device=rt.device)
                     dist.broadcast(t, src=0)
                     total = int(t.item())
+                replan_at = max(step + 1, int(BUDGET_REPLAN_FRACTION * total)) if first else None
+                budget_plans.append({"at_step": step, "steps": total, "s_per_step": round(pace, 5)})
                 cfg.steps = total
                 end_step = min(cfg.steps, cfg.stop_after) if cfg.stop_after is not None else cfg.steps
                 warmup = min(cfg.warmup_steps, max(cfg.steps - 1, 0))
@@ -495,7 +508,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
                     progress.update(task, total=cfg.steps)
                     progress.console.print(
                         f"time budget {cfg.time_budget:.0f} s: {cfg.steps} steps at the measured pace "
-                        f"({(step_ends[-1] - step_ends[1]) / (len(step_ends) - 2):.2f} s/step)"
+                        f"({pace:.3f} s/step{', planned again at step ' + str(replan_at) if first else ''})"
                     )
                     # the fixed step count is the run's setting from now on (resume and the schedule use it)
                     write_json_atomic(
@@ -572,6 +585,7 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
             "run_dir": str(run_dir),
             "steps": step,
             "planned_steps": cfg.steps,
+            "budget_plans": budget_plans,
             "finished": finished,
             "stopped_by": signal.Signals(stop.signal).name if stop.signal else None,
             "params": counts,
@@ -601,14 +615,19 @@ def _train(cfg: TrainConfig) -> dict[str, Any]:
     return summary
 
 
-BUDGET_CALIBRATION_STEPS = 6  # steps timed before a --time-budget run fixes its step count
+BUDGET_CALIBRATION_STEPS = 6  # steps timed before a --time-budget run first fixes its step count
+BUDGET_REPLAN_FRACTION = 0.25  # ... and the fraction of that count after which it fixes it again, for good
 
 
-def budget_steps(budget_s: float, step: int, step_ends: list[float], elapsed: float) -> int:
-    """Total steps that fit ``budget_s`` seconds of training at the pace of the steps after the first (which pays
-    for allocations and kernel selection). Fixed once, after :data:`BUDGET_CALIBRATION_STEPS` steps: the WSD
-    schedule's warmup does not depend on the total, so the steps already taken keep their learning rates."""
-    pace = (step_ends[-1] - step_ends[1]) / max(len(step_ends) - 2, 1)
+def budget_steps(budget_s: float, step: int, elapsed: float, pace: float) -> int:
+    """Total steps that fit ``budget_s`` seconds of training, ``elapsed`` of them spent on ``step`` steps, at
+    ``pace`` seconds per step from here on.
+
+    Planned twice: after :data:`BUDGET_CALIBRATION_STEPS` steps from the pace of steps 2..6 (the first pays for
+    compilation), then at :data:`BUDGET_REPLAN_FRACTION` of that plan from the pace since the first plan, which
+    includes the periodic evaluations and saves and no longer the first steps' warm-up (d20's first plan was 7%
+    slow: its run ended 70 s early). The WSD schedule's warmup does not depend on the total and its decay starts
+    after both plans, so the steps already taken keep their learning rates."""
     return max(step + 1, step + int(max(budget_s - elapsed, 0.0) / max(pace, 1e-6)))
 
 
