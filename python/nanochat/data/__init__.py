@@ -3,7 +3,7 @@
 Typical use::
 
     from nanochat.data import prepare_data, data_report, TokenLoader
-    tok, index = prepare_data("~/.cache/nanochat/data", vocab_size=8192)   # stdlib + site-packages + synthetic
+    tok, index = prepare_data("~/.cache/nanochat/data", vocab_size=8192)   # the default spec + synthetic
     data_report(index.root)["corpus"]["sources"]                   # what was read, kept and dropped, per source
     train = TokenLoader(index, "train", batch_size=8, seq_len=512, rank=rank, world_size=world)
     x, y = train.next_batch()                                      # (B, T) int64 each

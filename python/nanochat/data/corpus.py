@@ -305,7 +305,7 @@ def plan_corpus(
     decontaminate: bool = True,
     near_dedup: bool = True,
 ) -> CorpusPlan:
-    """Parse the spec (``data_path``: a spec string or a path; ``None``: stdlib + site-packages) and list every
+    """Parse the spec (``data_path``: a spec string or a path; ``None``: the default spec) and list every
     source's files (one ``stat`` each)."""
     if not 0.0 <= synthetic_ratio < 1.0:
         raise ValueError(f"synthetic_ratio must be in [0, 1), got {synthetic_ratio}")
@@ -579,7 +579,7 @@ def load_corpus(
     near_dedup: bool = True,
     progress: bool = False,
 ) -> Corpus:
-    """The training corpus of a data spec (``None``: stdlib + site-packages) plus synthetic tasks.
+    """The training corpus of a data spec (``None``: the default spec) plus synthetic tasks.
 
     ``data_path`` is a spec (``"stdlib:1,site-packages:3,~/repo:1"``, see :mod:`nanochat.data.sources`) or one
     path. ``synthetic_ratio`` is the fraction of all characters that are synthetic (0 disables them);

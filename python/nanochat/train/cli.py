@@ -27,6 +27,7 @@ from typing import Annotated, Any
 
 import typer
 
+from nanochat.data.sources import DEFAULT_SPEC
 from nanochat.train.config import TrainConfig
 
 app = typer.Typer(add_completion=False, pretty_exceptions_enable=False, rich_markup_mode="rich")
@@ -112,7 +113,12 @@ def main(
         float | None, typer.Option(help="global grad-norm clip (0 = off)", rich_help_panel=OPT)
     ] = None,
     data: Annotated[
-        str | None, typer.Option(help="your corpus: a directory of sources, .txt or .jsonl", rich_help_panel=DATA)
+        str | None,
+        typer.Option(
+            help=f"data spec: sources with optional weights (default {DEFAULT_SPEC}; also a directory, a file, "
+            ".jsonl/.parquet shards)",
+            rich_help_panel=DATA,
+        ),
     ] = None,
     data_dir: Annotated[str | None, typer.Option(help="tokenizer/shard cache directory", rich_help_panel=DATA)] = None,
     vocab_size: Annotated[int | None, typer.Option(help="BPE vocabulary size", rich_help_panel=DATA)] = None,
