@@ -218,8 +218,9 @@ def split_of(source: str, val_fraction: float) -> str:
 
 
 def split_documents(docs: Sequence[Document], val_fraction: float) -> dict[str, list[Document]]:
-    """Split by :func:`split_of` of each document's :attr:`~Document.split_key`, keeping order. If that leaves val empty (tiny corpora) while
-    ``val_fraction > 0`` and there are at least two documents, the document with the smallest hash goes to val."""
+    """Split by :func:`split_of` of each document's :attr:`~Document.split_key`, keeping order. If that leaves val
+    empty (tiny corpora) while ``val_fraction > 0`` and there are at least two documents, the document with the
+    smallest hash goes to val."""
     if not 0.0 <= val_fraction < 1.0:
         raise ValueError(f"val_fraction must be in [0, 1), got {val_fraction}")
     out: dict[str, list[Document]] = {s: [] for s in SPLITS}

@@ -224,9 +224,9 @@ def prepare_data(
     cache directory, with ``data.json``).
 
     ``data_path`` is a data spec (``"stdlib:1,site-packages:3,~/repo:1"``, :mod:`nanochat.data.sources`) or one
-    path; ``None`` is the default spec (stdlib, site-packages and their functions). ``max_train_chars`` caps the train split (quick runs);
-    ``tokenizer_chars`` caps the tokenizer's sample; ``force`` rebuilds the corpus, retrains the tokenizer and
-    rebuilds the shards. ``fim_*`` set fill-in-the-middle on the train split (see
+    path; ``None`` is the default spec (stdlib, site-packages and their functions). ``max_train_chars`` caps the
+    train split (quick runs); ``tokenizer_chars`` caps the tokenizer's sample; ``force`` rebuilds the corpus,
+    retrains the tokenizer and rebuilds the shards. ``fim_*`` set fill-in-the-middle on the train split (see
     :func:`nanochat.data.shards.build_shards`; ``fim_chunk_chars=None`` is its default, pass
     ``nanochat.data.fim.chunk_chars_for(seq_len)``).
     """
