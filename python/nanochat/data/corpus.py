@@ -485,8 +485,8 @@ def build_corpus(plan: CorpusPlan, progress: bool = False) -> Corpus:
         for d, o in zip(docs, owner):
             by_src[o].append(d)
         split_src = [split_documents(ds, st["val_fraction"]) for ds in by_src]
-        for i, s in enumerate(plan.sources):
-            if s.kind == "functions":  # training emphasis only: held-out text stays the files themselves
+        for i, source in enumerate(plan.sources):
+            if source.kind == "functions":  # training emphasis only: held-out text stays the files themselves
                 split_src[i]["val"] = []
         natural = [sum(len(d.text) for d in s["train"]) for s in split_src]
         weighted = [i for i, s in enumerate(plan.sources) if s.weight is not None]
