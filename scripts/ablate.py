@@ -21,7 +21,8 @@ import sys
 import time
 from pathlib import Path
 
-# name: extra nanochat-train flags (on top of the config's defaults)
+# name: extra nanochat-train flags (on top of the config's defaults). A ``_wall`` variant's own --steps is the
+# wall clock of 300 base steps for the d20 named in its comment (measured then); against a later d20, re-time it.
 VARIANTS: dict[str, list[str]] = {
     "base": [],
     "fp": ["--quant", "fp"],

@@ -484,10 +484,14 @@ def build_corpus(plan: CorpusPlan, progress: bool = False) -> Corpus:
         by_src: list[list[Document]] = [[] for _ in per_src]
         for d, o in zip(docs, owner):
             by_src[o].append(d)
-        split_src = [split_documents(ds, st["val_fraction"]) for ds in by_src]
-        for i, source in enumerate(plan.sources):
-            if source.kind == "functions":  # training emphasis only: held-out text stays the files themselves
-                split_src[i]["val"] = []
+        vf = st["val_fraction"]
+        split_src = [
+            # functions are a training emphasis only: the ones of training files; held-out text stays the files
+            {"train": [d for d in ds if split_of(d.split_key, vf) == "train"], "val": []}
+            if source.kind == "functions"
+            else split_documents(ds, vf)
+            for ds, source in zip(by_src, plan.sources)
+        ]
         natural = [sum(len(d.text) for d in s["train"]) for s in split_src]
         weighted = [i for i, s in enumerate(plan.sources) if s.weight is not None]
         factors = [1.0] * len(per_src)
