@@ -303,8 +303,9 @@ class _CrossEntropy(torch.autograd.Function):
 
     The value is ``F.cross_entropy(logits.float(), targets, ignore_index=-1)``. The backward is one elementwise pass,
     ``softmax·g/n`` less ``g/n`` scattered at the targets, from the saved logits (in their own dtype) and the row
-    log-sum-exp: autograd's log-softmax saves a float32 (N, V) copy and its NLL backward scatters into a zeroed (N, V) tensor, two extra
-    full passes over the largest tensor of a small-model step (a 16k vocabulary: 128 MiB at 2,048 tokens)."""
+    log-sum-exp: autograd's log-softmax saves a float32 (N, V) copy and its NLL backward scatters into a zeroed
+    (N, V) tensor, two extra full passes over the largest tensor of a small-model step (a 16k vocabulary: 128 MiB at
+    2,048 tokens)."""
 
     @staticmethod
     def forward(ctx: Any, logits: Tensor, targets: Tensor) -> Tensor:
