@@ -28,6 +28,7 @@ from typer.testing import CliRunner
 from nanochat.eval.cli import app as eval_app
 from nanochat.eval.humaneval import build_program, load_problems
 from nanochat.eval.lines import (
+    LINE_KINDS,
     FimUnavailable,
     LineTask,
     _Judge,
@@ -36,6 +37,7 @@ from nanochat.eval.lines import (
     generation_cut,
     humaneval_bpb,
     indentation,
+    line_kind,
     make_tasks,
     span_end,
 )
@@ -289,6 +291,15 @@ def test_run_lines_with_scripted_generations(fim_tok, problems, sandbox, tmp_pat
         e = res["per_problem"][pid]
         assert (e["tasks"], e["samples"], e["passed"]) == (len(mine), 3 * len(mine), sum(c_of[t.task_id] for t in mine))
     assert res["timing"]["tokens_generated"] == gen.tokens_generated and res["truncated_prompts"] == 0
+    for kind in LINE_KINDS:  # the per-kind counts, against the tasks' kinds and the per-task pass counts
+        mine = [t for t in tasks if t.kind == kind]
+        if not mine:
+            assert kind not in res["per_kind"]
+            continue
+        e = res["per_kind"][kind]
+        assert (e["tasks"], e["samples"], e["passed"]) == (len(mine), 3 * len(mine), sum(c_of[t.task_id] for t in mine))
+        assert math.isclose(e["pass_rate"], e["passed"] / e["samples"])
+    assert sum(e["samples"] for e in res["per_kind"].values()) == res["samples"]
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -316,6 +327,33 @@ def test_span_end_by_hand() -> None:
     assert span_end(cont, 0) == 2  # a continuation line indented deeper belongs to the statement
     with pytest.raises(ValueError, match="blank"):
         span_end(lines, 4)
+
+
+def test_line_kinds_by_hand(tasks) -> None:  # type: ignore[no-untyped-def]
+    assert line_kind("    result = []", first_of_body=True) == "first"  # position wins over the text
+    assert line_kind("        return max(xs)") == line_kind("return") == "return"
+    assert line_kind("    returned = 1") == "other"  # `return` as a word, not a prefix
+    for header in ("if x > 0:", "    elif not s:  # empty", "else:", "for i, c in enumerate(s):", "while b:", "try:"):
+        assert line_kind(header) == "header", header
+    assert line_kind("    def helper(s):") == "header"
+    assert line_kind("    x = 1  # note:") == "other"  # a colon in a comment
+    assert line_kind("    if_seen = {'a': 1}") == "other"
+    assert line_kind("    d = {1: 2}") == "other" and line_kind("    break") == "other"
+    # HumanEval/0: the loop header is the first line; the inner loop and `if` are headers
+    kinds = {t.task_id: t.kind for t in tasks if t.problem.task_id == "HumanEval/0"}
+    assert kinds == {
+        "HumanEval/0/L1": "first",
+        "HumanEval/0/L2": "header",
+        "HumanEval/0/L3": "header",
+        "HumanEval/0/L4": "other",
+        "HumanEval/0/L5": "header",
+        "HumanEval/0/L6": "return",
+        "HumanEval/0/L8": "return",
+    }
+    # every problem has exactly one first line, and every task has a kind
+    firsts = [t.problem.task_id for t in tasks if t.kind == "first"]
+    assert len(firsts) == len(set(firsts)) == len({t.problem.task_id for t in tasks})
+    assert {t.kind for t in tasks} == set(LINE_KINDS)
 
 
 def test_generation_cut_by_hand() -> None:

@@ -39,7 +39,8 @@ Notable choices:
   untested branches; listed in ``tests/test_eval_lines.py``). A model appending junk to the previous line and then
   nothing scores the same way.
 - Results follow :mod:`.humaneval`'s conventions (``benchmark``, ``schema_version``, settings, model, sandbox,
-  per-task records, written atomically), with the pass rate overall and per problem, and pass@k over tasks
+  per-task records, written atomically), with the pass rate overall, per problem and per kind of line
+  (:func:`line_kind`: the body's first line, ``return`` lines, block headers, the rest), and pass@k over tasks
   (``pass@1`` always; larger k when ``n >= k``).
 - :func:`humaneval_bpb` scores the canonical solution given its prompt with the one bits-per-byte definition
   (:mod:`nanochat.data.bpb`); the prompt is cut at its last non-whitespace character as above, so the scored
@@ -151,6 +152,38 @@ class LineTask:
     def cut(self, text: str) -> int | None:
         """Where generated ``text`` ends for this task (see :func:`generation_cut`)."""
         return generation_cut(text, self.last_line, span=self.span)
+
+    @property
+    def kind(self) -> str:
+        """What the masked (first) line is: one of :data:`LINE_KINDS` (see :func:`line_kind`)."""
+        lines = self.problem.canonical_solution.splitlines()
+        first = next(i for i, text in enumerate(lines) if text.strip())
+        return line_kind(self.original.split("\n", 1)[0], first_of_body=self.line == first)
+
+
+# What a masked line is, in the order reports list them. The groups fail for different reasons at small scale: the
+# first line of the body follows only the docstring (where small models tend to write an argument check while the
+# solutions start computing), and a block header passes only if the lines after it fit the block it opens.
+LINE_KINDS: tuple[str, ...] = ("first", "return", "header", "other")
+_KIND_LABELS = {
+    "first": "first line of the body",
+    "return": "return lines",
+    "header": "block headers",
+    "other": "others",
+}
+
+
+def line_kind(line: str, *, first_of_body: bool = False) -> str:
+    """``first`` (the solution's first line), ``return``, ``header`` (a compound statement's header: ``if x:``,
+    ``for ...:``, ``else:``, ``def f():``) or ``other`` (assignments, calls, ``break``...), tested in that order."""
+    text = line.strip()
+    if first_of_body:
+        return "first"
+    if re.match(r"return\b", text):
+        return "return"
+    if text.split("#", 1)[0].rstrip().endswith(":"):  # only a compound statement's header ends in a colon
+        return "header"
+    return "other"
 
 
 def make_tasks(
@@ -415,6 +448,7 @@ def _judge_one(
         "problem": task.problem.task_id,
         "line": task.line + 1,
         "lines_masked": task.end - task.line,
+        "kind": task.kind,
         "sample_index": sample_index,
         "original": task.original,
         "written": written,
@@ -573,6 +607,13 @@ def _result_doc(
         e["passed"] += int(r["passed"])
     for e in per_problem.values():
         e["pass_rate"] = e["passed"] / e["samples"]
+    per_kind: dict[str, dict[str, Any]] = {}
+    for kind in LINE_KINDS:
+        mine = [r for r in done if r.get("kind") == kind]
+        if mine:
+            won = sum(int(r["passed"]) for r in mine)
+            tasks = len({r["task_id"] for r in mine})
+            per_kind[kind] = {"tasks": tasks, "samples": len(mine), "passed": won, "pass_rate": won / len(mine)}
     passed = sum(int(r["passed"]) for r in done)
     return {
         "benchmark": BENCHMARK,
@@ -593,6 +634,7 @@ def _result_doc(
         "decided_by": dict(Counter(r["decided_by"] for r in done)),
         "timing": timing,
         "per_problem": per_problem,
+        "per_kind": per_kind,
         "per_task": per_task,
         "records": done,
     }
@@ -690,6 +732,9 @@ def summary_table(result: Mapping[str, Any]) -> Table:
     for key, value in (result.get("pass_at_k") or {}).items():
         if key != "pass@1":
             table.add_row(key, f"{100 * value:.2f}%")
+    for kind, e in (result.get("per_kind") or {}).items():
+        label = _KIND_LABELS.get(kind, kind)
+        table.add_row(f"  {label}", f"{100 * e['pass_rate']:.1f}%  ({e['passed']}/{e['samples']} samples)")
     solved = sum(1 for e in (result.get("per_problem") or {}).values() if e.get("passed"))
     table.add_row("problems with a passing line", f"{solved}/{len(result.get('per_problem') or {})}")
     for by, count in (result.get("decided_by") or {}).items():
