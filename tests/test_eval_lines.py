@@ -553,6 +553,9 @@ def test_cli_lines_end_to_end(run_dir, tmp_path, monkeypatch) -> None:  # type: 
     assert r.exit_code == 0, r.output
     report = (run_dir / "report.md").read_text()
     assert "## Line completion (HumanEval lines)" in report and "`lines.json` | lines |" in report
+    lines_row = next(row for row in report.splitlines() if row.startswith("| `lines.json` |"))
+    kinds = json.loads((run_dir / "lines.json").read_text())["per_kind"]
+    assert " · ".join(f"{k} {e['passed']}/{e['samples']}" for k, e in kinds.items()) in lines_row and kinds
     assert "bpb_humaneval.json" in report
     r = runner.invoke(
         eval_app, ["compare", str(run_dir / "lines.json"), str(run_dir / "bpb_humaneval.json"), "--png", "c.png"]

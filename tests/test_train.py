@@ -15,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from nanochat.eval.lines import make_tasks
 from nanochat.train import checkpoint as ckpt_mod
 from nanochat.train.checkpoint import CheckpointManager, load_checkpoint
 from nanochat.train.cli import app, resolve_config
@@ -279,6 +280,9 @@ def test_final_evaluation_lands_in_summary_and_run_dir(tmp_path, corpus, data_di
     lines = json.loads((out / "lines.json").read_text())
     assert s["lines_tasks"] == lines["tasks"] > 0 and 0 <= s["lines_pass_rate"] <= 1
     assert s["lines_passed"] == round(s["lines_pass_rate"] * s["lines_tasks"])
+    assert s["lines_passed_per_kind"] == {kind: e["passed"] for kind, e in lines["per_kind"].items()}
+    assert set(s["lines_passed_per_kind"]) == {t.kind for t in make_tasks(limit=2)}
+    assert sum(s["lines_passed_per_kind"].values()) == s["lines_passed"]
     assert (out / "lines_fim.json").exists() and "lines_fim_pass_rate" in s
     assert s["val_tokens"] > 0 and s["final_val_bpb"] > 0
     last_val = [r for r in MetricsLog.read(out / "metrics.jsonl") if "val_loss" in r][-1]

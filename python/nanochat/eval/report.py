@@ -30,7 +30,8 @@ def _fmt(v: Any) -> str:
 
 
 def _lines_section(run: Path) -> list[str]:
-    """One table row per line-completion results file (``lines*.json``): variant, pass rate, pass@k, counts."""
+    """One table row per line-completion results file (``lines*.json``): variant, pass rate, pass@k, counts (overall
+    and per kind of line)."""
     docs = [(f, d) for f in sorted(run.glob("lines*.json")) if isinstance(d := _load_json(f), dict)]
     docs = [(f, d) for f, d in docs if d.get("benchmark") == "humaneval_lines"]
     if not docs:
@@ -43,9 +44,9 @@ def _lines_section(run: Path) -> list[str]:
         "| file | variant | pass rate | "
         + " | ".join(ks)
         + (" | " if ks else "")
-        + "passed / samples | tasks | problems with a pass | tokens/s |"
+        + "passed / samples | passed by kind of line | tasks | problems with a pass | tokens/s |"
     )
-    out.append("|" + " --- |" * (7 + len(ks)))
+    out.append("|" + " --- |" * (8 + len(ks)))
     for f, d in docs:
         solved = sum(1 for e in (d.get("per_problem") or {}).values() if e.get("passed"))
         tps = (d.get("timing") or {}).get("tokens_per_s")
@@ -56,6 +57,7 @@ def _lines_section(run: Path) -> list[str]:
             f"{100 * float(d.get('pass_rate', 0.0)):.2f}%",
             *[f"{100 * d['pass_at_k'][k]:.2f}%" if k in (d.get("pass_at_k") or {}) else "—" for k in ks],
             f"{d.get('passed')} / {d.get('samples')}",
+            " · ".join(f"{k} {e['passed']}/{e['samples']}" for k, e in (d.get("per_kind") or {}).items()) or "—",
             str(d.get("tasks")),
             f"{solved} / {len(d.get('per_problem') or {})}",
             _fmt(tps) if tps is not None else "—",

@@ -650,6 +650,7 @@ def final_evaluations(model: GPT, tok: Any, run_dir: Path, cfg: TrainConfig, rt:
     if limit > 0:
         res = evaluate_lines(model, tok, limit=limit, max_new_tokens=max_new, out=run_dir / "lines.json")
         out.update(lines_pass_rate=res["pass_rate"], lines_passed=res["passed"], lines_tasks=res["tasks"])
+        out["lines_passed_per_kind"] = {kind: e["passed"] for kind, e in res["per_kind"].items()}
         if cfg.fim_rate > 0 and tok.fim_ids() is not None:
             res = evaluate_lines(
                 model, tok, fim=True, limit=limit, max_new_tokens=max_new, out=run_dir / "lines_fim.json"
