@@ -176,9 +176,9 @@ _KIND_LABELS = {
 def line_kind(line: str, *, first_of_body: bool = False) -> str:
     """``first`` (the solution's first line), ``return``, ``header`` (a compound statement's header: ``if x:``,
     ``for ...:``, ``else:``, ``def f():``) or ``other`` (assignments, calls, ``break``...), tested in that order."""
-    text = line.strip()
     if first_of_body:
         return "first"
+    text = line.strip()
     if re.match(r"return\b", text):
         return "return"
     if text.split("#", 1)[0].rstrip().endswith(":"):  # only a compound statement's header ends in a colon
